@@ -1,0 +1,1 @@
+"""Serving engine: scheduler, block manager, model runner, sampler and the LLM facade."""
