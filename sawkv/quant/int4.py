@@ -68,7 +68,7 @@ def quantize_int(
 def dequantize_int(
     codes: torch.Tensor, meta: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_int`: codes ``[..., d]`` uint8, meta ``[..., G, 2]`` -> ``[..., d]``.
+    """Inverse of :func:`quantize_int`: codes ``[..., d]`` uint8 + meta ``[..., G, 2]``.
 
     The group size is ``d // G``.
     """
