@@ -30,7 +30,7 @@ demo: data
 		--text austen --tokens 4096 --window 1024 \
 		--json $(DEMO_OUT)/demo_eval.json --plot $(DEMO_OUT)/demo_eval.png
 	$(VENV)/bin/sawkv generate --model smollm2-135m --kv-cache-dtype int4-bdr64-kc --max-tokens 32 \
-		--temperature 0 --compare-kv bf16 \
+		--temperature 0 \
 		"The capital of France is" "Mr. Darcy walked into the room and"
 
 test: data
