@@ -1,0 +1,251 @@
+"""Torch reference of the paged-cache contracts: the oracle of the Triton kernels and the CPU path.
+
+Same signatures and layout as :mod:`sawkv.kernels` (see ``cache_write`` there)::
+
+    k_cache, v_cache  [num_blocks, num_kv_heads, block_size, P]   P = head_dim//2 (INT4, packed as
+                      sawkv.quant.pack_int4), head_dim (INT8 codes, or float for bits=16)
+    k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2]   fp16 (scale, min); None for 16
+    slot s            = block_id * block_size + offset
+
+Keys are stored as ``R (k - mu)``, values as ``R v`` (``rotate_v``) or ``v``; ``had_block=0`` means
+no rotation. Attention rotates the query once (``q.k = (Rq).(R(k - mu)) + q.mu`` and softmax drops
+the shared ``q.mu``) and, with rotated values, the output once (``sum p R v = R sum p v``).
+
+Numerics come from :mod:`sawkv.quant` (``quantize_int``, ``pack_int4``, ``rotate``) so the stored
+bytes are exactly what ``KVMethod.encode`` produces; attention runs in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sawkv.kernels.checks import (
+    check_attention_inputs,
+    check_out,
+    check_tensor,
+    check_write_inputs,
+)
+from sawkv.quant.hadamard import rotate
+from sawkv.quant.int4 import dequantize_int, pack_int4, quantize_int, unpack_int4
+
+# Bound on the fp32 score matrix of one extend chunk (elements), to keep CPU memory in check.
+_MAX_SCORE_ELEMS = 1 << 25
+
+
+# ---- write ---------------------------------------------------------------------------------------
+def _encode(x: torch.Tensor, bits: int, page_dtype: torch.dtype):
+    """fp32 ``x [n, H, d]`` -> (page data ``[n, H, P]``, meta ``[n, H, 2]`` fp16 or None)."""
+    if bits == 16:
+        return x.to(page_dtype), None
+    codes, meta = quantize_int(x, bits)
+    return (pack_int4(codes) if bits == 4 else codes), meta[..., 0, :]
+
+
+def cache_write_ref(
+    k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean=None, *, bits, had_block, rotate_v
+) -> None:
+    """Rotate, quantize and scatter new K/V tokens into the pages (in place).
+
+    Args:
+        k, v: ``[num_tokens, num_kv_heads, head_dim]`` float (post-RoPE).
+        k_cache, v_cache, k_meta, v_meta: one layer's pages (module docstring).
+        slot_mapping: ``[num_tokens]`` int32/int64 slot of each token; -1 skips the token.
+        k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
+        bits: 4, 8 or 16. had_block: Hadamard block (0 = none). rotate_v: rotate values too.
+    """
+    check_write_inputs(
+        k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean, bits, had_block
+    )
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    if slots.numel() == 0:
+        return
+    block_size = k_cache.shape[2]
+    block_ids, offsets = slots // block_size, slots % block_size
+    kx = k[keep].float()
+    if k_mean is not None:
+        kx = kx - k_mean.float()
+    vx = v[keep].float()
+    if had_block:
+        kx = rotate(kx, had_block)
+        vx = rotate(vx, had_block) if rotate_v else vx
+    for x, cache, meta in ((kx, k_cache, k_meta), (vx, v_cache, v_meta)):
+        data, m = _encode(x, bits, cache.dtype)
+        # advanced indices around a slice: cache[b, :, o] is [n, H, P]
+        cache[block_ids, :, offsets] = data
+        if m is not None:
+            meta[block_ids, :, offsets] = m
+
+
+# ---- read ----------------------------------------------------------------------------------------
+def _gather(cache, meta, block_ids: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dequantized fp32 K or V of the pages ``block_ids [..., nb]`` -> ``[..., H, nb*bs, d]``."""
+    pages = cache[block_ids]  # [..., nb, H, bs, P]
+    if bits == 16:
+        x = pages.float()
+    else:
+        codes = unpack_int4(pages) if bits == 4 else pages
+        x = dequantize_int(codes, meta[block_ids].unsqueeze(-2))
+    x = x.movedim(-4, -3)  # [..., H, nb, bs, d]
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
+
+
+def _safe_blocks(block_tables: torch.Tensor, num_blocks_cache: int, num_blocks: int):
+    """The first ``num_blocks`` columns with out-of-range ids (unused entries) mapped to page 0;
+    the positions they hold are masked out of attention."""
+    bt = block_tables[:, :num_blocks].long()
+    return torch.where((bt >= 0) & (bt < num_blocks_cache), bt, 0)
+
+
+def _rotate_q(q: torch.Tensor, had_block: int) -> torch.Tensor:
+    q = q.float()
+    return rotate(q, had_block) if had_block else q
+
+
+def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
+    """``q [..., H, G, M, d]``, ``k, v [..., H, L, d]``, ``mask [..., 1|H, 1|G, M, L]`` -> out.
+
+    Masked positions get zero weight; their K/V may hold garbage (NaN included), so V is zeroed
+    where no query of the row attends. A row with nothing to attend to returns 0.
+    """
+    s = torch.einsum("...hgmd,...hld->...hgml", q, k) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+    used = mask.any(-2).any(-2).unsqueeze(-1)  # [..., 1|H, L, 1]
+    v = torch.where(used, v, 0.0)
+    return torch.einsum("...hgml,...hld->...hgmd", p, v)
+
+
+def _finish(out: torch.Tensor, had_block: int, rotate_v: bool, dest, dtype) -> torch.Tensor:
+    if had_block and rotate_v:
+        out = rotate(out, had_block)
+    if dest is None:
+        return out.to(dtype)
+    dest.copy_(out)
+    return dest
+
+
+def paged_attention_decode_ref(
+    q,
+    k_cache,
+    v_cache,
+    k_meta,
+    v_meta,
+    block_tables,
+    seq_lens,
+    *,
+    scale,
+    bits,
+    had_block,
+    rotate_v,
+    sliding_window=0,
+    out=None,
+) -> torch.Tensor:
+    """One query token per sequence over its paged context.
+
+    Args:
+        q: ``[num_seqs, num_q_heads, head_dim]`` in model space (un-rotated).
+        block_tables: ``[num_seqs, max_blocks]`` int32 page ids. seq_lens: ``[num_seqs]`` int32
+            context length including the current token (already written).
+        scale: softmax scale. sliding_window: > 0 attends only to the last that many positions.
+    Returns:
+        ``[num_seqs, num_q_heads, head_dim]`` in ``q.dtype`` (written into ``out`` if given).
+    """
+    num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
+        q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
+    )
+    if q.shape[0] != num_seqs:
+        raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
+    check_out(out, q.shape, q.dtype, q.device)
+    if num_seqs == 0:
+        return q.new_empty(q.shape) if out is None else out
+    max_len = int(seq_lens.max())
+    nb = min(max(1, math.ceil(max_len / block_size)), block_tables.shape[1])
+    blocks = _safe_blocks(block_tables, k_cache.shape[0], nb)
+    k = _gather(k_cache, k_meta, blocks, bits)  # [S, H, L, d]
+    v = _gather(v_cache, v_meta, blocks, bits)
+    pos = torch.arange(k.shape[2], device=q.device)
+    lens = seq_lens.long()[:, None]
+    mask = pos < lens
+    if sliding_window > 0:
+        mask &= pos >= lens - sliding_window
+    g = num_q_heads // num_kv_heads
+    qr = _rotate_q(q, had_block).reshape(num_seqs, num_kv_heads, g, 1, head_dim)
+    o = _attend(qr, k, v, mask[:, None, None, None, :], scale)
+    return _finish(o.reshape(q.shape), had_block, rotate_v, out, q.dtype)
+
+
+def paged_attention_extend_ref(
+    q,
+    k_cache,
+    v_cache,
+    k_meta,
+    v_meta,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    *,
+    scale,
+    bits,
+    had_block,
+    rotate_v,
+    sliding_window=0,
+    out=None,
+) -> torch.Tensor:
+    """Several new query tokens per sequence, causal over the cached context plus themselves.
+
+    ::
+
+        positions  0 ................ seq_len-q_len ........ seq_len-1
+                   |<-- cached context -->|<-- new tokens q_len -->|
+        query i of sequence s sits at seq_len_s - q_len_s + i and sees positions <= its own
+        (and > its own - sliding_window when sliding_window > 0).
+
+    Args:
+        q: ``[num_tokens, num_q_heads, head_dim]``, the new tokens of all sequences concatenated.
+        seq_lens: ``[num_seqs]`` int32 including the new tokens (already in the pages).
+        query_start_loc: ``[num_seqs + 1]`` int32 cumulative query lengths.
+    Returns:
+        ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
+    """
+    num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
+        q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
+    )
+    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), q.device)
+    if query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"query_start_loc must have num_seqs + 1 = {num_seqs + 1} entries, "
+            f"got {query_start_loc.shape[0]}"
+        )
+    check_out(out, q.shape, q.dtype, q.device)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    if qsl[-1] != q.shape[0]:
+        raise ValueError(f"query_start_loc[-1]={qsl[-1]} must equal q's {q.shape[0]} tokens")
+    g = num_q_heads // num_kv_heads
+    qr = _rotate_q(q, had_block)
+    o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for s in range(num_seqs):
+        q_len, seq_len = qsl[s + 1] - qsl[s], lens[s]
+        if q_len == 0:
+            continue
+        if q_len > seq_len:
+            raise ValueError(f"sequence {s}: {q_len} new tokens but seq_len is only {seq_len}")
+        nb = min(math.ceil(seq_len / block_size), block_tables.shape[1])
+        blocks = _safe_blocks(block_tables[s : s + 1], k_cache.shape[0], nb)[0]
+        k = _gather(k_cache, k_meta, blocks, bits)  # [H, L, d]
+        v = _gather(v_cache, v_meta, blocks, bits)
+        pos = torch.arange(k.shape[1], device=q.device)
+        chunk = max(1, _MAX_SCORE_ELEMS // (num_q_heads * k.shape[1]))
+        for c0 in range(0, q_len, chunk):
+            c1 = min(q_len, c0 + chunk)
+            qpos = seq_len - q_len + torch.arange(c0, c1, device=q.device)[:, None]
+            mask = (pos <= qpos) & (pos < seq_len)
+            if sliding_window > 0:
+                mask &= pos > qpos - sliding_window
+            qc = qr[qsl[s] + c0 : qsl[s] + c1].reshape(c1 - c0, num_kv_heads, g, head_dim)
+            oc = _attend(qc.permute(1, 2, 0, 3), k, v, mask[None, None], scale)  # [H, G, M, d]
+            o[qsl[s] + c0 : qsl[s] + c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0, -1, head_dim)
+    return _finish(o, had_block, rotate_v, out, q.dtype)

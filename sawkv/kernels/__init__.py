@@ -1,0 +1,26 @@
+"""Fused Triton kernels over the paged INT4/INT8/float KV cache (leaves: torch and triton only).
+
+* :func:`cache_write` (``cache_write.py``): center, rotate, quantize, pack and scatter new K/V.
+* :func:`paged_attention_decode` / :func:`paged_attention_extend` (``paged_attention.py``).
+
+The kernel modules are imported lazily so that ``sawkv.kernels.checks`` (used by the torch
+reference on CPU) does not import triton, and so that tests can set ``TRITON_INTERPRET=1`` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "cache_write": "sawkv.kernels.cache_write",
+    "paged_attention_decode": "sawkv.kernels.paged_attention",
+    "paged_attention_extend": "sawkv.kernels.paged_attention",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
