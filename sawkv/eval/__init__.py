@@ -1,0 +1,1 @@
+"""Accuracy harness: evaluation texts and token windows (data), perplexity and task metrics."""
