@@ -1,0 +1,13 @@
+"""OpenAI-compatible HTTP server: FastAPI app, async engine loop, protocol types, metrics.
+
+Modules (fastapi/uvicorn are imported only by ``api_server``, so the rest stays importable
+without them):
+
+- ``protocol``      request bodies (pydantic), OpenAI-style errors, sampling-param conversion
+- ``detokenizer``   incremental detokenization for streaming (multi-byte UTF-8 safe)
+- ``async_engine``  one thread drives ``engine.step()``; requests wait on asyncio queues
+- ``metrics``       Prometheus text exposition of KV blocks, requests and token rates
+- ``api_server``    the FastAPI app (``build_app``) and ``serve`` used by ``sawkv serve``
+"""
+
+from __future__ import annotations
