@@ -5,6 +5,8 @@
 
 The kernel modules are imported lazily so that ``sawkv.kernels.checks`` (used by the torch
 reference on CPU) does not import triton, and so that tests can set ``TRITON_INTERPRET=1`` first.
+Import the launchers from this package (``from sawkv.kernels import cache_write``), not from the
+submodules, whose ``cache_write`` name would otherwise shadow the function.
 """
 
 from __future__ import annotations
@@ -22,5 +24,9 @@ __all__ = list(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        fn = getattr(importlib.import_module(_LAZY[name]), name)
+        # importing sawkv.kernels.cache_write binds the *module* to this package's attribute of
+        # the same name; rebind the function so `from sawkv.kernels import cache_write` works.
+        globals()[name] = fn
+        return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ def check_bits(bits: int) -> None:
 
 
 def check_had_block(had_block: int, head_dim: int) -> None:
-    """``had_block`` is 0 (no rotation) or a power of two in [16, min(head_dim, 256)] dividing it."""
+    """``had_block``: 0 (no rotation) or a power of two in [16, min(head_dim, 256)] dividing it."""
     ok = had_block == 0 or (
         16 <= had_block <= min(head_dim, 256)
         and had_block & (had_block - 1) == 0

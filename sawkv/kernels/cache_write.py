@@ -1,0 +1,219 @@
+"""Fused cache write: center, rotate, quantize, pack and scatter new K/V tokens into the pages.
+
+One program takes ``BLOCK_T`` tokens of one KV head, K and V both, in one pass: load, subtract
+the key mean, rotate in registers (:mod:`sawkv.kernels.rotation`), per-row min/max, quantize,
+pack two codes per byte and store at ``slot_mapping``. Nothing but the pages is written.
+
+Numerics follow ``sawkv.quant.int4.quantize_int`` step for step (fp32; NaN -> 0 and clamp to
+±65504 after the transform; scale = fp16((max - min) / qmax), min = fp16(min); codes
+``floor((x - min16) * (1 / scale16) + 0.5)`` with an IEEE ``div_rn`` reciprocal). The bytes match
+the oracle exactly without rotation; with rotation the fp32 sums run in another order than the
+oracle's butterflies (and the GPU may fuse the multiply-add), so a value sitting within an ulp
+of a rounding boundary can land one code apart, and a min/max within an ulp of an fp16 rounding
+tie can move the stored fp16 by one ulp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import triton
+import triton.language as tl
+
+from sawkv.kernels.checks import check_write_inputs
+from sawkv.kernels.rotation import rotate_halves
+
+FP16_MAX = 65504.0
+
+
+@triton.jit
+def _quantize_store(
+    lo,  # [BLOCK_T, DH] fp32, first half of each row
+    hi,  # [BLOCK_T, DH] fp32, second half
+    page_ptr,  # [num_blocks, H, block_size, P] uint8 or float
+    meta_ptr,  # [num_blocks, H, block_size, 2] fp16
+    page_row,  # [BLOCK_T] int64 element offset of each token's row in the pages
+    meta_row,  # [BLOCK_T] int64 element offset of each token's (scale, min)
+    row_mask,  # [BLOCK_T] bool
+    BITS: tl.constexpr,
+    DH: tl.constexpr,
+):
+    cols = tl.arange(0, DH)[None, :]
+    m2 = row_mask[:, None]
+    if BITS == 16:
+        ty = page_ptr.dtype.element_ty
+        tl.store(page_ptr + page_row[:, None] + cols, lo.to(ty), mask=m2)
+        tl.store(page_ptr + page_row[:, None] + DH + cols, hi.to(ty), mask=m2)
+    else:
+        qmax = 2.0**BITS - 1.0
+        lo = tl.minimum(tl.maximum(tl.where(lo != lo, 0.0, lo), -65504.0), 65504.0)
+        hi = tl.minimum(tl.maximum(tl.where(hi != hi, 0.0, hi), -65504.0), 65504.0)
+        mn = tl.minimum(tl.min(lo, axis=1), tl.min(hi, axis=1))
+        mx = tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1))
+        scale16 = ((mx - mn) / qmax).to(tl.float16)
+        mn16 = mn.to(tl.float16)
+        scale = scale16.to(tl.float32)
+        mnf = mn16.to(tl.float32)
+        inv = tl.where(scale > 0, tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
+        c_lo = tl.floor((lo - mnf[:, None]) * inv[:, None] + 0.5)
+        c_hi = tl.floor((hi - mnf[:, None]) * inv[:, None] + 0.5)
+        c_lo = tl.minimum(tl.maximum(c_lo, 0.0), qmax).to(tl.uint8)
+        c_hi = tl.minimum(tl.maximum(c_hi, 0.0), qmax).to(tl.uint8)
+        if BITS == 4:
+            tl.store(page_ptr + page_row[:, None] + cols, c_lo | (c_hi << 4), mask=m2)
+        else:
+            tl.store(page_ptr + page_row[:, None] + cols, c_lo, mask=m2)
+            tl.store(page_ptr + page_row[:, None] + DH + cols, c_hi, mask=m2)
+        tl.store(meta_ptr + meta_row, scale16, mask=row_mask)
+        tl.store(meta_ptr + meta_row + 1, mn16, mask=row_mask)
+
+
+@triton.jit
+def _cache_write_kernel(
+    k_ptr,  # [T, H, D] float
+    v_ptr,  # [T, H, D] float
+    k_page_ptr,  # [num_blocks, H, block_size, P]
+    v_page_ptr,  # same
+    k_meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (dummy for BITS=16)
+    v_meta_ptr,  # same
+    slot_ptr,  # [T] int32/int64, -1 = skip
+    mean_ptr,  # [H, D] float (dummy without HAS_MEAN)
+    num_tokens,
+    norm,  # fp32 1/sqrt(HAD)
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_mean_h,
+    stride_page_b,
+    stride_page_h,
+    stride_page_t,
+    stride_meta_b,
+    stride_meta_h,
+    stride_meta_t,
+    BLOCK_SIZE: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    HAD: tl.constexpr,
+    ROT_V: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    DH: tl.constexpr = D // 2
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(slot_ptr + tok, mask=tok < num_tokens, other=-1).to(tl.int64)
+    row_mask = slot >= 0
+    blk = tl.where(row_mask, slot // BLOCK_SIZE, 0)
+    off = tl.where(row_mask, slot % BLOCK_SIZE, 0)
+    page_row = blk * stride_page_b + h * stride_page_h + off * stride_page_t
+    meta_row = blk * stride_meta_b + h * stride_meta_h + off * stride_meta_t
+    cols = tl.arange(0, DH)[None, :]
+    m2 = row_mask[:, None]
+    tok64 = tok.to(tl.int64)[:, None]
+
+    k_row = k_ptr + tok64 * stride_kt + h * stride_kh + cols
+    k_lo = tl.load(k_row, mask=m2, other=0.0).to(tl.float32)
+    k_hi = tl.load(k_row + DH, mask=m2, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        mu = mean_ptr + h * stride_mean_h + tl.arange(0, DH)
+        k_lo -= tl.load(mu).to(tl.float32)[None, :]
+        k_hi -= tl.load(mu + DH).to(tl.float32)[None, :]
+    if HAD > 0:
+        k_lo, k_hi = rotate_halves(k_lo, k_hi, norm, BLOCK_T, DH, HAD)
+    _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, page_row, meta_row, row_mask, BITS, DH)
+
+    v_row = v_ptr + tok64 * stride_vt + h * stride_vh + cols
+    v_lo = tl.load(v_row, mask=m2, other=0.0).to(tl.float32)
+    v_hi = tl.load(v_row + DH, mask=m2, other=0.0).to(tl.float32)
+    if ROT_V:
+        v_lo, v_hi = rotate_halves(v_lo, v_hi, norm, BLOCK_T, DH, HAD)
+    _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, page_row, meta_row, row_mask, BITS, DH)
+
+
+def _pick_block_t(num_tokens: int, head_dim: int, had_block: int) -> int:
+    # >= 16 rows keeps the rotation's tl.dot legal at any had_block (rows * d/2 / b >= 16);
+    # large writes take more rows per program to cut per-program overhead.
+    if num_tokens >= 4096 and head_dim <= 128:
+        return 32
+    return 16
+
+
+def cache_write(
+    k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean=None, *, bits, had_block, rotate_v
+) -> None:
+    """Center, rotate, quantize and scatter new K/V tokens into one layer's pages (in place).
+
+    Args:
+        k, v: ``[num_tokens, num_kv_heads, head_dim]`` bf16/fp16/fp32 (post-RoPE); the last dim
+            must be contiguous.
+        k_cache, v_cache: ``[num_blocks, num_kv_heads, block_size, P]`` uint8 with
+            P = head_dim // 2 (bits=4, byte i = code i | code i + d/2 << 4) or head_dim (bits=8);
+            for bits=16 a float dtype with P = head_dim.
+        k_meta, v_meta: ``[num_blocks, num_kv_heads, block_size, 2]`` fp16 (scale, min); None for
+            bits=16.
+        slot_mapping: ``[num_tokens]`` int32/int64, slot = block_id * block_size + offset;
+            -1 skips the token (padding).
+        k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
+        bits: 4, 8 or 16. had_block: Hadamard block (0 = no rotation). rotate_v: rotate values.
+
+    Keys are stored as ``R (k - mu)``, values as ``R v`` (rotate_v) or ``v``.
+    """
+    num_tokens, num_kv_heads, head_dim = check_write_inputs(
+        k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean, bits, had_block
+    )
+    if k.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"cache_write needs CUDA tensors (or TRITON_INTERPRET=1), got {k.device}")
+    if head_dim not in (64, 128, 256):
+        raise ValueError(f"head_dim must be 64, 128 or 256 for the Triton kernels, got {head_dim}")
+    if rotate_v and not had_block:
+        raise ValueError("rotate_v needs had_block > 0")
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+    if k_mean is not None and k_mean.stride(-1) != 1:
+        raise ValueError("k_mean must be contiguous in its last dim")
+    if num_tokens == 0:
+        return
+    block_t = _pick_block_t(num_tokens, head_dim, had_block)
+    k_meta_arg = k_cache if k_meta is None else k_meta
+    v_meta_arg = v_cache if v_meta is None else v_meta
+    meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
+    grid = (triton.cdiv(num_tokens, block_t), num_kv_heads)
+    _cache_write_kernel[grid](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        k_meta_arg,
+        v_meta_arg,
+        slot_mapping,
+        k if k_mean is None else k_mean,
+        num_tokens,
+        1.0 / math.sqrt(had_block) if had_block else 1.0,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        0 if k_mean is None else k_mean.stride(0),
+        *k_cache.stride()[:3],
+        *meta_strides,
+        BLOCK_SIZE=k_cache.shape[2],
+        D=head_dim,
+        BITS=bits,
+        HAD=had_block,
+        ROT_V=bool(rotate_v and had_block),
+        HAS_MEAN=k_mean is not None,
+        BLOCK_T=block_t,
+        num_warps=4,
+    )
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+__all__ = ["cache_write"]
