@@ -1,0 +1,109 @@
+"""Attention backend contract: per-step context, per-layer pages, and the backend ABC.
+
+The model runner plans one :class:`StepContext` per step on the host (slot mapping, block
+tables, lengths) and hands the same object to every layer; each layer's
+:meth:`AttentionBackend.forward` writes the new K/V into its pages and attends over them,
+allocation-free apart from the output. Backends are picked by name with :func:`get_backend`.
+
+Length diagram of one sequence in a step::
+
+    positions  0 ............. seq_len-q_len ............ seq_len-1
+               |<- cached (context_len) ->|<- new tokens (q_len) ->|
+    block_tables[s] maps positions // block_size to pages; slot_mapping holds
+    page * block_size + position % block_size of every new token (-1: padding, not written).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepContext:
+    """What every layer needs to know about the current step (tensors on the model's device).
+
+    slot_mapping ``[num_tokens]`` int64; block_tables ``[num_seqs, max_blocks]`` int32;
+    seq_lens ``[num_seqs]`` int32 (new tokens included); query_start_loc ``[num_seqs + 1]``
+    int32; ``is_decode``: every sequence has exactly one new token (decode kernels, CUDA
+    graphs); ``max_seq_len`` a host-side bound for kernels that size their grid.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    is_decode: bool
+    max_seq_len: int
+
+
+@dataclass
+class LayerKV:
+    """One layer's pages (layout in :mod:`sawkv.cache.kv_cache`) and its attention settings."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k_meta: torch.Tensor | None
+    v_meta: torch.Tensor | None
+    k_mean: torch.Tensor | None  # [num_kv_heads, head_dim] key mean for -kc, else None
+    sliding_window: int = 0
+
+
+class AttentionBackend(ABC):
+    """Writes K/V into pages and runs paged attention for one layer.
+
+    ``bits`` 4/8/16, ``had_block`` 0 or the Hadamard block, ``rotate_v`` as in
+    :class:`sawkv.quant.methods.KVMethod`.
+    """
+
+    name = "base"
+
+    def __init__(self, *, bits: int, had_block: int, rotate_v: bool) -> None:
+        self.bits, self.had_block, self.rotate_v = bits, had_block, rotate_v
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv: LayerKV,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        """``q [T, Hq, d]``, ``k, v [T, Hkv, d]`` (post-RoPE) -> ``[T, Hq, d]`` in q's dtype."""
+        self.write(k, v, kv, ctx)
+        if ctx.is_decode:
+            return self.decode(q, kv, ctx, scale)
+        return self.extend(q, kv, ctx, scale)
+
+    @property
+    def quant_args(self) -> dict:
+        return dict(bits=self.bits, had_block=self.had_block, rotate_v=self.rotate_v)
+
+    @abstractmethod
+    def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None: ...
+
+    @abstractmethod
+    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float) -> torch.Tensor: ...
+
+    @abstractmethod
+    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float) -> torch.Tensor: ...
+
+
+def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:
+    """``"auto"`` -> triton on CUDA, torch elsewhere; ``"torch"``; ``"triton"``."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from sawkv.attention.torch_backend import TorchBackend
+
+        return TorchBackend(**kw)
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"the triton attention backend needs a CUDA device, got {device}")
+        from sawkv.attention.triton_backend import TritonBackend
+
+        return TritonBackend(**kw)
+    raise ValueError(f"unknown attention backend {name!r}; valid: auto, torch, triton")

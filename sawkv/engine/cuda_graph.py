@@ -1,0 +1,85 @@
+"""CUDA graphs for decode steps: one graph per padded batch size, replayed with static inputs.
+
+Padded rows write nowhere (slot -1) and attend over one position of page 0; their outputs are
+discarded. Graphs share one memory pool and are captured largest first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sawkv.attention.backend import StepContext
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_num_seqs: int) -> None:
+        self.runner = runner
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        n, dev = self.sizes[-1], runner.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def _ctx(self, bs: int) -> StepContext:
+        return StepContext(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            is_decode=True,
+            max_seq_len=self.runner.max_model_len,
+        )
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        model, pool = self.runner.model, None
+        for bs in reversed(self.sizes):
+            ctx = self._ctx(bs)
+            model(self.input_ids[:bs], self.positions[:bs], ctx)  # warm-up: autotune, allocate
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.hidden[bs] = model(self.input_ids[:bs], self.positions[:bs], ctx)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
+    @torch.inference_mode()
+    def run(self, batch) -> torch.Tensor:
+        """Decode ``batch`` (one new token per sequence) -> logits ``[len(batch), vocab]``."""
+        n = len(batch)
+        bs = next(b for b in self.sizes if b >= n)
+        block_size = self.runner.spec.block_size
+        ids = np.zeros(bs, dtype=np.int64)
+        pos = np.zeros(bs, dtype=np.int64)
+        slots = np.full(bs, -1, dtype=np.int64)
+        lens = np.ones(bs, dtype=np.int32)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = np.zeros((bs, width), dtype=np.int32)
+        for i, seq in enumerate(batch.seqs):
+            p = seq.num_tokens - 1
+            ids[i], pos[i], lens[i] = seq.token_ids[-1], p, p + 1
+            tables[i, : len(seq.block_table)] = seq.block_table
+            slots[i] = seq.block_table[p // block_size] * block_size + p % block_size
+        self.input_ids[:bs].copy_(torch.from_numpy(ids), non_blocking=True)
+        self.positions[:bs].copy_(torch.from_numpy(pos), non_blocking=True)
+        self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
+        self.seq_lens[:bs].copy_(torch.from_numpy(lens), non_blocking=True)
+        self.block_tables[:bs, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        self.graphs[bs].replay()
+        return self.runner.model.compute_logits(self.hidden[bs][:n])

@@ -1,0 +1,212 @@
+"""The engine loop: requests in, one scheduled step at a time, :class:`RequestOutput` out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sawkv.cache.block_manager import BlockManager
+from sawkv.cache.kv_cache import KVCacheSpec, load_key_means, parse_servable_method
+from sawkv.config import EngineConfig
+from sawkv.engine.model_runner import ModelRunner
+from sawkv.engine.outputs import RequestOutput
+from sawkv.engine.sampler import Sampler
+from sawkv.engine.sampling_params import SamplingParams
+from sawkv.engine.scheduler import Scheduler
+from sawkv.engine.sequence import Sequence
+from sawkv.models.loader import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Continuous-batching engine over the paged (optionally INT4) KV cache.
+
+    >>> engine = LLMEngine.from_args("qwen3-8b", kv_cache_dtype="int4-bdr128")  # doctest: +SKIP
+    >>> engine.add_request("r0", [1, 2, 3], SamplingParams(max_tokens=8))  # doctest: +SKIP
+    >>> while engine.has_unfinished_requests(): outs = engine.step()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_config, model_dir = resolve_model(config.model)
+        if model_dir is None and config.load_format != "dummy":
+            log.info("%s is a shape preset without weights: using dummy weights", config.model)
+        self.model_config = model_config
+        self.model_name = config.model
+        sc = config.scheduler
+        self.max_model_len = sc.max_model_len or model_config.max_position_embeddings
+        method = parse_servable_method(config.cache.kv_cache_dtype, model_config.head_dim)
+        self.spec = KVCacheSpec(
+            method,
+            model_config.num_layers,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            config.cache.block_size,
+            config.torch_dtype,
+        )
+        key_means = load_key_means(config.model, self.spec)
+        weights_dir = None if config.load_format == "dummy" else model_dir
+        self.runner = ModelRunner(
+            config, model_config, weights_dir, self.spec, self.max_model_len, key_means
+        )
+        self._check_pool_fits()
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(sc, self.block_manager)
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.tokenizer = _load_tokenizer(model_dir)
+        self.eos_token_ids = _eos_ids(model_config, model_dir, self.tokenizer)
+        self.seqs: dict[str, Sequence] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    @classmethod
+    def from_args(cls, model: str, kv_cache_dtype: str = "auto", **kwargs) -> LLMEngine:
+        return cls(EngineConfig.from_args(model, kv_cache_dtype, **kwargs))
+
+    def _check_pool_fits(self) -> None:
+        capacity = self.runner.num_blocks * self.config.cache.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} pages), fewer "
+                f"than max_model_len={self.max_model_len}: lower max_model_len or give the "
+                "cache more memory"
+            )
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request. Raises ValueError for an empty or over-long prompt, bad token ids or
+        a duplicate id."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens, longer than max_model_len={self.max_model_len}"
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        if params.seed is not None:
+            seq.generator = self.sampler.new_generator(params.seed)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request and free its pages (no-op for unknown or finished ids)."""
+        if self.scheduler.abort(request_id) is not None:
+            self.seqs.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; return outputs of requests that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        self.num_prompt_tokens_total += sum(
+            max(0, min(s.num_prompt_tokens - s.num_computed_tokens, n))
+            for s, n in zip(batch.seqs, batch.num_new_tokens)
+        )
+        logits, sample_idx = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        if logits is None:
+            return []
+        seqs = [batch.seqs[i] for i in sample_idx]
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.token_ids.append(token)
+        self.num_generation_tokens_total += 1
+        reason = self._check_stop(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.seqs.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            new_token_ids=[token],
+            output_token_ids=seq.output_token_ids,
+            finished=reason is not None,
+            finish_reason=reason,
+            text=seq.text,
+        )
+
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if self.tokenizer is not None:
+            prev_len = len(seq.text)
+            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            if p.stop and _truncate_at_stop(seq, prev_len):
+                return "stop"
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "model": self.model_name,
+            "kv_cache_dtype": self.spec.method.name,
+            "block_size": self.spec.block_size,
+            "num_blocks_total": bm.num_blocks,
+            "num_blocks_used": bm.num_used_blocks,
+            "num_blocks_free": bm.num_free_blocks,
+            "kv_cache_bytes": bm.num_blocks * self.spec.bytes_per_block,
+            "kv_bytes_per_token": self.spec.bytes_per_token,
+            "max_model_len": self.max_model_len,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_prompt_tokens_total": self.num_prompt_tokens_total,
+            "num_generation_tokens_total": self.num_generation_tokens_total,
+            "prefix_cache_hit_tokens": bm.num_hit_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _truncate_at_stop(seq: Sequence, prev_len: int) -> bool:
+    """Cut ``seq.text`` before the first stop string that appears in the newly decoded part."""
+    longest = max(len(s) for s in seq.params.stop)
+    start = max(0, prev_len - longest + 1)
+    hits = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
+    if not hits:
+        return False
+    seq.text = seq.text[: min(hits)]
+    return True
+
+
+def _load_tokenizer(model_dir: Path | None):
+    if model_dir is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer in %s (%s): token ids only", model_dir, e)
+        return None
+
+
+def _eos_ids(model_config, model_dir: Path | None, tokenizer) -> set[int]:
+    ids = set(model_config.eos_token_ids)
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        eos = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

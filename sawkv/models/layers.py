@@ -1,0 +1,140 @@
+"""Blocks shared by the model files: norms, rotary embedding, fused linears, MLP, attention.
+
+Tensors are flat over tokens: hidden ``[num_tokens, hidden_size]``, heads ``[num_tokens, H, d]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
+from sawkv.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * (offset + w)`` in fp32, cast back. ``offset`` is 1 for Gemma (weights
+    are stored as w - 1), 0 for Llama/Qwen."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in fp32
+            return (xf * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` fp32 with "linear" or "llama3" scaling."""
+    # fp32 like transformers, so greedy outputs can match it token for token
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / scaling["factor"]).float()
+    if kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        return torch.where(is_mid, mid, out).float()
+    raise ValueError(f"RoPE scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding (rotate halves) from a precomputed cos/sin table."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict) -> None:
+        super().__init__()
+        inv = rope_inv_freq(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
+
+    def forward(self, positions, q, k):
+        """``positions [T]``, ``q [T, Hq, d]``, ``k [T, Hkv, d]`` -> rotated (q, k)."""
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+
+
+def _apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+class FusedLinear(nn.Linear):
+    """One matmul for several projections concatenated on the output dim (q|k|v, gate|up).
+
+    ``out_sizes`` tells the loader where each HF shard goes.
+    """
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(out_sizes), bias=bias)
+        self.out_sizes = list(out_sizes)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, inter: int, act: str) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported; valid: {sorted(ACTIVATIONS)}")
+        self.gate_up_proj = FusedLinear(hidden, [inter, inter], bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class Attention(nn.Module):
+    """Self-attention over the paged cache. ``self.kv`` is bound by the model runner."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, rope: RotaryEmbedding
+    ) -> None:
+        super().__init__()
+        d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.head_dim, self.num_heads, self.num_kv_heads = d, hq, hkv
+        self.qkv_proj = FusedLinear(cfg.hidden_size, [hq * d, hkv * d, hkv * d], cfg.attention_bias)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        offset = 1.0 if cfg.architecture == "gemma3" else 0.0
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset) if cfg.qk_norm else None
+        self.layer_idx, self.scale = layer_idx, cfg.attn_scale
+        self.backend, self.rope = backend, rope
+        self.kv: LayerKV | None = None
+
+    def forward(self, positions, x, ctx: StepContext) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1
+        )
+        q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        o = self.backend.forward(q, k.contiguous(), v.contiguous(), self.kv, ctx, self.scale)
+        return self.o_proj(o.reshape(t, -1))
