@@ -1,5 +1,6 @@
 """Numerics of SAW-INT4 in pure torch (CPU and GPU): the oracle every kernel is tested against."""
 
+from sawkv.quant import baselines  # noqa: F401  registers the kivi/kmeans/gptq/mixed names
 from sawkv.quant.hadamard import block_hadamard_matrix, hadamard_matrix, rotate, rotate_matmul
 from sawkv.quant.int4 import (
     dequantize_fp8,
