@@ -1,0 +1,233 @@
+"""A transformers 5.x ``Cache`` that really stores K/V encoded by a :class:`KVMethod`.
+
+Each model layer gets a :class:`SawKVLayer`. On every ``update`` the new keys/values are encoded
+(centered, rotated, quantized, INT4 packed two codes per byte) and appended to the layer's
+stored bytes; the whole stored sequence is then decoded back to model space and handed to
+attention. So attention sees exactly what the cache holds, prefill included (as in the paper),
+and :meth:`SawKVCache.kv_bytes` counts the bytes really stored.
+
+Layout: transformers passes K/V as ``[batch, num_kv_heads, seq, head_dim]``; the methods
+expect heads second-to-last, so each layer stores ``Encoded.data [batch, seq, num_kv_heads,
+...]`` and ``Encoded.meta [batch, seq, num_kv_heads, num_groups, 2]`` and grows them along
+dim 1. Decoding the whole sequence at every step is O(seq) per step: fine for evaluation on CPU,
+not meant for serving (that is the paged engine's job).
+
+Only API present in transformers 5.17 and 5.23 is used (``DynamicLayer``, ``Cache(layers=...)``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from sawkv.quant.methods import Encoded, KVMethod, parse_method
+
+KC_MODES = ("static", "prefill")
+
+
+def _cat(a: Encoded | None, b: Encoded) -> Encoded:
+    """Append ``b`` to ``a`` along the sequence dim (1)."""
+    if a is None:
+        return b
+    meta = None if a.meta is None else torch.cat([a.meta, b.meta], dim=1)
+    return Encoded(torch.cat([a.data, b.data], dim=1), meta)
+
+
+def _map(enc: Encoded | None, fn) -> Encoded | None:
+    """Apply ``fn`` to data and meta (batch reordering, cropping)."""
+    if enc is None:
+        return None
+    return Encoded(fn(enc.data), None if enc.meta is None else fn(enc.meta))
+
+
+class SawKVLayer(DynamicLayer):
+    """One layer's quantized K/V store.
+
+    Args:
+        method: resolved :class:`KVMethod`.
+        k_mean: ``[num_kv_heads, head_dim]`` static key mean (``-kc``), or None (no centering).
+        kc_mode: ``"static"`` uses ``k_mean``; ``"prefill"`` takes each sequence's own mean of the
+            keys of its first ``update`` (the prefill) -- an eval-only variant: it is not exact
+            once pages are shared between sequences (prefix caching), the static mean is.
+    """
+
+    def __init__(self, method: KVMethod, k_mean: torch.Tensor | None = None, kc_mode="static"):
+        super().__init__()
+        if kc_mode not in KC_MODES:
+            raise ValueError(f"kc_mode must be one of {KC_MODES}, got {kc_mode!r}")
+        self.method = method
+        self.k_mean = k_mean
+        self.kc_mode = kc_mode
+        self.cumulative_length = 0
+        self._k: Encoded | None = None
+        self._v: Encoded | None = None
+
+    # ---- write / read -------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _mean_for(self, key_states: torch.Tensor) -> torch.Tensor | None:
+        """Key mean broadcastable against ``[batch, seq, heads, head_dim]``, or None."""
+        if not self.method.center_k:
+            return None
+        if self.kc_mode == "prefill":
+            if self._k is None:  # first update = prefill: [B, H, S, D] -> [B, 1, H, D]
+                self.k_mean = key_states.float().mean(dim=2).unsqueeze(1)
+            return self.k_mean
+        return None if self.k_mean is None else self.k_mean.to(key_states.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Encode and store the new ``[B, H, S, D]`` K/V; return all stored K/V decoded.
+
+        Returns:
+            keys, values ``[B, H, seq_len_so_far, D]`` in the input dtype, model space.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        mu = self._mean_for(key_states)
+        k_new = self.method.encode(key_states.transpose(1, 2), is_key=True, k_mean=mu)
+        v_new = self.method.encode(value_states.transpose(1, 2), is_key=False)
+        self._k, self._v = _cat(self._k, k_new), _cat(self._v, v_new)
+        self.cumulative_length += key_states.shape[-2]
+        return self._decode(key_states.dtype)
+
+    def _decode(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.method
+        k = m.decode(self._k, is_key=True, k_mean=self.k_mean, dtype=dtype, rotated=False)
+        v = m.decode(self._v, is_key=False, dtype=dtype, rotated=False)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def nbytes(self) -> int:
+        """Bytes stored for K and V (codes + metadata)."""
+        return sum(e.nbytes for e in (self._k, self._v) if e is not None)
+
+    def reset(self) -> None:
+        super().reset()
+        self._k = self._v = None
+        self.cumulative_length = 0
+        if self.kc_mode == "prefill":
+            self.k_mean = None
+
+    def offload(self):  # stored bytes stay where they are; nothing to move
+        pass
+
+    def prefetch(self):
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many tokens from the end; positive (5.17 legacy): keep that many."""
+        n = tokens_to_remove
+        keep = n if n > 0 else self.cumulative_length + n
+        if tokens_to_remove == 0 or keep >= self.cumulative_length:
+            return
+        keep = max(keep, 0)
+        self._k = _map(self._k, lambda t: t[:, :keep])
+        self._v = _map(self._v, lambda t: t[:, :keep])
+        self.cumulative_length = keep
+
+    def _batch_map(self, fn) -> None:
+        self._k, self._v = _map(self._k, fn), _map(self._v, fn)
+        if self.kc_mode == "prefill" and self.k_mean is not None:
+            self.k_mean = fn(self.k_mean)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._k is not None:
+            self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._batch_map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            self._batch_map(lambda t: t[indices, ...])
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a transformers (text) config."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    num_kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    return text.num_hidden_layers, num_kv_heads, head_dim
+
+
+class SawKVCache(Cache):
+    """Drop-in transformers cache storing K/V with a sawkv method.
+
+    Args:
+        model_config_or_model: a transformers model or its config.
+        method: method name (``"int4-bdr64-kc"``) or :class:`KVMethod`.
+        k_means: ``[num_layers, num_kv_heads, head_dim]`` static key means for ``-kc``; None with
+            a ``-kc`` method (static mode) means zeros, with a warning.
+        kc_mode: ``"static"`` (exact under prefix sharing; what the engine uses) or ``"prefill"``
+            (each sequence's own prefill key mean; eval-only comparison).
+
+    Example::
+
+        cache = SawKVCache(model, "int4-bdr64-kc", k_means=load_key_means("smollm2-135m"))
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=20)
+        cache.kv_bytes()
+    """
+
+    def __init__(
+        self,
+        model_config_or_model,
+        method: str | KVMethod = "int4-bdr64-kc",
+        k_means: torch.Tensor | None = None,
+        kc_mode: str = "static",
+    ):
+        if kc_mode not in KC_MODES:
+            raise ValueError(f"kc_mode must be one of {KC_MODES}, got {kc_mode!r}")
+        config = getattr(model_config_or_model, "config", model_config_or_model)
+        num_layers, num_kv_heads, head_dim = attention_shape(config)
+        if isinstance(method, str):
+            method = parse_method(method, head_dim)
+        else:
+            method = method.resolve(head_dim)
+        self.method = method
+        self.head_dim = head_dim
+        k_means = self._check_means(k_means, method, kc_mode, (num_layers, num_kv_heads, head_dim))
+        layers = [
+            SawKVLayer(method, None if k_means is None else k_means[i], kc_mode)
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+
+    @staticmethod
+    def _check_means(k_means, method: KVMethod, kc_mode: str, shape: tuple[int, int, int]):
+        if not method.center_k or kc_mode == "prefill":
+            return None
+        if k_means is None:
+            warnings.warn(
+                f"{method.name}: no calibrated key means for this model; using mu = 0 "
+                "(run sawkv.eval.calibrate.calibrate_key_means first)",
+                stacklevel=3,
+            )
+            return None
+        if tuple(k_means.shape) != shape:
+            raise ValueError(
+                f"k_means has shape {tuple(k_means.shape)}, expected "
+                f"[num_layers, num_kv_heads, head_dim] = {list(shape)}"
+            )
+        return k_means.float()
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V really stored, all layers (codes + metadata)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def bits_per_element(self) -> float:
+        """Stored bits per K/V element, metadata included (measured, not from the layout)."""
+        elems = 0
+        for layer in self.layers:
+            if layer._k is not None:
+                b, s, h = layer._k.data.shape[:3]
+                elems += 2 * b * s * h * self.head_dim
+        return 8.0 * self.kv_bytes() / elems if elems else float("nan")

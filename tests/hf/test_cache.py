@@ -1,0 +1,208 @@
+"""SawKVCache: same logits as an independent fake-quant reference, real stored bytes, generate.
+
+The reference is a plain ``DynamicLayer`` that fake-quantizes each new K/V chunk with the raw
+rotate / quantize / dequantize functions of ``sawkv.quant`` (tested there against the matrix
+form), written here without ``KVMethod.encode``, INT4 packing or the cache's token-major layout.
+It must use the same butterfly rotation: a matmul rounds differently and flips a few codes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from sawkv.hf import SawKVCache, attention_shape
+from sawkv.quant import (
+    dequantize_fp8,
+    dequantize_int,
+    parse_method,
+    quantize_fp8,
+    quantize_int,
+    rotate,
+)
+
+METHODS = [
+    "auto",
+    "bf16",
+    "fp8",
+    "int8",
+    "int4",
+    "int4-bdr32",
+    "int4-bdr-kv-kc",
+    "int4-g32-kc",
+    "int3-bdr-kc",
+    "int2-bdr16",
+]
+
+
+ATOL = 2e-5  # fp32 logits; only the order of float operations differs
+
+
+def ref_fake_quant(x, method, mu=None, *, is_key):
+    """``x [B, H, S, D]`` -> what attention should see; ``mu`` ``[H, D]`` or ``[B, H, 1, D]``."""
+    if method.kind == "auto":
+        return x
+    if method.kind == "float":
+        return x.to(torch.bfloat16 if method.dtype_name == "bf16" else torch.float16).to(x.dtype)
+    y = x.float()
+    if is_key and method.center_k and mu is not None:
+        mu = mu[:, None, :] if mu.ndim == 2 else mu
+        y = y - mu
+    rot = method.had_block is not None and (is_key or method.rotate_v)
+    if rot:
+        y = rotate(y, method.had_block)
+    if method.kind == "fp8":
+        y = dequantize_fp8(*quantize_fp8(y))
+    else:
+        y = dequantize_int(*quantize_int(y, method.bits, method.group_size))
+    if rot:
+        y = rotate(y, method.had_block)
+    if is_key and method.center_k and mu is not None:
+        y = y + mu
+    return y.to(x.dtype)
+
+
+class RefLayer(DynamicLayer):
+    def __init__(self, method, mu=None, prefill_mean=False):
+        super().__init__()
+        self.method, self.mu, self.prefill_mean = method, mu, prefill_mean
+
+    def update(self, k, v, *args, **kwargs):
+        if self.prefill_mean and self.mu is None:
+            self.mu = k.float().mean(dim=2, keepdim=True)
+        k = ref_fake_quant(k, self.method, self.mu, is_key=True)
+        v = ref_fake_quant(v, self.method, is_key=False)
+        return super().update(k, v)
+
+
+def ref_cache(model, name, k_means=None, prefill_mean=False):
+    num_layers, _, head_dim = attention_shape(model.config)
+    m = parse_method(name, head_dim)
+    mus = [None if k_means is None else k_means[i] for i in range(num_layers)]
+    return Cache(layers=[RefLayer(m, mus[i], prefill_mean) for i in range(num_layers)])
+
+
+def run_chunks(model, ids, cache, chunks):
+    """Feed ``ids [B, S]`` in chunks (prefill, then shorter steps); return the last logits."""
+    logits, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            start += n
+    return torch.cat(logits, dim=1)
+
+
+def rand_means(model, scale=1.0):
+    torch.manual_seed(3)
+    return scale * torch.randn(attention_shape(model.config))
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("model_name", ["llama64", "qwen128"])
+def test_logits_match_reference(name, model_name, request):
+    model = request.getfixturevalue(model_name)
+    torch.manual_seed(5)
+    ids = torch.randint(0, 256, (2, 40))
+    mu = rand_means(model)
+    chunks = [24, 1, 1, 14]  # prefill, two decode steps, a chunked-prefill extend
+    got = run_chunks(model, ids, SawKVCache(model, name, k_means=mu), chunks)
+    want = run_chunks(model, ids, ref_cache(model, name, mu), chunks)
+    exact = run_chunks(model, ids, DynamicCache(), chunks)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    if name != "auto":  # the check above is sharp: quantization moves logits far more than ATOL
+        assert (got - exact).abs().max() > 10 * ATOL
+    else:
+        torch.testing.assert_close(got, exact, atol=0, rtol=0)
+
+
+def test_prefill_mean_mode_matches_reference(qwen128):
+    torch.manual_seed(6)
+    ids = torch.randint(0, 256, (2, 32))
+    chunks = [20, 1, 11]
+    got = run_chunks(qwen128, ids, SawKVCache(qwen128, "int4-bdr-kc", kc_mode="prefill"), chunks)
+    want = run_chunks(qwen128, ids, ref_cache(qwen128, "int4-bdr-kc", prefill_mean=True), chunks)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_centering_shrinks_key_error_on_offset_keys(qwen128):
+    """Keys with big constant offsets (qkv bias): centering on their mean cuts the INT4 key error
+    several-fold; without calibrated means the cache warns and behaves as mu = 0."""
+    torch.manual_seed(7)
+    ids = torch.randint(0, 256, (1, 48))
+    exact = DynamicCache()
+    run_chunks(qwen128, ids, exact, [48])
+    mu = torch.stack([layer.keys[0].mean(dim=1) for layer in exact.layers])  # [L, H, D]
+    with pytest.warns(UserWarning, match="no calibrated key means"):
+        plain = SawKVCache(qwen128, "int4-bdr-kc")
+    centered = SawKVCache(qwen128, "int4-bdr-kc", k_means=mu)
+    for c in (plain, centered):  # feed the exact keys so both quantize the same tensors
+        for i, layer in enumerate(exact.layers):
+            c.update(layer.keys, layer.values, i)
+    for i, layer in enumerate(exact.layers):
+        err = [
+            (c.layers[i]._decode(torch.float32)[0] - layer.keys).abs().mean()
+            for c in (plain, centered)
+        ]
+        assert err[1] < 0.5 * err[0]
+
+
+@pytest.mark.parametrize(("model_name", "ratio"), [("llama64", 128 / 36), ("qwen128", 256 / 68)])
+def test_int4_stores_the_bytes_its_layout_implies(model_name, ratio, request):
+    model = request.getfixturevalue(model_name)
+    num_layers, num_kv_heads, head_dim = attention_shape(model.config)
+    ids = torch.randint(0, 256, (2, 33))
+    caches = {n: SawKVCache(model, n) for n in ("bf16", "int4-bdr", "int8")}
+    for c in caches.values():
+        run_chunks(model, ids, c, [30, 3])
+    elems = num_layers * 2 * ids.numel() * num_kv_heads  # vectors stored (K and V)
+    assert caches["int4-bdr"].kv_bytes() == elems * (head_dim // 2 + 4)  # codes + fp16 pair
+    assert caches["int8"].kv_bytes() == elems * (head_dim + 4)
+    assert caches["bf16"].kv_bytes() == elems * head_dim * 2
+    got = caches["bf16"].kv_bytes() / caches["int4-bdr"].kv_bytes()
+    assert got == pytest.approx(ratio)  # 3.56x at d=64, 3.76x at d=128
+    layer = caches["int4-bdr"].layers[0]
+    assert layer._k.data.dtype == torch.uint8
+    assert tuple(layer._k.data.shape) == (2, 33, num_kv_heads, head_dim // 2)
+    assert tuple(layer._k.meta.shape) == (2, 33, num_kv_heads, 1, 2)
+    assert caches["int4-bdr"].bits_per_element() == pytest.approx(4 + 32 / head_dim)
+
+
+def test_greedy_generate_through_cache(llama64):
+    ids = torch.randint(0, 256, (1, 12))
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = llama64.generate(ids, **gen)
+        same = llama64.generate(ids, past_key_values=SawKVCache(llama64, "auto"), **gen)
+        cache = SawKVCache(llama64, "int4-bdr64")
+        q = llama64.generate(ids, past_key_values=cache, **gen)
+        ref = llama64.generate(ids, past_key_values=ref_cache(llama64, "int4-bdr64"), **gen)
+    assert torch.equal(plain, same)
+    assert torch.equal(q, ref) and q.shape == (1, 20)
+    assert cache.get_seq_length() == 19  # the last generated token is never fed back
+
+
+def test_crop_and_batch_select(llama64):
+    ids = torch.randint(0, 256, (3, 20))
+    full = SawKVCache(llama64, "int4-bdr64")
+    run_chunks(llama64, ids, full, [20])
+    full.crop(-5)
+    assert full.get_seq_length() == 15
+    short = SawKVCache(llama64, "int4-bdr64")
+    run_chunks(llama64, ids[:, :15], short, [15])
+    assert torch.equal(full.layers[1]._k.data, short.layers[1]._k.data)
+    full.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(full.layers[0]._v.data, short.layers[0]._v.data[[2, 0]])
+    full.reset()
+    assert full.get_seq_length() == 0 and full.kv_bytes() == 0
+
+
+def test_bad_inputs(llama64):
+    with pytest.raises(ValueError, match="Hadamard block 128"):
+        SawKVCache(llama64, "int4-bdr128")
+    with pytest.raises(ValueError, match="k_means has shape"):
+        SawKVCache(llama64, "int4-bdr-kc", k_means=torch.zeros(2, 2, 32))
+    with pytest.raises(ValueError, match="kc_mode"):
+        SawKVCache(llama64, "int4-bdr-kc", kc_mode="dynamic")
