@@ -225,11 +225,11 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
-            stream.put(error)
-            try:
+            try:  # abort before telling the client, so its pages are free when it hears
                 self._abort(request_id)
             except Exception:  # noqa: BLE001 - best effort while failing
                 self._streams.pop(request_id, None)
+            stream.put(error)
 
     def _fail_pending(self, error: BaseException) -> None:
         """Reject requests submitted but never admitted (the loop is gone)."""

@@ -82,10 +82,9 @@ class OutputTextStream:
         if finished:
             self.detokenizer.flush()
         text = self.detokenizer.text
-        if finished:
-            end = min([text.find(s) for s in self.stop if s in text] + [len(text)])
-        else:
-            end = len(text) - self.num_held
+        end = min([text.find(s) for s in self.stop if s in text] + [len(text)])
+        if not finished:
+            end = min(end, len(text) - self.num_held)
         end = max(end, self.num_sent)
         delta = text[self.num_sent : end]
         self.num_sent = end

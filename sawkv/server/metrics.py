@@ -78,6 +78,10 @@ def render_metrics(stats: dict[str, Any], model_name: str) -> str:
         if value is None:
             continue
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
+    info = {k: v for k, v in sorted(stats.items()) if isinstance(v, str)}
+    if info:  # string stats (model, kv_cache_dtype) as labels of a constant-1 series
+        info_labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in info.items())
+        lines += ["# TYPE sawkv_engine_info gauge", f"sawkv_engine_info{{{info_labels}}} 1"]
     for key in sorted(stats):
         value = stats[key]
         if key in _COVERED_KEYS or not _is_number(value):

@@ -202,6 +202,8 @@ async def collect(
                 task.cancel()
                 raise ClientDisconnected(job.request_id)
         text, last = task.result()
+    except (EngineDeadError, RuntimeError) as e:
+        raise APIError(str(e), status_code=500, type="server_error", code="engine_error") from e
     finally:
         stream.close()
     ids = list(last.output_token_ids) if job.return_token_ids else None

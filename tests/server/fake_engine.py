@@ -38,6 +38,7 @@ class FakeEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.aborted: list[str] = []
+        self.fail_next_step = False
 
     def add_request(self, request_id, prompt_token_ids, params):
         if len(prompt_token_ids) >= self.max_model_len:
@@ -59,6 +60,9 @@ class FakeEngine:
 
     def step(self):
         time.sleep(self.step_s)
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("injected step failure")
         while self.waiting and len(self._running()) < self.max_num_seqs:
             rid = self.waiting.pop(0)
             self.num_prompt_tokens_total += len(self.requests[rid][0])

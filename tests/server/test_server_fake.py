@@ -204,3 +204,13 @@ def test_queue_full_429():
             time.sleep(0.02)
         r = client.completions.create(model="fake-model", prompt=[1], max_tokens=1)
         assert r.usage.completion_tokens == 1
+
+
+def test_step_failure_fails_requests_and_server_recovers(client, server):
+    server.engine.fail_next_step = True
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="fake-model", prompt=[3], max_tokens=3)
+    assert "injected step failure" in e.value.body["message"]
+    assert not server.engine.requests  # the failed request was aborted
+    r = client.completions.create(model="fake-model", prompt=[3], max_tokens=3)
+    assert r.usage.completion_tokens == 3
