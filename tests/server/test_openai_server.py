@@ -204,3 +204,15 @@ def test_disconnect_aborts_and_frees_pages(server):
     assert after["sawkv_num_requests_in_flight"] == 0
     generated = after["sawkv_generation_tokens_total"] - before["sawkv_generation_tokens_total"]
     assert generated < 200  # aborted, not run to completion
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cut_and_reported(client, stream):
+    kwargs = dict(model=MODEL, prompt="My favourite food is", extra_body={"ignore_eos": True})
+    base = client.completions.create(**kwargs, max_tokens=8, **GREEDY).choices[0].text
+    stop = base[4:6]  # a stop string that greedy decoding is known to produce
+    r = client.completions.create(**kwargs, max_tokens=8, stop=[stop], stream=stream, **GREEDY)
+    chunks = list(r) if stream else [r]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == base[: base.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"

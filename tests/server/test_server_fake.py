@@ -214,3 +214,16 @@ def test_step_failure_fails_requests_and_server_recovers(client, server):
     assert not server.engine.requests  # the failed request was aborted
     r = client.completions.create(model="fake-model", prompt=[3], max_tokens=3)
     assert r.usage.completion_tokens == 3
+
+
+def test_non_streaming_disconnect_aborts(server):
+    body = {"model": "fake-model", "prompt": [7], "max_tokens": 60}  # >= 0.6 s of steps
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    num_aborted = len(server.engine.aborted)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/completions", json=body, headers=headers, timeout=0.2)
+    deadline = time.monotonic() + 5
+    while len(server.engine.aborted) == num_aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(server.engine.aborted) == num_aborted + 1
+    assert not server.engine.requests
