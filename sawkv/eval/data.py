@@ -189,9 +189,14 @@ def window_ranges(
 
 
 def token_windows(
-    tokenizer, text_name: str, num_tokens: int, window_len: int, split: str = "eval"
+    tokenizer,
+    text_name: str,
+    num_tokens: int,
+    window_len: int,
+    split: str = "eval",
+    add_bos: bool = False,
 ) -> torch.Tensor:
-    """Deterministic token windows of a named text, away from its opening; no BOS token.
+    """Deterministic token windows of a named text, away from its opening; no BOS by default.
 
     Args:
         tokenizer: a Hugging Face tokenizer (called with ``add_special_tokens=False``).
@@ -200,9 +205,18 @@ def token_windows(
         window_len: tokens per window.
         split: ``"eval"`` or ``"calib"``; their token ranges are disjoint
             (see :func:`window_ranges`).
+        add_bos: prepend ``tokenizer.bos_token_id`` to every window (opt-in). Gemma-3 needs
+            it: its perplexity on an Austen 1024-token window is 43.7 without and 23.0 with
+            a BOS; the Llama/Qwen models here do not use one. Score only the text tokens.
     Returns:
-        LongTensor ``[num_windows, window_len]``.
+        LongTensor ``[num_windows, window_len]`` (``window_len + 1`` columns with ``add_bos``).
     """
     ids = tokenizer(load_text(text_name), add_special_tokens=False)["input_ids"]
     ranges = window_ranges(len(ids), num_tokens, window_len, split)
-    return torch.tensor([ids[s:e] for s, e in ranges], dtype=torch.long)
+    windows = torch.tensor([ids[s:e] for s, e in ranges], dtype=torch.long)
+    if not add_bos:
+        return windows
+    if tokenizer.bos_token_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
+    bos = torch.full((windows.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long)
+    return torch.cat([bos, windows], dim=1)

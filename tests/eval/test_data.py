@@ -108,3 +108,11 @@ def test_token_windows(tokenizer):
     assert min(ev_at + ca_at) > 0 and ev_at == sorted(ev_at) and ca_at == sorted(ca_at)
     assert 0.28 < ev_at[0] / len(text) < 0.39 and 0.07 < ca_at[0] / len(text) < 0.13
     assert ca_at[-1] + len(tokenizer.decode(ca[-1])) <= ev_at[0]
+
+
+def test_token_windows_add_bos(tokenizer):
+    plain = token_windows(tokenizer, "austen", 1024, 512, split="calib")
+    with_bos = token_windows(tokenizer, "austen", 1024, 512, split="calib", add_bos=True)
+    assert with_bos.shape == (2, 513)
+    assert (with_bos[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(with_bos[:, 1:], plain)
