@@ -35,24 +35,34 @@ def _hadamard_pm1(B: tl.constexpr):
 
 
 @triton.jit
-def _rotate_blocks(x, ROWS: tl.constexpr, DH: tl.constexpr, B: tl.constexpr):
+def _rotate_blocks(
+    x, ROWS: tl.constexpr, DH: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr = "tf32x3"
+):
     """``x [ROWS, DH]`` fp32 times ``diag(H_B, ...)`` (unnormalized); needs ROWS*DH/B >= 16."""
     h = _hadamard_pm1(B)
-    y = tl.dot(tl.reshape(x, (ROWS * DH // B, B)), h, input_precision="tf32x3")
+    y = tl.dot(tl.reshape(x, (ROWS * DH // B, B)), h, input_precision=PREC)
     return tl.reshape(y, (ROWS, DH))
 
 
 @triton.jit
-def rotate_halves(lo, hi, norm, ROWS: tl.constexpr, DH: tl.constexpr, HAD: tl.constexpr):
+def rotate_halves(
+    lo,
+    hi,
+    norm,
+    ROWS: tl.constexpr,
+    DH: tl.constexpr,
+    HAD: tl.constexpr,
+    PREC: tl.constexpr = "tf32x3",
+):
     """Rotate rows ``[lo | hi]`` (each ``[ROWS, DH]`` fp32, head_dim = 2*DH) by the normalized
     block-diagonal Hadamard with block HAD (16 <= HAD <= 2*DH). ``norm`` is ``1/sqrt(HAD)``
     passed from the host as fp32, the same constant torch multiplies by. Returns the halves."""
     if HAD == 2 * DH:
         a = lo + hi
         b = lo - hi
-        lo = _rotate_blocks(a, ROWS, DH, DH)
-        hi = _rotate_blocks(b, ROWS, DH, DH)
+        lo = _rotate_blocks(a, ROWS, DH, DH, PREC)
+        hi = _rotate_blocks(b, ROWS, DH, DH, PREC)
     else:
-        lo = _rotate_blocks(lo, ROWS, DH, HAD)
-        hi = _rotate_blocks(hi, ROWS, DH, HAD)
+        lo = _rotate_blocks(lo, ROWS, DH, HAD, PREC)
+        hi = _rotate_blocks(hi, ROWS, DH, HAD, PREC)
     return lo * norm, hi * norm

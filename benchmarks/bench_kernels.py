@@ -1,0 +1,596 @@
+"""GPU benchmark of the paged-cache kernels (cache_write, split-K decode, extend) vs BF16 baselines.
+
+Run on the H100 (``run`` tool)::
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py --out $OUT          # full run
+    PYTHONPATH=. python benchmarks/bench_kernels.py --out $OUT --sweep  # + decode tuning sweep
+    python benchmarks/bench_kernels.py --plot results.json              # plot locally
+
+Order: (1) correctness of every kernel against the torch reference on the GPU (fresh random
+inputs, poisoned outputs), (2) device copy bandwidth, (3) decode at the Qwen3-8B attention shape
+(32 query heads, 8 KV heads, d=128, page size 16) for INT4, INT4-BDR128 (K), INT4-BDR128 K+V,
+INT8, BF16 pages and torch SDPA on contiguous BF16 (``enable_gqa=True``), (4) the write kernel vs a
+BF16 ``index_copy_`` scatter into the same page layout, (5) extend (2048-token chunk over 8K-32K
+cached tokens) vs SDPA on dequantized BF16. Times are medians of ``triton.testing.do_bench``
+(which flushes L2 before each call); inputs also rotate over several page sets so that no set
+fits in L2. Bytes counted for decode: K/V codes + (scale, min) metadata + block tables + q + out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DECODE_SHAPES = [(1, 32768), (8, 32768), (32, 8192), (64, 8192), (128, 4096), (256, 2048)]
+L2_BYTES = 50 * 2**20
+# name -> (bits, had_block, rotate_v)
+FORMATS = {
+    "int4": (4, 0, False),
+    "int4-bdr128": (4, 128, False),
+    "int4-bdr128-kv": (4, 128, True),
+    "int8": (8, 0, False),
+    "bf16-pages": (16, 0, False),
+}
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def bench(fn, reps_ms: int = 200) -> float:
+    """Median µs of ``fn`` (do_bench flushes L2 between calls)."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
+
+
+def make_pages(
+    num_blocks: int,
+    bits: int,
+    head_dim: int = HEAD_DIM,
+    num_kv_heads: int = NUM_KV_HEADS,
+    block_size: int = BLOCK_SIZE,
+    dtype=torch.bfloat16,
+):
+    """Random but valid pages: codes anywhere, metadata small positive scales."""
+    shape = (num_blocks, num_kv_heads, block_size)
+    if bits == 16:
+        k = torch.randn(*shape, head_dim, dtype=dtype, device="cuda")
+        return k, torch.randn_like(k), None, None
+    p = head_dim // 2 if bits == 4 else head_dim
+    k = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, device="cuda")
+    v = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, device="cuda")
+    meta = torch.empty(*shape, 2, dtype=torch.float16, device="cuda")
+    meta[..., 0].uniform_(0.01, 0.1)
+    meta[..., 1].uniform_(-1.0, 0.0)
+    return k, v, meta, meta.clone()
+
+
+def decode_bytes(batch: int, ctx: int, bits: int) -> int:
+    per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
+    kv = 2 * batch * ctx * NUM_KV_HEADS * per_vec
+    tables = batch * math.ceil(ctx / BLOCK_SIZE) * 4
+    q_out = 2 * batch * NUM_Q_HEADS * HEAD_DIM * 2
+    return kv + tables + q_out
+
+
+def num_sets(bytes_per_set: int) -> int:
+    return max(1, min(8, math.ceil(4 * L2_BYTES / bytes_per_set)))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+    except Exception:
+        return os.environ.get("SAWKV_COMMIT", "unknown")
+
+
+# ---- correctness ---------------------------------------------------------------------------------
+def check_correctness() -> list[dict]:
+    """Kernels vs the torch reference on the GPU at a few mixed shapes; raises on failure."""
+    from sawkv.attention.reference import (
+        cache_write_ref,
+        paged_attention_decode_ref,
+        paged_attention_extend_ref,
+    )
+    from sawkv.kernels import cache_write, paged_attention_decode, paged_attention_extend
+    from sawkv.quant import unpack_int4
+
+    rows = []
+    cases = [
+        # d, Hkv, G, bs, bits, had, rot_v, mean, lens, window
+        (128, 8, 4, 16, 4, 128, False, True, [1, 37, 1000, 4099], 0),
+        (128, 8, 4, 16, 4, 128, True, True, [300, 17], 0),
+        (64, 2, 8, 32, 4, 16, False, False, [65, 129], 40),
+        (256, 1, 16, 64, 8, 64, True, True, [200, 5], 0),
+        (128, 4, 1, 16, 16, 0, False, False, [77, 1500], 0),
+        (128, 2, 2, 16, 4, 0, False, False, [5000], 0),
+    ]
+    for d, h, g, bs, bits, had, rot_v, mean, lens, window in cases:
+        torch.manual_seed(len(rows))
+        dev = "cuda"
+        total = sum(lens)
+        nb = sum(math.ceil(n / bs) for n in lens) + 4
+        k = torch.randn(total, h, d, device=dev, dtype=torch.bfloat16) * 2 + 1
+        v = torch.randn(total, h, d, device=dev, dtype=torch.bfloat16)
+        k_mean = k.float().mean(0) if mean else None
+        perm = torch.randperm(nb, device=dev).int()
+        max_blocks = max(math.ceil(n / bs) for n in lens) + 1
+        tables = torch.full((len(lens), max_blocks), -1, dtype=torch.int32, device=dev)
+        slots, c = [], 0
+        for s, n in enumerate(lens):
+            m = math.ceil(n / bs)
+            tables[s, :m] = perm[c : c + m]
+            c += m
+            slots.append(
+                tables[s, torch.arange(n, device=dev) // bs].long() * bs
+                + torch.arange(n, device=dev) % bs
+            )
+        slot_mapping = torch.cat(slots)
+        first = make_pages(nb, bits, d, h, bs)
+        pages = [first, tuple(None if t is None else t.clone() for t in first)]
+        flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
+        cache_write(k, v, *pages[0], slot_mapping, k_mean, **flags)
+        cache_write_ref(k, v, *pages[1], slot_mapping, k_mean, **flags)
+        a, b = pages[0][0], pages[1][0]
+        if bits == 4:
+            a, b = unpack_int4(a), unpack_int4(b)
+        diff = (a.int() - b.int()).abs() if bits != 16 else (a.float() - b.float()).abs()
+        row = dict(case=f"d{d} h{h} g{g} bs{bs} bits{bits} had{had} rv{rot_v} kc{mean}")
+        row["write_max_code_diff"] = float(diff.max())
+        row["write_frac_diff"] = float((diff > 0).float().mean())
+        if bits != 16:  # metadata difference in fp16 ulps (rounding ties of min/max, see kernel)
+            ma, mb = pages[0][2].float(), pages[1][2].float()
+            ulp = torch.finfo(torch.float16).eps * mb.abs().clamp_min(6.1e-5)
+            row["meta_max_ulps"] = float(((ma - mb).abs() / ulp).max())
+        qlens = [min(n, 300) for n in lens]
+        q = torch.randn(sum(qlens), h * g, d, device=dev, dtype=torch.bfloat16)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device=dev)
+        kw = dict(scale=d**-0.5, sliding_window=window, **flags)
+        ref_pages = pages[1]
+        qd = q[qsl[1:].long() - 1].contiguous()
+        out = torch.full_like(qd, float("nan"))
+        paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out, **kw)
+        ref = paged_attention_decode_ref(qd, *ref_pages, tables, seq_lens, **kw).float()
+        row["decode_rel_err"] = float((out.float() - ref).norm() / ref.norm())
+        oute = torch.full_like(q, float("nan"))
+        paged_attention_extend(q, *ref_pages, tables, seq_lens, qsl, out=oute, **kw)
+        refe = paged_attention_extend_ref(q, *ref_pages, tables, seq_lens, qsl, **kw).float()
+        row["extend_rel_err"] = float((oute.float() - refe).norm() / refe.norm())
+        ok = (
+            row["write_max_code_diff"] <= (1 if bits != 16 else 0.02)
+            and row["write_frac_diff"] < 1e-3
+            and row.get("meta_max_ulps", 0) <= 1.01
+            and row["decode_rel_err"] < 1e-2
+            and row["extend_rel_err"] < 1e-2
+        )
+        row["ok"] = bool(ok)
+        print("check", row, flush=True)
+        rows.append(row)
+        if not ok:
+            raise SystemExit(f"GPU correctness check failed: {row}")
+    return rows
+
+
+# ---- copy bandwidth ------------------------------------------------------------------------------
+def copy_bandwidth() -> float:
+    n = 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = bench(lambda: dst.copy_(src))
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+# ---- decode --------------------------------------------------------------------------------------
+def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int):
+    """``sets`` independent (q, pages, tables) whose pages are disjoint and shuffled."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    blocks = math.ceil(ctx / BLOCK_SIZE)
+    nb = batch * blocks
+    k, v, km, vm = make_pages(nb * sets, bits)
+    out = []
+    for i in range(sets):
+        ids = (torch.randperm(nb, device="cuda", generator=g) + i * nb).int()
+        tables = ids.reshape(batch, blocks).contiguous()
+        q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        out.append((q, tables))
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return (k, v, km, vm), out, seq_lens
+
+
+def time_decode(batch, ctx, name, config=None) -> float:
+    from sawkv.kernels import paged_attention_decode
+
+    bits, had, rot_v = FORMATS[name]
+    sets = num_sets(decode_bytes(batch, ctx, bits))
+    pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=batch * ctx)
+    outs = [torch.empty_like(q) for q, _ in sets_in]
+    state = {"i": 0}
+    kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v, config=config)
+
+    def fn():
+        i = state["i"] = (state["i"] + 1) % sets
+        q, tables = sets_in[i]
+        paged_attention_decode(q, *pages, tables, seq_lens, out=outs[i], **kw)
+
+    us = bench(fn)
+    return us
+
+
+def time_sdpa_decode(batch, ctx) -> float:
+    import torch.nn.functional as F
+
+    per_set = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * 2
+    sets = num_sets(per_set)
+    data = []
+    for _ in range(sets):
+        q = torch.randn(batch, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, NUM_KV_HEADS, ctx, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        data.append((q, k, torch.randn_like(k)))
+    state = {"i": 0}
+
+    def fn():
+        i = state["i"] = (state["i"] + 1) % sets
+        q, k, v = data[i]
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    us = bench(fn)
+    return us
+
+
+def run_decode(copy_gbs: float, formats=None) -> list[dict]:
+    rows = []
+    for batch, ctx in DECODE_SHAPES:
+        sdpa_us = time_sdpa_decode(batch, ctx)
+        sdpa_bytes = decode_bytes(batch, ctx, 16) - batch * math.ceil(ctx / BLOCK_SIZE) * 4
+        base = dict(batch=batch, ctx=ctx, tokens=batch * ctx)
+        rows.append(
+            dict(
+                base,
+                format="sdpa-bf16",
+                us=sdpa_us,
+                bytes=sdpa_bytes,
+                gbs=sdpa_bytes / sdpa_us / 1e3,
+                pct_copy=100 * sdpa_bytes / sdpa_us / 1e3 / copy_gbs,
+                speedup_vs_sdpa=1.0,
+            )
+        )
+        for name in formats or FORMATS:
+            us = time_decode(batch, ctx, name)
+            nbytes = decode_bytes(batch, ctx, FORMATS[name][0])
+            gbs = nbytes / us / 1e3
+            rows.append(
+                dict(
+                    base,
+                    format=name,
+                    us=us,
+                    bytes=nbytes,
+                    gbs=gbs,
+                    pct_copy=100 * gbs / copy_gbs,
+                    speedup_vs_sdpa=sdpa_us / us,
+                )
+            )
+            print(
+                f"decode B={batch} L={ctx} {name}: {us:.1f} us {gbs:.0f} GB/s "
+                f"({100 * gbs / copy_gbs:.0f}% copy) {sdpa_us / us:.2f}x SDPA",
+                flush=True,
+            )
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_decode(copy_gbs: float) -> list[dict]:
+    """Small tuning sweep of the decode kernel's tile/launch knobs on INT4-BDR128."""
+    from sawkv.kernels.paged_attention import KernelConfig
+
+    rows = []
+    for batch, ctx in [(1, 32768), (32, 8192), (256, 2048)]:
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    cfg = KernelConfig(block_n=bn, num_warps=warps, num_stages=stages)
+                    try:
+                        us = time_decode(batch, ctx, "int4-bdr128", cfg)
+                    except Exception as e:  # a config that does not compile is just skipped
+                        print("sweep skip", cfg, repr(e)[:200])
+                        continue
+                    gbs = decode_bytes(batch, ctx, 4) / us / 1e3
+                    rows.append(
+                        dict(
+                            batch=batch,
+                            ctx=ctx,
+                            block_n=bn,
+                            num_warps=warps,
+                            num_stages=stages,
+                            us=us,
+                            pct_copy=100 * gbs / copy_gbs,
+                        )
+                    )
+                    print(
+                        f"sweep B={batch} L={ctx} bn={bn} w={warps} s={stages}: {us:.1f} us "
+                        f"{100 * gbs / copy_gbs:.0f}%",
+                        flush=True,
+                    )
+        if batch == 1:
+            for splits in (8, 16, 32, 64):
+                cfg = KernelConfig(num_splits=splits)
+                us = time_decode(batch, ctx, "int4-bdr128", cfg)
+                gbs = decode_bytes(batch, ctx, 4) / us / 1e3
+                rows.append(
+                    dict(
+                        batch=batch,
+                        ctx=ctx,
+                        num_splits=splits,
+                        us=us,
+                        pct_copy=100 * gbs / copy_gbs,
+                    )
+                )
+                print(f"sweep B=1 splits={splits}: {us:.1f} us {100 * gbs / copy_gbs:.0f}%")
+    return rows
+
+
+# ---- write ---------------------------------------------------------------------------------------
+WRITE_FORMATS = {
+    "int4": (4, 0, False, False),
+    "int4-bdr128": (4, 128, False, False),
+    "int4-bdr128-kc": (4, 128, False, True),
+    "int4-bdr128-kv-kc": (4, 128, True, True),
+    "int8": (8, 0, False, False),
+    "bf16-pages": (16, 0, False, False),
+}
+
+
+def run_write() -> list[dict]:
+    from sawkv.kernels import cache_write
+
+    rows = []
+    for n in (1, 64, 8192):
+        nb = max(64, 4 * math.ceil(n / BLOCK_SIZE))
+        k = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:n].int()
+        # baseline: BF16 scatter into the same [nb, H, bs, d] pages with a precomputed row index
+        kc = torch.empty(
+            nb * NUM_KV_HEADS * BLOCK_SIZE, HEAD_DIM, device="cuda", dtype=torch.bfloat16
+        )
+        vc = torch.empty_like(kc)
+        blk, off = slots.long() // BLOCK_SIZE, slots.long() % BLOCK_SIZE
+        heads = torch.arange(NUM_KV_HEADS, device="cuda")
+        rows_idx = ((blk[:, None] * NUM_KV_HEADS + heads) * BLOCK_SIZE + off[:, None]).reshape(-1)
+        kf, vf = k.reshape(-1, HEAD_DIM), v.reshape(-1, HEAD_DIM)
+
+        def scatter(kc=kc, vc=vc, rows_idx=rows_idx, kf=kf, vf=vf):
+            kc.index_copy_(0, rows_idx, kf)
+            vc.index_copy_(0, rows_idx, vf)
+
+        base_us = bench(scatter)
+        base_bytes = 2 * 2 * kf.numel() * 2 + rows_idx.numel() * 8
+        rows.append(
+            dict(
+                tokens=n,
+                format="bf16-index_copy",
+                us=base_us,
+                bytes=base_bytes,
+                gbs=base_bytes / base_us / 1e3,
+                tok_per_s=n / base_us * 1e6,
+                ratio=1.0,
+            )
+        )
+        k_mean = k.float().mean(0)
+        for name, (bits, had, rot_v, mean) in WRITE_FORMATS.items():
+            pages = make_pages(nb, bits)
+            km = k_mean if mean else None
+
+            def fn(k=k, v=v, pages=pages, slots=slots, km=km, bits=bits, had=had, rot_v=rot_v):
+                cache_write(k, v, *pages, slots, km, bits=bits, had_block=had, rotate_v=rot_v)
+
+            us = bench(fn)
+            per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
+            nbytes = 2 * kf.numel() * 2 + 2 * n * NUM_KV_HEADS * per_vec + n * 4
+            rows.append(
+                dict(
+                    tokens=n,
+                    format=name,
+                    us=us,
+                    bytes=nbytes,
+                    gbs=nbytes / us / 1e3,
+                    tok_per_s=n / us * 1e6,
+                    ratio=us / base_us,
+                )
+            )
+            print(
+                f"write n={n} {name}: {us:.1f} us ({us / base_us:.2f}x index_copy {base_us:.1f})",
+                flush=True,
+            )
+    return rows
+
+
+# ---- extend --------------------------------------------------------------------------------------
+def run_extend() -> list[dict]:
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from sawkv.kernels import paged_attention_extend
+
+    rows = []
+    chunk = 2048
+    for ctx in (8192, 16384, 32768):
+        seq = ctx + chunk
+        blocks = math.ceil(seq / BLOCK_SIZE)
+        q = torch.randn(chunk, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        tables = torch.randperm(blocks, device="cuda").int()[None]
+        seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
+        qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+        flops = 4 * NUM_Q_HEADS * HEAD_DIM * chunk * (ctx + (chunk + 1) / 2)
+        qs = q.transpose(0, 1)[None]
+        ks = torch.randn(1, NUM_KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        vs = torch.randn_like(ks)
+        mask = causal_lower_right(chunk, seq)
+        sdpa_us = bench(
+            lambda qs=qs, ks=ks, vs=vs, mask=mask: F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, enable_gqa=True
+            )
+        )
+        rows.append(
+            dict(
+                ctx=ctx,
+                chunk=chunk,
+                format="sdpa-bf16",
+                us=sdpa_us,
+                tflops=flops / sdpa_us / 1e6,
+                speedup_vs_sdpa=1.0,
+            )
+        )
+        for name in ("int4-bdr128", "int4-bdr128-kv", "int8", "bf16-pages"):
+            bits, had, rot_v = FORMATS[name]
+            pages = make_pages(blocks, bits)
+
+            kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
+
+            def fn(q=q, pages=pages, tables=tables, seq_lens=seq_lens, qsl=qsl, kw=kw):
+                paged_attention_extend(q, *pages, tables, seq_lens, qsl, max_query_len=chunk, **kw)
+
+            us = bench(fn)
+            rows.append(
+                dict(
+                    ctx=ctx,
+                    chunk=chunk,
+                    format=name,
+                    us=us,
+                    tflops=flops / us / 1e6,
+                    speedup_vs_sdpa=sdpa_us / us,
+                )
+            )
+            print(
+                f"extend ctx={ctx} {name}: {us:.0f} us {flops / us / 1e6:.0f} TFLOP/s "
+                f"({sdpa_us / us:.2f}x SDPA {sdpa_us:.0f} us)",
+                flush=True,
+            )
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------------
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = result["decode"]
+    for name in ["sdpa-bf16", *FORMATS]:
+        pts = sorted((r["tokens"], r["gbs"], r["batch"]) for r in rows if r["format"] == name)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    copy = result["copy_gbs"]
+    ax.axhline(copy, color="k", ls="--", lw=1, label=f"copy {copy:.0f} GB/s")
+    ax.axhline(0.9 * copy, color="gray", ls=":", lw=1, label="90% copy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch x context (tokens)")
+    ax.set_ylabel("achieved GB/s (all bytes read)")
+    ax.set_title(f"Paged decode, Qwen3-8B attention shape, {result['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"copy bandwidth {result['copy_gbs']:.0f} GB/s on {result['device']}",
+        f"{'B':>4} {'L':>6} {'format':>15} {'us':>8} {'GB/s':>6} {'%copy':>6} {'xSDPA':>6}",
+    ]
+    for r in result["decode"]:
+        lines.append(
+            f"{r['batch']:>4} {r['ctx']:>6} {r['format']:>15} {r['us']:>8.1f} "
+            f"{r['gbs']:>6.0f} {r['pct_copy']:>6.1f} {r['speedup_vs_sdpa']:>6.2f}"
+        )
+    by = {(r["batch"], r["ctx"], r["format"]): r["us"] for r in result["decode"]}
+    for b, l in DECODE_SHAPES:
+        if (b, l, "int4") in by and (b, l, "int4-bdr128") in by:
+            lines.append(
+                f"BDR overhead B={b} L={l}: "
+                f"{100 * (by[(b, l, 'int4-bdr128')] / by[(b, l, 'int4')] - 1):+.1f}%"
+            )
+    for r in result.get("write", []):
+        lines.append(
+            f"write n={r['tokens']:>5} {r['format']:>18} {r['us']:>8.1f} us "
+            f"{r['gbs']:>6.0f} GB/s {r['ratio']:.2f}x index_copy"
+        )
+    for r in result.get("extend", []):
+        lines.append(
+            f"extend ctx={r['ctx']:>6} {r['format']:>15} {r['us']:>8.0f} us "
+            f"{r['tflops']:>5.0f} TFLOP/s {r['speedup_vs_sdpa']:.2f}x SDPA"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--sweep", action="store_true", help="also run the decode tuning sweep")
+    ap.add_argument("--only", default="check,decode,write,extend")
+    ap.add_argument("--plot", help="only plot an existing results JSON (next to it)")
+    args = ap.parse_args()
+    if args.plot:
+        result = json.load(open(args.plot))
+        plot(result, os.path.splitext(args.plot)[0] + ".png")
+        print(table(result))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    parts = args.only.split(",")
+    t0 = time.time()
+    result = dict(
+        device=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=git_commit(),
+        torch=torch.__version__,
+        shape=dict(
+            num_q_heads=NUM_Q_HEADS,
+            num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_DIM,
+            block_size=BLOCK_SIZE,
+        ),
+    )
+    import triton
+
+    result["triton"] = triton.__version__
+    path = os.path.join(args.out, "kernels_h100.json")
+
+    def save():  # after every part, so a run cut short still leaves its numbers
+        result["wall_s"] = time.time() - t0
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    if "check" in parts:
+        result["correctness"] = check_correctness()
+    result["copy_gbs"] = copy_bandwidth()
+    print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s", flush=True)
+    if "decode" in parts:
+        result["decode"] = run_decode(result["copy_gbs"])
+        save()
+    if "write" in parts:
+        result["write"] = run_write()
+        save()
+    if "extend" in parts:
+        result["extend"] = run_extend()
+        save()
+    if args.sweep:
+        result["sweep"] = sweep_decode(result["copy_gbs"])
+        save()
+    if "decode" in parts:
+        try:
+            plot(result, os.path.join(args.out, "kernels_h100.png"))
+        except ImportError:
+            print("matplotlib missing: plot later with --plot", file=sys.stderr)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The fused Triton cache_write kernel against the torch reference (TRITON_INTERPRET=1).
+
+Allowed differences, and why: the kernel rotates with a ±1 matrix product (tl.dot) while the
+oracle runs butterflies, so fp32 sums are rounded in another order. A rotated value that sits
+within an ulp of a quantization boundary (code + 0.5) may round to the neighbouring code (±1),
+and a min/max that sits within an ulp of an fp16 rounding tie may be stored one fp16 ulp apart.
+Both are rare (a handful of codes per thousand at most); without rotation the bytes match
+exactly. Everything outside the written slots must stay untouched.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_setup import empty_pages
+
+from sawkv.attention.reference import cache_write_ref
+from sawkv.kernels import cache_write
+from sawkv.quant import unpack_int4
+
+# Pairwise-style grid: every head_dim, block_size, had_block (0, 16 .. head_dim), bits and
+# input dtype appears; tokens are not multiples of the block size.
+# (head_dim, num_kv_heads, num_tokens, block_size, bits, had_block, rotate_v, k_mean, dtype)
+CASES = [
+    (64, 2, 37, 16, 4, 0, False, False, torch.float32),
+    (64, 1, 20, 32, 4, 64, True, True, torch.float16),
+    (64, 2, 9, 64, 8, 16, False, True, torch.float32),
+    (128, 2, 33, 16, 4, 128, False, True, torch.float32),
+    (128, 1, 17, 32, 16, 32, True, True, torch.float32),
+    (128, 2, 40, 64, 8, 0, False, False, torch.float16),
+    (128, 1, 18, 16, 8, 64, True, False, torch.float16),
+    (256, 1, 19, 16, 4, 256, True, True, torch.float32),
+    (256, 1, 5, 32, 16, 0, False, False, torch.float16),
+    (256, 2, 21, 64, 4, 16, False, False, torch.float32),
+    (256, 1, 11, 16, 8, 128, False, True, torch.float32),
+]
+
+
+def _codes(pages, bits):
+    return unpack_int4(pages).int() if bits == 4 else pages.int()
+
+
+def _fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's fp16 spacing (NaN-free inputs)."""
+    ulp = torch.finfo(torch.float16).eps * b.float().abs().clamp_min(6.1e-5)
+    return (a.float() - b.float()).abs() / ulp
+
+
+def _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype, slots=None):
+    g = torch.Generator().manual_seed(d + n)
+    k = (3 * torch.randn(n, h, d, generator=g) + torch.randn(h, d, generator=g)).to(dtype)
+    v = torch.randn(n, h, d, generator=g).to(dtype)
+    k_mean = k.float().mean(0) if mean else None
+    num_blocks = (n + bs - 1) // bs + 2
+    if slots is None:
+        slots = torch.randperm(num_blocks * bs, generator=g)[:n].int()
+        slots[n // 2] = -1  # padding token: skipped
+    page_dtype = dtype if bits == 16 else torch.float32
+    ours = empty_pages(num_blocks, h, bs, d, bits, page_dtype)
+    ref = tuple(None if t is None else t.clone() for t in ours)
+    flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
+    cache_write(k, v, *ours, slots, k_mean, **flags)
+    cache_write_ref(k, v, *ref, slots, k_mean, **flags)
+    return ours, ref
+
+
+@pytest.mark.parametrize("d, h, n, bs, bits, had, rot_v, mean, dtype", CASES)
+def test_cache_write_matches_reference(d, h, n, bs, bits, had, rot_v, mean, dtype):
+    ours, ref = _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype)
+    for page, want in zip(ours[:2], ref[:2]):
+        if bits == 16:
+            # float pages: the rotated value itself, equal up to fp32 summation order
+            finite = ~want.isnan()
+            assert torch.equal(page.isnan(), want.isnan())  # untouched slots stay garbage
+            torch.testing.assert_close(page[finite], want[finite], rtol=1e-3, atol=1e-5)
+            continue
+        diff = (_codes(page, bits) - _codes(want, bits)).abs()
+        if had == 0:
+            assert torch.equal(page, want)
+        else:
+            assert diff.max() <= 1
+            assert (diff > 0).float().mean() < 5e-3
+    for meta, want in zip(ours[2:], ref[2:]):
+        if meta is None:
+            continue
+        assert torch.equal(meta.isnan(), want.isnan())
+        written = ~want.isnan()
+        ulps = _fp16_ulps(meta[written], want[written])
+        assert ulps.max() <= (0 if had == 0 else 1.0)
+
+
+def test_awkward_values_match_reference_exactly():
+    """NaN -> 0, +-inf saturate to +-65504, constant rows get scale 0 (no division by zero)."""
+    k = torch.randn(4, 1, 64)
+    k[0, 0, 3] = float("nan")
+    k[1, 0, :5] = float("inf")
+    k[1, 0, 5:9] = -1e30
+    k[2] = 0.75  # zero-range row
+    v = k.flip(0).clone()
+    slots = torch.tensor([0, 1, 17, 30])
+    for bits in (4, 8):
+        ours = empty_pages(2, 1, 16, 64, bits)
+        ref = tuple(t.clone() for t in ours)
+        cache_write(k, v, *ours, slots, None, bits=bits, had_block=0, rotate_v=False)
+        cache_write_ref(k, v, *ref, slots, None, bits=bits, had_block=0, rotate_v=False)
+        for a, b in zip(ours, ref):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_int64_slots_and_all_padding():
+    ours, ref = _write_both(64, 1, 8, 16, 4, 32, False, True, torch.float32)
+    k = torch.randn(3, 1, 64)
+    before = [t.clone() for t in ours]
+    slots = torch.full((3,), -1, dtype=torch.int64)
+    cache_write(k, k, *ours, slots, None, bits=4, had_block=32, rotate_v=False)
+    for a, b in zip(ours, before):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_launcher_validation():
+    k = torch.randn(3, 2, 64)
+    pages = empty_pages(4, 2, 16, 64, 4)
+    slots = torch.arange(3)
+    ok = dict(bits=4, had_block=0, rotate_v=False)
+    with pytest.raises(ValueError, match="k_cache last dim"):
+        cache_write(k, k, *empty_pages(4, 2, 16, 64, 8), slots, None, **ok)
+    with pytest.raises(ValueError, match="had_block"):
+        cache_write(k, k, *pages, slots, None, **{**ok, "had_block": 48})
+    with pytest.raises(ValueError, match="rotate_v"):
+        cache_write(k, k, *pages, slots, None, **{**ok, "rotate_v": True})
+    with pytest.raises(ValueError, match="k_mean"):
+        cache_write(k, k, *pages, slots, torch.zeros(2, 32), **ok)
+    with pytest.raises(ValueError, match="KV heads"):
+        cache_write(k[:, :1], k[:, :1], *pages, slots, None, **ok)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        cache_write(k, k, *pages, slots.float(), None, **ok)
+    with pytest.raises(ValueError, match="head_dim"):
+        k96 = torch.randn(3, 2, 96)
+        cache_write(k96, k96, *empty_pages(4, 2, 16, 96, 4), slots, None, **ok)
+    with pytest.raises(ValueError, match="k_meta"):
+        kc, vc, km, vm = pages
+        cache_write(k, k, kc, vc, km.float(), vm, slots, None, **ok)

@@ -1,0 +1,126 @@
+"""Triton paged attention (split-K decode, extend) against the torch reference, same pages.
+
+Tolerances: with fp32 inputs the kernel keeps fp32 products, so only summation order differs
+(1e-4 on O(1) outputs). With fp16 inputs the query is rounded to fp16 for the tensor-core
+products, the value weights p * scale_v too, and the output is stored in fp16: each is a
+relative error of ~5e-4, so outputs of magnitude ~1 agree to ~3e-3 (2e-2 allowed, still far
+below any real bug, which shows up as O(1) differences).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paged_setup import paged_case
+
+from sawkv.attention.reference import paged_attention_decode_ref, paged_attention_extend_ref
+from sawkv.kernels import paged_attention_decode, paged_attention_extend
+from sawkv.kernels.paged_attention import KernelConfig
+
+
+def _tol(dtype):
+    return dict(rtol=0, atol=1e-4) if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+
+
+# Every head_dim, GQA ratio, block size, had_block (0, 16 .. head_dim), bits and dtype appears;
+# lengths are mixed and mostly not multiples of the block size; splits 0 = automatic.
+# (head_dim, kv_heads, ratio, block_size, bits, had, rot_v, lens, window, splits, block_n, dtype)
+DECODE_CASES = [
+    (64, 2, 1, 16, 4, 0, False, [37, 5, 70], 0, 1, 32, torch.float32),
+    (64, 1, 2, 32, 8, 16, True, [100, 33], 0, 3, 16, torch.float16),
+    (64, 2, 4, 64, 16, 64, False, [65, 1], 0, 1, 64, torch.float32),
+    (128, 1, 8, 16, 4, 128, True, [150, 17], 40, 4, 32, torch.float32),
+    (128, 2, 16, 32, 4, 32, False, [63, 64], 0, 2, 32, torch.float16),
+    (128, 1, 4, 64, 8, 0, False, [130], 10, 0, 32, torch.float32),
+    (256, 1, 2, 16, 4, 256, True, [40, 18], 0, 2, 16, torch.float32),
+    (256, 1, 16, 32, 16, 0, False, [50], 0, 1, 32, torch.float16),
+    (256, 2, 1, 64, 8, 128, False, [70, 3], 0, 0, 16, torch.float32),
+    (128, 2, 4, 16, 4, 16, False, [1, 200], 0, 0, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "d, h, ratio, bs, bits, had, rot_v, lens, window, splits, block_n, dtype", DECODE_CASES
+)
+def test_decode_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, window, splits,
+                                  block_n, dtype):  # fmt: skip
+    pages, tables, seq_lens = paged_case(
+        lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
+        rotate_v=rot_v, dtype=dtype,
+    )  # fmt: skip
+    q = torch.randn(len(lens), h * ratio, d).to(dtype)
+    kw = dict(scale=d**-0.5, bits=bits, had_block=had, rotate_v=rot_v, sliding_window=window)
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    cfg = KernelConfig(block_n=block_n, num_splits=splits)
+    paged_attention_decode(q, *pages, tables, seq_lens, out=out, config=cfg, **kw)
+    ref = paged_attention_decode_ref(q, *pages, tables, seq_lens, **kw)
+    torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
+
+
+# (head_dim, kv_heads, ratio, block_size, bits, had, rot_v, lens, q_lens, window, block_r, dtype)
+EXTEND_CASES = [
+    (64, 2, 1, 16, 4, 0, False, [37, 5, 70], [10, 5, 1], 0, 16, torch.float32),
+    (64, 1, 4, 32, 8, 32, True, [40, 90], [40, 17], 0, 32, torch.float16),
+    (128, 1, 8, 64, 16, 128, False, [100], [33], 20, 64, torch.float32),
+    (128, 2, 16, 16, 4, 64, True, [30, 47], [3, 47], 0, 32, torch.float32),
+    (256, 1, 2, 32, 4, 256, False, [50, 20], [25, 20], 7, 16, torch.float16),
+    (128, 1, 2, 16, 8, 16, False, [65], [64], 0, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize(
+    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype", EXTEND_CASES
+)
+def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window,
+                                  block_r, dtype):  # fmt: skip
+    pages, tables, seq_lens = paged_case(
+        lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
+        rotate_v=rot_v, dtype=dtype,
+    )  # fmt: skip
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
+    kw = dict(scale=d**-0.5, bits=bits, had_block=had, rotate_v=rot_v, sliding_window=window)
+    out = torch.full_like(q, float("nan"))
+    cfg = KernelConfig(block_n=32, block_r=block_r)
+    paged_attention_extend(q, *pages, tables, seq_lens, qsl, out=out, config=cfg, **kw)
+    ref = paged_attention_extend_ref(q, *pages, tables, seq_lens, qsl, **kw)
+    torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
+
+
+def test_decode_split_count_does_not_change_result():
+    pages, tables, seq_lens = paged_case(
+        [120, 7], head_dim=64, num_kv_heads=1, block_size=16, bits=4, had_block=32, rotate_v=True
+    )
+    q = torch.randn(2, 4, 64)
+    kw = dict(scale=0.125, bits=4, had_block=32, rotate_v=True)
+    cfgs = [KernelConfig(block_n=16, num_splits=s) for s in (1, 5)]
+    outs = [paged_attention_decode(q, *pages, tables, seq_lens, config=c, **kw) for c in cfgs]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+def test_launcher_validation():
+    pages, tables, seq_lens = paged_case(
+        [20], head_dim=64, num_kv_heads=2, block_size=16, bits=4, had_block=0, rotate_v=False
+    )
+    q = torch.randn(1, 4, 64)
+    ok = dict(scale=0.1, bits=4, had_block=0, rotate_v=False)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_attention_decode(q[:, :3], *pages, tables, seq_lens, **ok)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_attention_decode(q, *pages, tables.long(), seq_lens, **ok)
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_attention_decode(q, *pages, tables, seq_lens.long(), **ok)
+    with pytest.raises(ValueError, match="sequences"):
+        paged_attention_decode(q.expand(2, 4, 64), *pages, tables, seq_lens, **ok)
+    with pytest.raises(ValueError, match="out"):
+        paged_attention_decode(q, *pages, tables, seq_lens, out=torch.empty(1, 4, 32), **ok)
+    with pytest.raises(ValueError, match="rotate_v"):
+        paged_attention_decode(q, *pages, tables, seq_lens, **{**ok, "rotate_v": True})
+    with pytest.raises(ValueError, match="block_n"):
+        paged_attention_decode(q, *pages, tables, seq_lens, config=KernelConfig(block_n=24), **ok)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        qsl = torch.tensor([0, 1, 1], dtype=torch.int32)
+        paged_attention_extend(q, *pages, tables, seq_lens, qsl, **ok)
+    with pytest.raises(ValueError, match="float pages"):
+        fp = torch.zeros(3, 2, 16, 64, dtype=torch.float16)
+        paged_attention_decode(q, fp, fp, None, None, tables, seq_lens, **{**ok, "bits": 16})
