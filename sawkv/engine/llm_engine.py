@@ -191,7 +191,8 @@ def _truncate_at_stop(seq: Sequence, prev_len: int) -> bool:
 
 
 def _load_tokenizer(model_dir: Path | None):
-    if model_dir is None:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if model_dir is None or not any((model_dir / n).is_file() for n in names):
         return None
     from transformers import AutoTokenizer
 
