@@ -28,7 +28,8 @@ class StepContext:
     slot_mapping ``[num_tokens]`` int64; block_tables ``[num_seqs, max_blocks]`` int32;
     seq_lens ``[num_seqs]`` int32 (new tokens included); query_start_loc ``[num_seqs + 1]``
     int32; ``is_decode``: every sequence has exactly one new token (decode kernels, CUDA
-    graphs); ``max_seq_len`` a host-side bound for kernels that size their grid.
+    graphs); ``max_seq_len`` / ``max_query_len`` host-side bounds for kernels that size their
+    grid.
     """
 
     slot_mapping: torch.Tensor
@@ -37,6 +38,7 @@ class StepContext:
     query_start_loc: torch.Tensor
     is_decode: bool
     max_seq_len: int
+    max_query_len: int = 1
 
 
 @dataclass

@@ -61,5 +61,6 @@ class TritonBackend(AttentionBackend):
             ctx.query_start_loc,
             scale=scale,
             sliding_window=kv.sliding_window,
+            max_query_len=ctx.max_query_len,
             **self.quant_args,
         )

@@ -13,9 +13,9 @@ from sawkv.attention.backend import StepContext
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
-    sizes += list(range(16, max_num_seqs, 16))
-    return sorted(set(sizes + [max_num_seqs]))
+    """1, 2, 4, 8, 16, then every 16 up to 64 and every 32 beyond, capped by max_num_seqs."""
+    sizes = [1, 2, 4, 8] + list(range(16, 64, 16)) + list(range(64, max_num_seqs, 32))
+    return sorted({b for b in sizes if b < max_num_seqs} | {max_num_seqs})
 
 
 class DecodeGraphs:

@@ -134,6 +134,7 @@ class ModelRunner:
             query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
             is_decode=is_decode,
             max_seq_len=max(seq_lens),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
         )
 
     def prepare(self, batch: ScheduledBatch):
