@@ -1,4 +1,4 @@
-"""Command line: ``sawkv eval`` (more commands register on the same ``app``).
+"""Command line: ``sawkv eval``, ``generate`` (more commands register on the same ``app``).
 
 Imports of torch / transformers / fastapi stay inside the command functions, so ``sawkv --help``
 is fast and works without the serving extras. To add a command, define a function decorated
@@ -70,6 +70,33 @@ def _write_json(path: Path, header: dict, results: list[dict]) -> None:
     tmp.replace(path)
 
 
+def _check_methods(methods: str, model: str) -> list[str]:
+    """Method labels of ``--methods``, validated against the model's head_dim before any weights
+    are loaded (a typo should fail in a second, not after minutes of model time)."""
+    from transformers import AutoConfig
+
+    from sawkv.eval.perplexity import split_label
+    from sawkv.hf.cache import attention_shape
+    from sawkv.models.hub import resolve_model_dir
+    from sawkv.quant.methods import parse_method
+
+    labels = [m.strip() for m in methods.split(",") if m.strip()]
+    if not labels:
+        raise typer.BadParameter("--methods is empty")
+    try:
+        for label in labels:
+            name, mode = split_label(label)
+            if mode not in ("static", "prefill"):
+                raise ValueError(f"{label!r}: centering mode after '@' must be static or prefill")
+            parse_method(name)
+        head_dim = attention_shape(AutoConfig.from_pretrained(resolve_model_dir(model)))[2]
+        for label in labels:
+            parse_method(split_label(label)[0], head_dim)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return labels
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[
@@ -113,9 +140,7 @@ def eval_cmd(
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise typer.BadParameter(f"unknown --dtype {dtype!r}")
-    labels = [m.strip() for m in methods.split(",") if m.strip()]
-    if not labels:
-        raise typer.BadParameter("--methods is empty")
+    labels = _check_methods(methods, model)
     header = {
         "model": model,
         "text": text,
@@ -148,6 +173,102 @@ def eval_cmd(
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_results(results, str(plot), title)
+
+
+@app.command("report")
+def report_cmd(
+    models: Annotated[str, typer.Option(help="comma-separated model names or HF dirs")],
+    methods: Annotated[str, typer.Option(help="comma-separated KV methods (baselines too)")] = "",
+    tasks: Annotated[str, typer.Option(help="comma-separated tasks (ppl-<text>, mc, ...)")] = "",
+    size: Annotated[
+        str, typer.Option(help="tiny | cpu | small | medium (per-model CPU caps)")
+    ] = "small",
+    out: Annotated[Path, typer.Option(help="results directory")] = Path("benchmarks/results"),
+    run: Annotated[bool, typer.Option(help="compute missing results (else only re-read)")] = True,
+) -> None:
+    """Accuracy study: run missing (model, method, task) results, then write report.md + plots."""
+    from sawkv.eval.report import build_report
+    from sawkv.eval.study import DEFAULT_METHODS as STUDY_METHODS
+    from sawkv.eval.study import DEFAULT_TASKS, SIZES, run_study
+
+    if size not in SIZES:
+        raise typer.BadParameter(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] or list(STUDY_METHODS)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] or list(DEFAULT_TASKS)
+    if run:
+        run_study(model_list, method_list, task_list, out, SIZES[size])
+    print(build_report(out, model_list, method_list, task_list))
+
+
+@app.command("profile")
+def profile_cmd(
+    model: Annotated[str, typer.Option(help="model name or HF dir")],
+    method: Annotated[str, typer.Option(help="token-wise method applied to one head")] = (
+        "int4-bdr-kc"
+    ),
+    tokens: Annotated[int, typer.Option(help="calibration tokens (one forward per head)")] = 256,
+    plot: Annotated[Path | None, typer.Option(help="write the heatmap PNG here")] = None,
+) -> None:
+    """Sensitivity profile: KL to full precision with one (layer, KV head) quantized at a time."""
+    from dataclasses import replace
+
+    from sawkv.eval.artifacts import CalibConfig, prepare_method
+    from sawkv.eval.calibrate import get_key_means
+    from sawkv.eval.report import plot_sensitivity
+    from sawkv.hf.cache import attention_shape
+    from sawkv.models.hub import load_hf_model
+    from sawkv.quant import parse_method
+    from sawkv.quant.mixed import MixedMethod
+
+    lm, tok = load_hf_model(model)
+    low = parse_method(method, attention_shape(lm.config)[2])
+    mixed = MixedMethod(avg_bits=low.bits + 0.5 if low.bits < 8 else 8, had_block=low.had_block,
+                        rotate_v=low.rotate_v)  # fmt: skip
+    if mixed.low_method.name != low.name:
+        raise typer.BadParameter(f"profile needs an int{{2,4}}-bdr...-kc method, got {method}")
+    cfg = replace(CalibConfig(), sens_tokens=tokens)
+    fitted = prepare_method(mixed, lm, tok, model, get_key_means(lm, tok, model), cfg)
+    sens = fitted.allocation  # the profile itself is cached in the model's cache directory
+    print(f"allocation at {mixed.avg_bits:g} bits (layer x head):\n{sens}")
+    if plot is not None and plot_sensitivity(model, plot):
+        print(f"heatmap: {plot}")
+
+
+@app.command("generate")
+def generate_cmd(
+    prompts: Annotated[
+        list[str], typer.Argument(help="prompts (text, or comma-separated ids with --token-ids)")
+    ],
+    model: Annotated[str, typer.Option(help="model name, HF dir or preset (qwen3-8b...)")] = (
+        "smollm2-135m"
+    ),
+    kv_cache_dtype: Annotated[
+        str, typer.Option(help="auto, bf16, fp16, int8, int4[-bdr{b}][-kv][-kc]")
+    ] = "int4-bdr64",
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate per prompt")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int, typer.Option()] = -1,
+    seed: Annotated[int | None, typer.Option()] = None,
+    max_model_len: Annotated[int, typer.Option()] = 2048,
+    load_format: Annotated[str, typer.Option(help="auto or dummy (random weights)")] = "auto",
+    token_ids: Annotated[bool, typer.Option(help="prompts are comma-separated token ids")] = False,
+) -> None:
+    """Generate through the serving engine and print the KV memory held against BF16."""
+    from sawkv.engine.llm import LLM, SamplingParams
+    from sawkv.engine.memory import kv_memory_report
+
+    llm = LLM(model, kv_cache_dtype, max_model_len=max_model_len, load_format=load_format)
+    inputs = [[int(t) for t in p.split(",")] for p in prompts] if token_ids else prompts
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            max_tokens=max_tokens)  # fmt: skip
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        shown = out.text if llm.tokenizer is not None else out.token_ids
+        print(f"--- {prompt!r} -> ({out.finish_reason}) {shown!r}")
+    num_tokens = sum(len(o.prompt_token_ids) + len(o.token_ids) for o in outs)
+    print(kv_memory_report(llm.engine, num_tokens))
 
 
 def _register_serve() -> None:

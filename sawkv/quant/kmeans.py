@@ -39,7 +39,7 @@ class KMeansMethod:
     bits: int = 4
     sub_dim: int = 2
     had_block: int | None = None  # -1: bare -bdr, settled by resolve()
-    iters: int = 20
+    iters: int = 10  # Lloyd iterations after k-means++ seeding (CPU-sized)
     # codebooks[layer] = (k_cb, v_cb), each [num_kv_heads, head_dim // sub_dim, C, sub_dim]
     codebooks: tuple | None = field(default=None, compare=False, repr=False)
 

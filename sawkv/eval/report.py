@@ -1,0 +1,240 @@
+"""The study report: a markdown table per model, one JSON summary, plots.
+
+Reads the per-(model, method, task) JSONs of :mod:`sawkv.eval.study` and writes, under
+``out_dir`` (``benchmarks/results``):
+
+* ``report.md``: per model, a method x task table: bits per element (metadata included), each
+  task's primary metric with its standard error, and for every method vs the reference
+  (``auto``, the model's own KV dtype) the paired difference on the same items / windows with
+  its paired SE, plus the perplexity ratio and the share of the naive-INT4 gap recovered;
+* ``study_summary.json``: the same numbers, machine-readable;
+* ``study_<model>_bits.png``: primary metric vs bits per element, one panel per task;
+* ``study_<model>_sensitivity.png``: the per-layer x KV-head sensitivity heatmap (when a
+  sensitivity profile was computed for mixed precision);
+* ``study_notes.md`` (hand-written conclusions), when present, is appended to the report.
+
+Paired SEs: for accuracy the per-item difference of 0/1 correctness; for perplexity the
+per-window difference of mean NLL (delta method on the ratio). A difference smaller than about
+two paired SEs is noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from sawkv.eval.study import result_path, safe_name
+
+REFERENCE = "auto"
+NAIVE = "int4"
+
+
+def load_results(out_dir, models, methods, tasks) -> dict:
+    """``{model: {method: {task: result}}}`` for the JSONs present (methods canonical)."""
+    out: dict = {}
+    for model in models:
+        for method in methods:
+            for task in tasks:
+                p = result_path(Path(out_dir), model, method, task)
+                if p.is_file():
+                    out.setdefault(model, {}).setdefault(method, {})[task] = json.loads(
+                        p.read_text()
+                    )
+    return out
+
+
+def _values(res: dict) -> list[float]:
+    """Per-item (or per-window) values a paired comparison is taken over."""
+    if res["primary"] == "ppl":
+        return res["window_nll"]
+    return res["correct_norm"] if res["primary"] == "acc_norm" else res["correct"]
+
+
+def paired(res: dict, ref: dict) -> tuple[float, float] | None:
+    """(mean difference, paired SE) of ``res - ref`` over the same items; None if unpaired."""
+    a, b = _values(res), _values(ref)
+    if len(a) != len(b) or not a:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mu = sum(d) / n
+    if n < 2:
+        return mu, float("nan")
+    sd = math.sqrt(sum((x - mu) ** 2 for x in d) / (n - 1))
+    return mu, sd / math.sqrt(n)
+
+
+def compare(res: dict, ref: dict | None, naive: dict | None) -> dict:
+    """Differences of one result vs the reference (and naive INT4, for the gap recovered)."""
+    out: dict = {}
+    if ref is None:
+        return out
+    p = paired(res, ref)
+    if res["primary"] == "ppl":
+        out["ppl_ratio"] = res["ppl"] / ref["ppl"]
+        if p is not None:  # ratio = exp(mean NLL difference)
+            out["ppl_ratio_se"] = out["ppl_ratio"] * p[1]
+        if naive is not None and naive["ppl"] - ref["ppl"] > 0:
+            out["gap_recovered"] = (naive["ppl"] - res["ppl"]) / (naive["ppl"] - ref["ppl"])
+    elif p is not None:
+        out["delta"], out["delta_se"] = p
+    return out
+
+
+def _cell(res: dict | None, cmp: dict) -> str:
+    if res is None:
+        return "–"
+    key = res["primary"]
+    if key == "ppl":
+        s = f"{res['ppl']:.2f}±{res['ppl_se']:.2f}"
+        if "ppl_ratio" in cmp:
+            s += f" ({100 * (cmp['ppl_ratio'] - 1):+.1f}%"
+            s += f"±{100 * cmp['ppl_ratio_se']:.1f})" if "ppl_ratio_se" in cmp else ")"
+        return s
+    s = f"{100 * res[key]:.1f}±{100 * res[key + '_se']:.1f}"
+    if "delta" in cmp:
+        s += f" ({100 * cmp['delta']:+.1f}±{100 * cmp['delta_se']:.1f})"
+    return s
+
+
+def _header_name(task: str, results: dict) -> str:
+    for per_task in results.values():
+        if task in per_task:
+            r = per_task[task]
+            extra = f", n={r['num_items']}" if "num_items" in r else f", {r['num_tokens']} tok"
+            return f"{task} ({r['primary']}{extra})"
+    return task
+
+
+def model_table(model: str, results: dict, methods: list[str], tasks: list[str]) -> tuple:
+    """Markdown table and summary rows for one model."""
+    ref, naive = results.get(REFERENCE, {}), results.get(NAIVE, {})
+    tasks = [t for t in tasks if any(t in results.get(m, {}) for m in methods)]
+    gap_task = next((t for t in tasks if t.startswith("ppl-")), None)
+    head = ["method", "bits/elem"] + [_header_name(t, results) for t in tasks]
+    if gap_task:
+        head.append(f"gap recovered ({gap_task})")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
+    for m in methods:
+        per = results.get(m)
+        if not per:
+            continue
+        bits = next(iter(per.values()))["bits_per_element"]
+        cells, row = [m, f"{bits:.2f}"], {"method": m, "bits_per_element": bits, "tasks": {}}
+        for t in tasks:
+            res = per.get(t)
+            cmp = compare(res, ref.get(t), naive.get(t)) if res and m != REFERENCE else {}
+            cells.append(_cell(res, cmp))
+            if res:
+                row["tasks"][t] = {k: res.get(k) for k in ("primary", res["primary"],
+                                   res["primary"] + "_se")} | cmp  # fmt: skip
+        if gap_task:
+            g = row["tasks"].get(gap_task, {}).get("gap_recovered")
+            cells.append("–" if g is None else f"{100 * g:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(row)
+    return "\n".join(lines), rows
+
+
+def plot_bits(model: str, rows: list[dict], path: Path) -> None:
+    """Primary metric vs bits per element, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in rows for t in r["tasks"]})
+    if not tasks:
+        return
+    ncol = min(4, len(tasks))
+    nrow = math.ceil(len(tasks) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, t in zip(axes.flat, tasks):
+        for r in rows:
+            v = r["tasks"].get(t)
+            if not v:
+                continue
+            key = v["primary"]
+            ax.errorbar(r["bits_per_element"], v[key], yerr=v.get(key + "_se") or 0, fmt="o",
+                         capsize=2)  # fmt: skip
+            ax.annotate(r["method"], (r["bits_per_element"], v[key]), fontsize=6)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("bits per element")
+        if t.startswith("ppl-"):
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    fig.suptitle(f"{model}: accuracy vs KV bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sensitivity(model: str, path: Path) -> bool:
+    """Heatmap of the cached sensitivity profile of ``model``; False when none exists."""
+    import torch
+
+    from sawkv.models.hub import model_cache_dir
+
+    files = sorted(Path(model_cache_dir(model)).glob("sensitivity_*.pt"))
+    if not files:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sens = torch.load(files[0]).float()
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * sens.shape[1], 1 + 0.18 * sens.shape[0]))
+    im = ax.imshow(sens.clamp(min=1e-6).log10().numpy(), aspect="auto", cmap="viridis")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{model}\nlog10 KL, {files[0].stem}", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+CAVEAT = (
+    "Baseline caveat: the reference is the model's own 4/5-bit GGUF weights with full-precision "
+    "KV (`auto`); KV quantization is measured against that. All K/V are read quantized, prefill "
+    "included. Cells: metric ± SE, then (difference vs `auto` ± paired SE over the same items / "
+    "windows). Bits per element include (scale, min) metadata; KIVI's full-precision residual "
+    "window and mixed precision's sink tokens are not counted. Baseline methods (kivi, kmeans, "
+    "gptq, mixed) are simulated (fake-quant) and not servable by the paged engine."
+)
+
+
+def build_report(out_dir, models, methods, tasks) -> Path:
+    """Write ``report.md``, ``study_summary.json`` and the plots; returns the report path.
+
+    Hand-written conclusions live in ``<out_dir>/study_notes.md`` and are appended verbatim."""
+    from sawkv.eval.study import canonical_method_name
+
+    out_dir = Path(out_dir)
+    md = ["# KV-cache accuracy study", "", CAVEAT, ""]
+    summary = {}
+    for model in models:
+        canon = list(dict.fromkeys(canonical_method_name(m, model) for m in methods))
+        results = load_results(out_dir, [model], canon, tasks).get(model, {})
+        if not results:
+            md += [f"## {model}", "", "(no results yet)", ""]
+            continue
+        table, rows = model_table(model, results, canon, list(tasks))
+        summary[model] = rows
+        stem = f"study_{safe_name(Path(model).name)}"
+        plot_bits(model, rows, out_dir / f"{stem}_bits.png")
+        md += [f"## {model}", "", table, "", f"![accuracy vs bits]({stem}_bits.png)", ""]
+        if plot_sensitivity(model, out_dir / f"{stem}_sensitivity.png"):
+            md += [f"![sensitivity]({stem}_sensitivity.png)", ""]
+    notes = out_dir / "study_notes.md"
+    if notes.is_file():
+        md += [notes.read_text(), ""]
+    (out_dir / "study_summary.json").write_text(json.dumps(summary, indent=1))
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md))
+    return path
