@@ -50,6 +50,27 @@ def bench(fn, reps_ms: int = 200) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=reps_ms, return_mode="median")
 
 
+def bench_graphs(fns, reps_ms: int = 200) -> float:
+    """Median µs of one call, each input set's call captured in a CUDA graph and the graphs
+    replayed in turn (L2 flushed by do_bench before each): what a serving engine's decode step
+    pays, without the Python launch overhead that would otherwise exceed small kernels."""
+    graphs = []
+    for fn in fns:
+        fn()  # compile and warm outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g)
+    state = {"i": 0}
+
+    def replay():
+        state["i"] = (state["i"] + 1) % len(graphs)
+        graphs[state["i"]].replay()
+
+    return bench(replay, reps_ms)
+
+
 def make_pages(
     num_blocks: int,
     bits: int,
@@ -160,6 +181,12 @@ def check_correctness() -> list[dict]:
         paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out, **kw)
         ref = paged_attention_decode_ref(qd, *ref_pages, tables, seq_lens, **kw).float()
         row["decode_rel_err"] = float((out.float() - ref).norm() / ref.norm())
+        from sawkv.kernels.paged_attention import KernelConfig
+
+        out_t = torch.full_like(qd, float("nan"))
+        cfg_t = KernelConfig(block_n=128, trans_qk=True)
+        paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out_t, config=cfg_t, **kw)
+        row["decode_trans_rel_err"] = float((out_t.float() - ref).norm() / ref.norm())
         oute = torch.full_like(q, float("nan"))
         paged_attention_extend(q, *ref_pages, tables, seq_lens, qsl, out=oute, **kw)
         refe = paged_attention_extend_ref(q, *ref_pages, tables, seq_lens, qsl, **kw).float()
@@ -169,6 +196,7 @@ def check_correctness() -> list[dict]:
             and row["write_frac_diff"] < 1e-3
             and row.get("meta_max_ulps", 0) <= 1.01
             and row["decode_rel_err"] < 1e-2
+            and row["decode_trans_rel_err"] < 1e-2
             and row["extend_rel_err"] < 1e-2
         )
         row["ok"] = bool(ok)
@@ -211,41 +239,30 @@ def time_decode(batch, ctx, name, config=None) -> float:
     bits, had, rot_v = FORMATS[name]
     sets = num_sets(decode_bytes(batch, ctx, bits))
     pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=batch * ctx)
-    outs = [torch.empty_like(q) for q, _ in sets_in]
-    state = {"i": 0}
     kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v, config=config)
-
-    def fn():
-        i = state["i"] = (state["i"] + 1) % sets
-        q, tables = sets_in[i]
-        paged_attention_decode(q, *pages, tables, seq_lens, out=outs[i], **kw)
-
-    us = bench(fn)
-    return us
+    fns = []
+    for q, tables in sets_in:
+        out = torch.empty_like(q)
+        fns.append(
+            lambda q=q, t=tables, o=out: paged_attention_decode(q, *pages, t, seq_lens, out=o, **kw)
+        )
+    return bench_graphs(fns)
 
 
 def time_sdpa_decode(batch, ctx) -> float:
     import torch.nn.functional as F
 
     per_set = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * 2
-    sets = num_sets(per_set)
-    data = []
-    for _ in range(sets):
+    fns = []
+    for _ in range(num_sets(per_set)):
         q = torch.randn(batch, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, NUM_KV_HEADS, ctx, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        data.append((q, k, torch.randn_like(k)))
-    state = {"i": 0}
-
-    def fn():
-        i = state["i"] = (state["i"] + 1) % sets
-        q, k, v = data[i]
-        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    us = bench(fn)
-    return us
+        v = torch.randn_like(k)
+        fns.append(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    return bench_graphs(fns)
 
 
-def run_decode(copy_gbs: float, formats=None) -> list[dict]:
+def run_decode(copy_gbs: float, config=None, formats=None) -> list[dict]:
     rows = []
     for batch, ctx in DECODE_SHAPES:
         sdpa_us = time_sdpa_decode(batch, ctx)
@@ -263,7 +280,7 @@ def run_decode(copy_gbs: float, formats=None) -> list[dict]:
             )
         )
         for name in formats or FORMATS:
-            us = time_decode(batch, ctx, name)
+            us = time_decode(batch, ctx, name, config)
             nbytes = decode_bytes(batch, ctx, FORMATS[name][0])
             gbs = nbytes / us / 1e3
             rows.append(
@@ -286,54 +303,58 @@ def run_decode(copy_gbs: float, formats=None) -> list[dict]:
     return rows
 
 
-def sweep_decode(copy_gbs: float) -> list[dict]:
-    """Small tuning sweep of the decode kernel's tile/launch knobs on INT4-BDR128."""
+def sweep_decode(copy_gbs: float):
+    """Tuning sweep of the decode kernel's knobs on INT4-BDR128; returns (rows, best config).
+
+    The best config minimizes the geometric mean time over the three shapes."""
     from sawkv.kernels.paged_attention import KernelConfig
 
-    rows = []
-    for batch, ctx in [(1, 32768), (32, 8192), (256, 2048)]:
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    cfg = KernelConfig(block_n=bn, num_warps=warps, num_stages=stages)
+    shapes = [(1, 32768), (32, 8192), (256, 2048)]
+    rows, score = [], {}
+    for trans in (False, True):
+        for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            for stages in (2, 3):
+                cfg = KernelConfig(block_n=bn, num_warps=warps, num_stages=stages, trans_qk=trans)
+                logs = []
+                for batch, ctx in shapes:
                     try:
                         us = time_decode(batch, ctx, "int4-bdr128", cfg)
                     except Exception as e:  # a config that does not compile is just skipped
-                        print("sweep skip", cfg, repr(e)[:200])
-                        continue
-                    gbs = decode_bytes(batch, ctx, 4) / us / 1e3
-                    rows.append(
-                        dict(
-                            batch=batch,
-                            ctx=ctx,
-                            block_n=bn,
-                            num_warps=warps,
-                            num_stages=stages,
-                            us=us,
-                            pct_copy=100 * gbs / copy_gbs,
-                        )
-                    )
-                    print(
-                        f"sweep B={batch} L={ctx} bn={bn} w={warps} s={stages}: {us:.1f} us "
-                        f"{100 * gbs / copy_gbs:.0f}%",
-                        flush=True,
-                    )
-        if batch == 1:
-            for splits in (8, 16, 32, 64):
-                cfg = KernelConfig(num_splits=splits)
-                us = time_decode(batch, ctx, "int4-bdr128", cfg)
-                gbs = decode_bytes(batch, ctx, 4) / us / 1e3
-                rows.append(
-                    dict(
-                        batch=batch,
-                        ctx=ctx,
-                        num_splits=splits,
-                        us=us,
-                        pct_copy=100 * gbs / copy_gbs,
-                    )
-                )
-                print(f"sweep B=1 splits={splits}: {us:.1f} us {100 * gbs / copy_gbs:.0f}%")
-    return rows
+                        print("sweep skip", cfg, repr(e)[:300], flush=True)
+                        break
+                    pct = 100 * decode_bytes(batch, ctx, 4) / us / 1e3 / copy_gbs
+                    rows.append(dict(batch=batch, ctx=ctx, config=repr(cfg), us=us, pct_copy=pct))
+                    logs.append(math.log(us))
+                    print(f"sweep B={batch} L={ctx} {cfg}: {us:.1f} us {pct:.0f}%", flush=True)
+                if len(logs) == len(shapes):
+                    score[cfg] = sum(logs) / len(logs)
+    best = min(score, key=score.get)
+    print("sweep best", best, flush=True)
+    for splits in (16, 32, 64, 128):
+        cfg = KernelConfig(**{**best.__dict__, "num_splits": splits})
+        us = time_decode(1, 32768, "int4-bdr128", cfg)
+        pct = 100 * decode_bytes(1, 32768, 4) / us / 1e3 / copy_gbs
+        rows.append(dict(batch=1, ctx=32768, config=repr(cfg), us=us, pct_copy=pct))
+        print(f"sweep B=1 splits={splits}: {us:.1f} us {pct:.0f}%", flush=True)
+    return rows, best
+
+
+def sweep_extend():
+    """Extend tile sweep at 2048 new tokens over 8K cached, INT4-BDR128."""
+    from sawkv.kernels.paged_attention import KernelConfig
+
+    rows = []
+    for br, bn, warps in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (128, 64, 4)):
+        cfg = KernelConfig(block_n=bn, block_r=br, num_warps=warps, num_stages=2)
+        try:
+            us = time_extend(8192, "int4-bdr128", cfg)
+        except Exception as e:
+            print("extend sweep skip", cfg, repr(e)[:300], flush=True)
+            continue
+        rows.append(dict(config=repr(cfg), us=us, cfg=cfg))
+        print(f"extend sweep {cfg}: {us:.0f} us", flush=True)
+    best = min(rows, key=lambda r: r["us"])["cfg"]
+    return [{k: v for k, v in r.items() if k != "cfg"} for r in rows], best
 
 
 # ---- write ---------------------------------------------------------------------------------------
@@ -370,7 +391,7 @@ def run_write() -> list[dict]:
             kc.index_copy_(0, rows_idx, kf)
             vc.index_copy_(0, rows_idx, vf)
 
-        base_us = bench(scatter)
+        base_us = bench_graphs([scatter])
         base_bytes = 2 * 2 * kf.numel() * 2 + rows_idx.numel() * 8
         rows.append(
             dict(
@@ -391,7 +412,7 @@ def run_write() -> list[dict]:
             def fn(k=k, v=v, pages=pages, slots=slots, km=km, bits=bits, had=had, rot_v=rot_v):
                 cache_write(k, v, *pages, slots, km, bits=bits, had_block=had, rotate_v=rot_v)
 
-            us = bench(fn)
+            us = bench_graphs([fn])
             per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
             nbytes = 2 * kf.numel() * 2 + 2 * n * NUM_KV_HEADS * per_vec + n * 4
             rows.append(
@@ -413,61 +434,61 @@ def run_write() -> list[dict]:
 
 
 # ---- extend --------------------------------------------------------------------------------------
-def run_extend() -> list[dict]:
+EXTEND_CHUNK = 2048
+
+
+def extend_flops(ctx: int) -> float:
+    return 4 * NUM_Q_HEADS * HEAD_DIM * EXTEND_CHUNK * (ctx + (EXTEND_CHUNK + 1) / 2)
+
+
+def time_extend(ctx: int, name: str, config=None) -> float:
+    """One sequence: EXTEND_CHUNK new tokens over ``ctx`` cached ones (all in shuffled pages)."""
+    from sawkv.kernels import paged_attention_extend
+
+    seq = ctx + EXTEND_CHUNK
+    blocks = math.ceil(seq / BLOCK_SIZE)
+    bits, had, rot_v = FORMATS[name]
+    q = torch.randn(EXTEND_CHUNK, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(blocks, device="cuda").int()[None]
+    seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0, EXTEND_CHUNK], dtype=torch.int32, device="cuda")
+    pages = make_pages(blocks, bits)
+    out = torch.empty_like(q)
+    kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v, config=config)
+
+    def fn():
+        paged_attention_extend(
+            q, *pages, tables, seq_lens, qsl, out=out, max_query_len=EXTEND_CHUNK, **kw
+        )
+
+    return bench_graphs([fn])
+
+
+def time_sdpa_extend(ctx: int) -> float:
+    """SDPA on contiguous (dequantized) BF16 K/V with the bottom-right causal mask."""
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
 
-    from sawkv.kernels import paged_attention_extend
+    seq = ctx + EXTEND_CHUNK
+    q = torch.randn(1, NUM_Q_HEADS, EXTEND_CHUNK, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, NUM_KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = causal_lower_right(EXTEND_CHUNK, seq)
+    return bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
 
+
+def run_extend(config=None) -> list[dict]:
     rows = []
-    chunk = 2048
     for ctx in (8192, 16384, 32768):
-        seq = ctx + chunk
-        blocks = math.ceil(seq / BLOCK_SIZE)
-        q = torch.randn(chunk, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        tables = torch.randperm(blocks, device="cuda").int()[None]
-        seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
-        qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-        flops = 4 * NUM_Q_HEADS * HEAD_DIM * chunk * (ctx + (chunk + 1) / 2)
-        qs = q.transpose(0, 1)[None]
-        ks = torch.randn(1, NUM_KV_HEADS, seq, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        vs = torch.randn_like(ks)
-        mask = causal_lower_right(chunk, seq)
-        sdpa_us = bench(
-            lambda qs=qs, ks=ks, vs=vs, mask=mask: F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, enable_gqa=True
-            )
-        )
-        rows.append(
-            dict(
-                ctx=ctx,
-                chunk=chunk,
-                format="sdpa-bf16",
-                us=sdpa_us,
-                tflops=flops / sdpa_us / 1e6,
-                speedup_vs_sdpa=1.0,
-            )
-        )
+        flops = extend_flops(ctx)
+        sdpa_us = time_sdpa_extend(ctx)
+        base = dict(ctx=ctx, chunk=EXTEND_CHUNK)
+        rows.append(dict(base, format="sdpa-bf16", us=sdpa_us, tflops=flops / sdpa_us / 1e6,
+                         speedup_vs_sdpa=1.0))  # fmt: skip
         for name in ("int4-bdr128", "int4-bdr128-kv", "int8", "bf16-pages"):
-            bits, had, rot_v = FORMATS[name]
-            pages = make_pages(blocks, bits)
-
-            kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
-
-            def fn(q=q, pages=pages, tables=tables, seq_lens=seq_lens, qsl=qsl, kw=kw):
-                paged_attention_extend(q, *pages, tables, seq_lens, qsl, max_query_len=chunk, **kw)
-
-            us = bench(fn)
-            rows.append(
-                dict(
-                    ctx=ctx,
-                    chunk=chunk,
-                    format=name,
-                    us=us,
-                    tflops=flops / us / 1e6,
-                    speedup_vs_sdpa=sdpa_us / us,
-                )
-            )
+            us = time_extend(ctx, name, config)
+            rows.append(dict(base, format=name, us=us, tflops=flops / us / 1e6,
+                             speedup_vs_sdpa=sdpa_us / us))  # fmt: skip
             print(
                 f"extend ctx={ctx} {name}: {us:.0f} us {flops / us / 1e6:.0f} TFLOP/s "
                 f"({sdpa_us / us:.2f}x SDPA {sdpa_us:.0f} us)",
@@ -572,17 +593,22 @@ def main() -> None:
         result["correctness"] = check_correctness()
     result["copy_gbs"] = copy_bandwidth()
     print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s", flush=True)
+    decode_cfg = extend_cfg = None
+    if args.sweep:
+        result["sweep"], decode_cfg = sweep_decode(result["copy_gbs"])
+        result["decode_config"] = repr(decode_cfg)
+        save()
+        result["extend_sweep"], extend_cfg = sweep_extend()
+        result["extend_config"] = repr(extend_cfg)
+        save()
     if "decode" in parts:
-        result["decode"] = run_decode(result["copy_gbs"])
+        result["decode"] = run_decode(result["copy_gbs"], decode_cfg)
         save()
     if "write" in parts:
         result["write"] = run_write()
         save()
     if "extend" in parts:
-        result["extend"] = run_extend()
-        save()
-    if args.sweep:
-        result["sweep"] = sweep_decode(result["copy_gbs"])
+        result["extend"] = run_extend(extend_cfg)
         save()
     if "decode" in parts:
         try:

@@ -42,13 +42,15 @@ ROT_PREC: tl.constexpr = tl.constexpr("ieee")
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile shape and launch knobs. ``block_n`` KV tokens per tile; ``num_splits`` (decode) 0 =
-    pick from the SM count; ``block_r`` query rows (token x head) per extend program."""
+    pick from the SM count; ``block_r`` query rows (token x head) per extend program;
+    ``trans_qk`` computes the scores as ``K q^T`` (K the tensor-core A operand)."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int = 0
     block_r: int = 64
+    trans_qk: bool = False
 
 
 # ---- shared tile helpers -----------------------------------------------------------------------
@@ -65,17 +67,25 @@ def _to_dot(x, DOT: tl.constexpr):
 
 @triton.jit
 def _codes_to_dot(c, DOT: tl.constexpr):
-    """Integer codes (uint8, < 1024) -> product dtype, exactly.
+    """Integer codes (uint8, < 1024) -> product dtype, exactly, plus ``_code_offset(DOT)``.
 
     For fp16 this is the "magic number" conversion: ``0x6400 | c`` is the fp16 bit pattern of
-    ``1024 + c``, so two integer ops and one fp16 subtract replace an int->float conversion,
-    which runs at a quarter of the ALU rate on Hopper and bounded the INT4 kernel.
+    ``1024 + c``, so integer ops replace an int->float conversion, which runs at a quarter of the
+    ALU rate on Hopper and bounded the INT4 kernel. The 1024 is folded into the min term.
     """
     if DOT == 1:
-        f = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        return f - 1024.0
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     else:
         return _to_dot(c, DOT)
+
+
+@triton.jit
+def _code_offset(DOT: tl.constexpr):
+    """What :func:`_codes_to_dot` adds to every code (exact integers either way)."""
+    if DOT == 1:
+        return 1024.0
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -99,6 +109,71 @@ def _load_halves(page_ptr, row, mask, BITS: tl.constexpr, DH: tl.constexpr):
         lo = tl.load(ptr, mask=mask[:, None], other=0)
         hi = tl.load(ptr + DH, mask=mask[:, None], other=0)
         return lo, hi
+
+
+# PTX for 4 packed bytes -> 8 fp16 values 1024 + code (4 low nibbles, 4 high nibbles), exactly:
+# spread bytes to 16-bit lanes (prmt), mask a nibble and OR in 0x6400 (fp16 1024.0) in one lop3.
+# One instruction per code instead of ~3.5 that the compiler emits for the element-wise Triton
+# ops; the 1024 offset is not subtracted per element but folded into the min term (CODE_OFFSET).
+_INT4_TO_FP16_ASM = tl.constexpr("""{
+.reg .b32 s01, s23, t01, t23, magic;
+mov.b32 magic, 0x64006400;
+prmt.b32 s01, $4, 0, 0x4140;
+prmt.b32 s23, $4, 0, 0x4342;
+lop3.b32 $0, s01, 0x000F000F, magic, 0xEA;
+lop3.b32 $1, s23, 0x000F000F, magic, 0xEA;
+shr.b32 t01, s01, 4;
+shr.b32 t23, s23, 4;
+lop3.b32 $2, t01, 0x000F000F, magic, 0xEA;
+lop3.b32 $3, t23, 0x000F000F, magic, 0xEA;
+}""")
+
+# 4 packed bytes -> 4 fp16 values 1024 + code (INT8 pages), same trick without the nibble split.
+_INT8_TO_FP16_ASM = tl.constexpr("""{
+.reg .b32 magic;
+mov.b32 magic, 0x64006400;
+prmt.b32 $0, $2, 0, 0x4140;
+prmt.b32 $1, $2, 0, 0x4342;
+or.b32 $0, $0, magic;
+or.b32 $1, $1, magic;
+}""")
+
+
+@triton.jit
+def _load_tile(
+    page_ptr,
+    row,
+    mask,
+    BITS: tl.constexpr,
+    DH: tl.constexpr,
+    DOT: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Rows ``[N, d]`` of a page tile as halves ``[N, DH]`` in the product dtype: integer codes
+    for INT4/INT8 pages (exact), the values themselves for float pages."""
+    if FAST and DOT == 1 and BITS != 16:
+        cols = tl.arange(0, DH)[None, :]
+        ptr = page_ptr + row[:, None] + cols
+        if BITS == 4:
+            b = tl.load(ptr, mask=mask[:, None], other=0)
+            lo, hi = tl.inline_asm_elementwise(
+                _INT4_TO_FP16_ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            b_lo = tl.load(ptr, mask=mask[:, None], other=0)
+            b_hi = tl.load(ptr + DH, mask=mask[:, None], other=0)
+            lo = tl.inline_asm_elementwise(
+                _INT8_TO_FP16_ASM, "=r,=r,r", [b_lo], dtype=tl.float16, is_pure=True, pack=4
+            )
+            hi = tl.inline_asm_elementwise(
+                _INT8_TO_FP16_ASM, "=r,=r,r", [b_hi], dtype=tl.float16, is_pure=True, pack=4
+            )
+        return lo, hi
+    lo, hi = _load_halves(page_ptr, row, mask, BITS, DH)
+    if BITS == 16:
+        return _to_dot(lo, DOT), _to_dot(hi, DOT)
+    return _codes_to_dot(lo, DOT), _codes_to_dot(hi, DOT)
 
 
 @triton.jit
@@ -149,6 +224,8 @@ def _attend_tile(
     DH: tl.constexpr,
     DOT: tl.constexpr,
     CAUSAL: tl.constexpr,
+    FAST: tl.constexpr,
+    TRANS_QK: tl.constexpr,
 ):
     """One online-softmax step over the KV tile at positions ``t0 .. t0 + BLOCK_N``
     (scores in log2 units; q carries the softmax scale)."""
@@ -166,15 +243,20 @@ def _attend_tile(
             allowed = allowed & (n[None, :] > qpos[:, None] - window)
     else:
         allowed = tok_mask[None, :] & (qpos[:, None] >= 0)
-    k_lo, k_hi = _load_halves(k_page_ptr, page_row, tok_mask, BITS, DH)
-    if BITS != 16:
-        k_lo = _codes_to_dot(k_lo, DOT)
-        k_hi = _codes_to_dot(k_hi, DOT)
-    qk = _dot(q_lo, tl.trans(_to_dot(k_lo, DOT)), DOT)
-    qk += _dot(q_hi, tl.trans(_to_dot(k_hi, DOT)), DOT)
+    k_lo, k_hi = _load_tile(k_page_ptr, page_row, tok_mask, BITS, DH, DOT, FAST)
+    if TRANS_QK:
+        # K as the A operand (fresh registers every tile) and q^T as B: saves the register
+        # copies of q that the A-operand form costs, at the price of one transpose of the scores
+        qk = tl.trans(_dot(k_lo, tl.trans(q_lo), DOT) + _dot(k_hi, tl.trans(q_hi), DOT))
+    else:
+        qk = _dot(q_lo, tl.trans(k_lo), DOT)
+        qk += _dot(q_hi, tl.trans(k_hi), DOT)
     if BITS != 16:
         ks = tl.load(k_meta_ptr + meta_row, mask=tok_mask, other=0.0).to(tl.float32)
         km = tl.load(k_meta_ptr + meta_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
+        # q.(c + off) s + (m - off s) sum(q) = q.(c s + m): the offset cancels exactly up to
+        # fp32 rounding, because q_sum is the sum of the same rounded q the dot used
+        km = km - _code_offset(DOT) * ks
         qk = qk * ks[None, :] + q_sum[:, None] * km[None, :]
     qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -183,18 +265,19 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(qk - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v_lo, v_hi = _load_halves(v_page_ptr, page_row, tok_mask, BITS, DH)
+    v_lo, v_hi = _load_tile(v_page_ptr, page_row, tok_mask, BITS, DH, DOT, FAST)
     if BITS != 16:
         vs = tl.load(v_meta_ptr + meta_row, mask=tok_mask, other=0.0).to(tl.float32)
         vm = tl.load(v_meta_ptr + meta_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
-        pm = tl.sum(p * vm[None, :], axis=1)
         ps = _to_dot(p * vs[None, :], DOT)
-        acc_lo = acc_lo * alpha[:, None] + _dot(ps, _codes_to_dot(v_lo, DOT), DOT) + pm[:, None]
-        acc_hi = acc_hi * alpha[:, None] + _dot(ps, _codes_to_dot(v_hi, DOT), DOT) + pm[:, None]
+        # (p s) @ (c + off) + sum(p m) - off sum(p s), with the rounded p s the dot sees
+        pm = tl.sum(p * vm[None, :], axis=1) - _code_offset(DOT) * tl.sum(ps.to(tl.float32), axis=1)
+        acc_lo = acc_lo * alpha[:, None] + _dot(ps, v_lo, DOT) + pm[:, None]
+        acc_hi = acc_hi * alpha[:, None] + _dot(ps, v_hi, DOT) + pm[:, None]
     else:
         p16 = _to_dot(p, DOT)
-        acc_lo = acc_lo * alpha[:, None] + _dot(p16, _to_dot(v_lo, DOT), DOT)
-        acc_hi = acc_hi * alpha[:, None] + _dot(p16, _to_dot(v_hi, DOT), DOT)
+        acc_lo = acc_lo * alpha[:, None] + _dot(p16, v_lo, DOT)
+        acc_hi = acc_hi * alpha[:, None] + _dot(p16, v_hi, DOT)
     return acc_lo, acc_hi, m_new, l_i
 
 
@@ -288,6 +371,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    TRANS_QK: tl.constexpr,
 ):
     DH: tl.constexpr = D // 2
     h = tl.program_id(0)
@@ -324,7 +408,7 @@ def _decode_kernel(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, 0, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, stride_page_b, stride_page_h,
                 stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
             )  # fmt: skip
             t0 += BLOCK_N
     else:
@@ -333,7 +417,7 @@ def _decode_kernel(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, 0, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, stride_page_b, stride_page_h,
                 stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
             )  # fmt: skip
 
     if NUM_SPLITS == 1:
@@ -430,6 +514,7 @@ def _extend_kernel(
     BLOCK_R: tl.constexpr,
     DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    TRANS_QK: tl.constexpr,
 ):
     """Rows are (query token, head) pairs: row r is token r // G_PAD, head r % G_PAD."""
     DH: tl.constexpr = D // 2
@@ -470,7 +555,7 @@ def _extend_kernel(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, window, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, stride_page_b, stride_page_h,
                 stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
             )  # fmt: skip
             t0 += BLOCK_N
     else:
@@ -479,7 +564,7 @@ def _extend_kernel(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, window, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, stride_page_b, stride_page_h,
                 stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
             )  # fmt: skip
     o_rows = (q_start + i).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
     _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, BLOCK_R, HAD, ROT_V)
@@ -617,7 +702,8 @@ def paged_attention_decode(
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, BITS=bits, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
-        DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), num_warps=config.num_warps,
+        DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **common,
     )  # fmt: skip
     if num_splits > 1:
@@ -697,7 +783,8 @@ def paged_attention_extend(
         out.stride(0), out.stride(1),
         G=g, G_PAD=g_pad, D=head_dim, BLOCK_SIZE=block_size, BITS=bits, HAD=had_block,
         ROT_V=bool(rotate_v and had_block), BLOCK_N=config.block_n, BLOCK_R=block_r,
-        DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), num_warps=config.num_warps,
+        DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
+        num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
     return out
