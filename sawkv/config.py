@@ -251,7 +251,8 @@ class EngineConfig:
     device: str = "auto"
     load_format: str = "auto"
     attention_backend: str = "auto"
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs, no torch.compile
+    enable_compile: bool = True  # fuse norms / RoPE / SiLU with torch.compile on CUDA
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -16,6 +16,7 @@ from sawkv.cache.kv_cache import KVCacheSpec, allocate_kv_cache
 from sawkv.config import EngineConfig, ModelConfig
 from sawkv.engine.cuda_graph import DecodeGraphs
 from sawkv.engine.scheduler import ScheduledBatch
+from sawkv.models.layers import use_compiled_ops
 from sawkv.models.loader import build_model
 
 
@@ -49,6 +50,8 @@ class ModelRunner:
             max_len=max_model_len,
             seed=config.seed,
         )
+        if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
+            use_compiled_ops(self.model)
         self.key_means = key_means
         self.num_blocks = self._decide_num_blocks()
         self.kv = allocate_kv_cache(

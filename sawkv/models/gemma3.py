@@ -28,11 +28,12 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(h, eps, 1.0)
         self.post_feedforward_layernorm = RMSNorm(h, eps, 1.0)
 
-    def forward(self, positions, x, ctx: StepContext) -> torch.Tensor:
+    def forward(self, positions, x, residual, ctx: StepContext):
+        """Sandwich norms leave nothing to fuse across layers: residual is always None."""
         a = self.self_attn(positions, self.input_layernorm(x), ctx)
         x = x + self.post_attention_layernorm(a)
         m = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(m)
+        return x + self.post_feedforward_layernorm(m), None
 
 
 class Gemma3CausalLM(CausalLM):

@@ -15,22 +15,83 @@ from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
 from sawkv.config import ModelConfig
 
 
+# ---- pure functions: eager, or fused by torch.compile on CUDA (decode is launch-bound) ----------
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """``x / rms(x) * (offset + w)`` in fp32, cast back (HF's rounding order)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:  # Gemma scales in fp32
+        return (xf * (offset + w.float())).to(dtype)
+    return w * xf.to(dtype)
+
+
+def add_rms_norm(x, residual, w, eps: float, offset: float):
+    """``(rms_norm(x + residual), x + residual)``: one fused kernel when compiled."""
+    s = x + residual
+    return rms_norm(s, w, eps, offset), s
+
+
+def rope(positions, q, k, cos_sin):
+    """Neox-style rotary embedding of ``q [T, Hq, d]`` and ``k [T, Hkv, d]``."""
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+
+
+def qk_norm_rope(positions, q, k, cos_sin, qw, kw, eps: float, offset: float):
+    """Per-head RMSNorm of q and k (Qwen3, Gemma3), then rotary embedding."""
+    return rope(positions, rms_norm(q, qw, eps, offset), rms_norm(k, kw, eps, offset), cos_sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _Ops:
+    """The functions above, eager or compiled (one compiled graph per function, dynamic in
+    the token count, shared by every layer)."""
+
+    def __init__(self, compiled: bool) -> None:
+        names = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "silu_mul")
+        for name in names:
+            fn = globals()[name]
+            setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
+
+
+EAGER_OPS = _Ops(False)
+_COMPILED_OPS: list[_Ops] = []
+
+
+def compiled_ops() -> _Ops:
+    if not _COMPILED_OPS:
+        _COMPILED_OPS.append(_Ops(True))
+    return _COMPILED_OPS[0]
+
+
+def use_compiled_ops(model: nn.Module) -> None:
+    """Switch every layer of ``model`` to the torch.compile'd fused functions (CUDA only)."""
+    ops = compiled_ops()
+    for mod in model.modules():
+        if hasattr(mod, "ops"):
+            mod.ops = ops
+
+
 class RMSNorm(nn.Module):
     """``x / rms(x) * (offset + w)`` in fp32, cast back. ``offset`` is 1 for Gemma (weights
-    are stored as w - 1), 0 for Llama/Qwen."""
+    are stored as w - 1), 0 for Llama/Qwen. With ``residual`` it adds first and returns
+    ``(normed, sum)``."""
 
     def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
         self.eps, self.offset = eps, offset
+        self.ops = EAGER_OPS
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma scales in fp32
-            return (xf * (self.offset + self.weight.float())).to(dtype)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps, self.offset)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
@@ -65,8 +126,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions, q, k):
         """``positions [T]``, ``q [T, Hq, d]``, ``k [T, Hkv, d]`` -> rotated (q, k)."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        return rope(positions, q, k, self.cos_sin)
 
 
 def _apply_rope(x, cos, sin):
@@ -103,9 +163,14 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(hidden, [inter, inter], bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.act = ACTIVATIONS[act]
+        self.is_silu = act == "silu"
+        self.ops = EAGER_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        h = self.gate_up_proj(x)
+        if self.is_silu:
+            return self.down_proj(self.ops.silu_mul(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -126,6 +191,7 @@ class Attention(nn.Module):
         self.layer_idx, self.scale = layer_idx, cfg.attn_scale
         self.backend, self.rope = backend, rope
         self.kv: LayerKV | None = None
+        self.ops = EAGER_OPS
 
     def forward(self, positions, x, ctx: StepContext) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
@@ -134,7 +200,12 @@ class Attention(nn.Module):
         )
         q, k, v = q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
-        o = self.backend.forward(q, k.contiguous(), v.contiguous(), self.kv, ctx, self.scale)
+            qn, kn = self.q_norm, self.k_norm
+            q, k = self.ops.qk_norm_rope(
+                positions, q, k, self.rope.cos_sin, qn.weight, kn.weight, qn.eps, qn.offset
+            )
+        else:
+            q, k = self.ops.rope(positions, q, k, self.rope.cos_sin)
+        # v stays a strided view of the qkv output: the write kernels take row strides
+        o = self.backend.forward(q, k, v, self.kv, ctx, self.scale)
         return self.o_proj(o.reshape(t, -1))
