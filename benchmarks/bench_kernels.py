@@ -433,6 +433,30 @@ def run_write() -> list[dict]:
     return rows
 
 
+def sweep_write() -> list[dict]:
+    """Write-kernel launch knobs at 8192 tokens for the heaviest format (K+V rotated, centered)."""
+    from sawkv.kernels import cache_write
+
+    n, nb = 8192, 4 * 8192 // BLOCK_SIZE
+    k = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:n].int()
+    k_mean = k.float().mean(0)
+    pages = make_pages(nb, 4)
+    rows = []
+    for name, had, rot_v in (("int4-bdr128-kv-kc", 128, True), ("int4-bdr128-kc", 128, False)):
+        for bt, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
+
+            def fn(bt=bt, warps=warps, had=had, rot_v=rot_v):
+                cache_write(k, v, *pages, slots, k_mean, bits=4, had_block=had, rotate_v=rot_v,
+                            block_t=bt, num_warps=warps)  # fmt: skip
+
+            us = bench_graphs([fn])
+            rows.append(dict(format=name, block_t=bt, num_warps=warps, us=us))
+            print(f"write sweep {name} block_t={bt} warps={warps}: {us:.1f} us", flush=True)
+    return rows
+
+
 # ---- extend --------------------------------------------------------------------------------------
 EXTEND_CHUNK = 2048
 
@@ -605,6 +629,8 @@ def main() -> None:
         result["decode"] = run_decode(result["copy_gbs"], decode_cfg)
         save()
     if "write" in parts:
+        if args.sweep:
+            result["write_sweep"] = sweep_write()
         result["write"] = run_write()
         save()
     if "extend" in parts:

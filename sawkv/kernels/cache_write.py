@@ -24,6 +24,8 @@ from sawkv.kernels.checks import check_write_inputs
 from sawkv.kernels.rotation import rotate_halves
 
 FP16_MAX = 65504.0
+# Rotation dots on the tensor cores at ~fp32 accuracy (three tf32 products); see rotation.py.
+ROT_PREC: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -121,27 +123,43 @@ def _cache_write_kernel(
         k_lo -= tl.load(mu).to(tl.float32)[None, :]
         k_hi -= tl.load(mu + DH).to(tl.float32)[None, :]
     if HAD > 0:
-        k_lo, k_hi = rotate_halves(k_lo, k_hi, norm, BLOCK_T, DH, HAD)
+        k_lo, k_hi = rotate_halves(k_lo, k_hi, norm, BLOCK_T, DH, HAD, ROT_PREC)
     _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, page_row, meta_row, row_mask, BITS, DH)
 
     v_row = v_ptr + tok64 * stride_vt + h * stride_vh + cols
     v_lo = tl.load(v_row, mask=m2, other=0.0).to(tl.float32)
     v_hi = tl.load(v_row + DH, mask=m2, other=0.0).to(tl.float32)
     if ROT_V:
-        v_lo, v_hi = rotate_halves(v_lo, v_hi, norm, BLOCK_T, DH, HAD)
+        v_lo, v_hi = rotate_halves(v_lo, v_hi, norm, BLOCK_T, DH, HAD, ROT_PREC)
     _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, page_row, meta_row, row_mask, BITS, DH)
 
 
-def _pick_block_t(num_tokens: int, head_dim: int, had_block: int) -> int:
-    # >= 16 rows keeps the rotation's tl.dot legal at any had_block (rows * d/2 / b >= 16);
-    # large writes take more rows per program to cut per-program overhead.
+def _pick_launch(num_tokens: int, head_dim: int, had_block: int) -> tuple[int, int]:
+    """(tokens per program, warps). >= 16 rows keeps the rotation's tl.dot legal at any
+    had_block (rows * d/2 / b >= 16); rotation holds the ±1 matrix and its tf32 splits in
+    registers, so rotated writes spread the tile over 8 warps to stay clear of spills."""
+    if had_block >= 64:
+        return 16, 8
     if num_tokens >= 4096 and head_dim <= 128:
-        return 32
-    return 16
+        return 32, 4
+    return 16, 4
 
 
 def cache_write(
-    k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean=None, *, bits, had_block, rotate_v
+    k,
+    v,
+    k_cache,
+    v_cache,
+    k_meta,
+    v_meta,
+    slot_mapping,
+    k_mean=None,
+    *,
+    bits,
+    had_block,
+    rotate_v,
+    block_t: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Center, rotate, quantize and scatter new K/V tokens into one layer's pages (in place).
 
@@ -157,6 +175,8 @@ def cache_write(
             -1 skips the token (padding).
         k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
         bits: 4, 8 or 16. had_block: Hadamard block (0 = no rotation). rotate_v: rotate values.
+        block_t, num_warps: tuning knobs (tokens per program, a power of two >= 16; warps);
+            None picks them from the shape.
 
     Keys are stored as ``R (k - mu)``, values as ``R v`` (rotate_v) or ``v``.
     """
@@ -176,7 +196,10 @@ def cache_write(
         raise ValueError("k_mean must be contiguous in its last dim")
     if num_tokens == 0:
         return
-    block_t = _pick_block_t(num_tokens, head_dim, had_block)
+    auto_t, auto_w = _pick_launch(num_tokens, head_dim, had_block)
+    block_t, num_warps = block_t or auto_t, num_warps or auto_w
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     k_meta_arg = k_cache if k_meta is None else k_meta
     v_meta_arg = v_cache if v_meta is None else v_meta
     meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
@@ -206,7 +229,7 @@ def cache_write(
         ROT_V=bool(rotate_v and had_block),
         HAS_MEAN=k_mean is not None,
         BLOCK_T=block_t,
-        num_warps=4,
+        num_warps=num_warps,
     )
 
 

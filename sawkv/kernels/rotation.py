@@ -35,9 +35,7 @@ def _hadamard_pm1(B: tl.constexpr):
 
 
 @triton.jit
-def _rotate_blocks(
-    x, ROWS: tl.constexpr, DH: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr = "tf32x3"
-):
+def _rotate_blocks(x, ROWS: tl.constexpr, DH: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
     """``x [ROWS, DH]`` fp32 times ``diag(H_B, ...)`` (unnormalized); needs ROWS*DH/B >= 16."""
     h = _hadamard_pm1(B)
     y = tl.dot(tl.reshape(x, (ROWS * DH // B, B)), h, input_precision=PREC)
@@ -52,11 +50,12 @@ def rotate_halves(
     ROWS: tl.constexpr,
     DH: tl.constexpr,
     HAD: tl.constexpr,
-    PREC: tl.constexpr = "tf32x3",
+    PREC: tl.constexpr,
 ):
     """Rotate rows ``[lo | hi]`` (each ``[ROWS, DH]`` fp32, head_dim = 2*DH) by the normalized
     block-diagonal Hadamard with block HAD (16 <= HAD <= 2*DH). ``norm`` is ``1/sqrt(HAD)``
-    passed from the host as fp32, the same constant torch multiplies by. Returns the halves."""
+    passed from the host as fp32, the same constant torch multiplies by. ``PREC`` is the dot's
+    ``input_precision`` ("tf32x3" or "ieee"). Returns the rotated halves."""
     if HAD == 2 * DH:
         a = lo + hi
         b = lo - hi
