@@ -30,6 +30,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.hidden: dict[int, torch.Tensor] = {}
+        # request id -> (the block_table list it mirrors, int32 copy): rows are copied from
+        # numpy instead of converting ~1K-entry Python lists every step
+        self._tables: dict[str, tuple[list[int], np.ndarray]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -59,6 +62,18 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
 
+    def _table_row(self, seq) -> np.ndarray:
+        """``seq.block_table`` as int32. Valid while the list object is the same (pages are only
+        appended to it; freeing replaces it), so only new entries are converted."""
+        table = seq.block_table
+        hit = self._tables.get(seq.request_id)
+        if hit is None or hit[0] is not table or len(hit[1]) > len(table):
+            return np.asarray(table, dtype=np.int32)
+        row = hit[1]
+        if len(row) < len(table):
+            row = np.concatenate([row, np.asarray(table[len(row) :], dtype=np.int32)])
+        return row
+
     @torch.inference_mode()
     def run(self, batch) -> torch.Tensor:
         """Decode ``batch`` (one new token per sequence) -> logits ``[len(batch), vocab]``."""
@@ -71,11 +86,15 @@ class DecodeGraphs:
         lens = np.ones(bs, dtype=np.int32)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = np.zeros((bs, width), dtype=np.int32)
+        cache = {}
         for i, seq in enumerate(batch.seqs):
             p = seq.num_tokens - 1
             ids[i], pos[i], lens[i] = seq.token_ids[-1], p, p + 1
-            tables[i, : len(seq.block_table)] = seq.block_table
+            row = self._table_row(seq)
+            cache[seq.request_id] = (seq.block_table, row)
+            tables[i, : len(row)] = row
             slots[i] = seq.block_table[p // block_size] * block_size + p % block_size
+        self._tables = cache
         self.input_ids[:bs].copy_(torch.from_numpy(ids), non_blocking=True)
         self.positions[:bs].copy_(torch.from_numpy(pos), non_blocking=True)
         self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)

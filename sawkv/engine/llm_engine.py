@@ -130,6 +130,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
+        seq.output_ids.append(token)
         self.num_generation_tokens_total += 1
         reason = self._check_stop(seq, token)
         if reason is not None:
@@ -139,7 +140,7 @@ class LLMEngine:
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             new_token_ids=[token],
-            output_token_ids=seq.output_token_ids,
+            output_token_ids=list(seq.output_ids),
             finished=reason is not None,
             finish_reason=reason,
             text=seq.text,
@@ -149,7 +150,7 @@ class LLMEngine:
         p = seq.params
         if self.tokenizer is not None:
             prev_len = len(seq.text)
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             if p.stop and _truncate_at_stop(seq, prev_len):
                 return "stop"
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):

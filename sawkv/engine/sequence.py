@@ -30,6 +30,9 @@ class Sequence:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        # one shared copy for every RequestOutput (slicing 16K-token prompts each step is slow)
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_ids: list[int] = []  # appended by the engine with token_ids
         self.params = params
         self.arrival = next(_arrival)
         self.status = SequenceStatus.WAITING
@@ -38,7 +41,6 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading full pages already registered in the prefix cache
         self.finish_reason: str | None = None
         self.text = ""
-        self.num_new_since_output = 0  # tokens produced since the last RequestOutput
         self.generator: torch.Generator | None = None
 
     @property
@@ -48,10 +50,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:
