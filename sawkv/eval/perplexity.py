@@ -150,6 +150,10 @@ def compare_methods(
             r = perplexity(model, windows, name, mu if is_static_kc else None, mode, progress, task)
             r["label"] = label
             results.append(r)
+            # one line per method: progress bars do not render in logs (nohup runs)
+            progress.console.log(
+                f"{label}: ppl {r['ppl']:.4f} ± {r['ppl_se']:.4f} ({r['seconds']:.0f} s)"
+            )
             if on_result is not None:  # keep results not yet reached, so a crash loses none
                 on_result(results + [done[lab] for lab, *_ in parsed[i + 1 :] if lab in done])
     return results

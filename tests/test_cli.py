@@ -1,0 +1,68 @@
+"""``sawkv`` CLI: help is fast and import-light; ``eval`` runs end to end on a tiny window."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from sawkv.cli import app
+from sawkv.models.hub import cache_dir, resolve_model_dir
+
+
+def test_help_lists_eval_without_heavy_imports():
+    code = "import sys; from sawkv.cli import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0 and "eval" in res.output
+
+
+def test_eval_end_to_end(tmp_path, monkeypatch):
+    real = cache_dir()
+    model_dir = str(resolve_model_dir("smollm2-135m"))
+    root = tmp_path / "cache"  # private key-means dir; texts shared with the real cache
+    root.mkdir()
+    (root / "data").symlink_to(real / "data")
+    monkeypatch.setenv("SAWKV_CACHE", str(root))
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    args = [
+        "eval",
+        "--model",
+        model_dir,
+        "--methods",
+        "auto,int4,int4-bdr64-kc,int4-bdr64-kc@prefill",
+        "--tokens",
+        "128",
+        "--window",
+        "64",
+        "--calib-tokens",
+        "128",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out_json.read_text())
+    labels = [r["label"] for r in data["results"]]
+    assert labels == ["auto", "int4", "int4-bdr64-kc", "int4-bdr64-kc@prefill"]
+    assert all(r["num_tokens"] == 2 * 63 and r["ppl"] > 1 for r in data["results"])
+    assert data["results"][1]["bits_per_element"] == 4.5 and "delta_pct" in data["results"][1]
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert list(root.glob("*/k_means.safetensors"))  # calibrated on first use of static -kc
+    assert "perplexity" in res.output
+
+    # --resume reuses every stored result: nothing is recomputed
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    again = json.loads(out_json.read_text())
+    assert [r["seconds"] for r in again["results"]] == [r["seconds"] for r in data["results"]]
+
+
+def test_eval_rejects_bad_method():
+    res = CliRunner().invoke(app, ["eval", "--methods", "int5", "--kc-mode", "static"])
+    assert res.exit_code != 0
