@@ -193,10 +193,11 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                     if strict:
                         raise
                     continue
+                hd = model_head_dim(m.model.config)
+                dtype_bits = torch.finfo(m.model.dtype).bits  # what `auto` stores
                 res.update(model=model_name, method=canon, task=task, commit=git_commit(),
-                           head_dim=model_head_dim(m.model.config),
-                           bits_per_element=method.bits_per_element(model_head_dim(m.model.config)),
-                           size=asdict(msize))  # fmt: skip
+                           head_dim=hd, bits_per_element=method.bits_per_element(hd, dtype_bits),
+                           model_dtype=str(m.model.dtype), size=asdict(msize))  # fmt: skip
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(res, indent=1))
