@@ -579,7 +579,8 @@ def table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--sweep", action="store_true", help="also run the decode tuning sweep")
+    ap.add_argument("--sweep", action="store_true", help="also run the decode/extend sweeps")
+    ap.add_argument("--sweep-write", action="store_true", help="also run the write sweep")
     ap.add_argument("--only", default="check,decode,write,extend")
     ap.add_argument("--plot", help="only plot an existing results JSON (next to it)")
     args = ap.parse_args()
@@ -629,7 +630,7 @@ def main() -> None:
         result["decode"] = run_decode(result["copy_gbs"], decode_cfg)
         save()
     if "write" in parts:
-        if args.sweep:
+        if args.sweep_write:
             result["write_sweep"] = sweep_write()
         result["write"] = run_write()
         save()

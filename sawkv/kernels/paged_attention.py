@@ -43,7 +43,8 @@ ROT_PREC: tl.constexpr = tl.constexpr("ieee")
 class KernelConfig:
     """Tile shape and launch knobs. ``block_n`` KV tokens per tile; ``num_splits`` (decode) 0 =
     pick from the SM count; ``block_r`` query rows (token x head) per extend program;
-    ``trans_qk`` computes the scores as ``K q^T`` (K the tensor-core A operand)."""
+    ``trans_qk`` computes the scores as ``K q^T`` (K the tensor-core A operand); ``maxnreg``
+    caps registers per thread (None: the launcher's choice)."""
 
     block_n: int = 64
     num_warps: int = 4
@@ -51,6 +52,13 @@ class KernelConfig:
     num_splits: int = 0
     block_r: int = 64
     trans_qk: bool = False
+    maxnreg: int | None = None
+
+
+# Measured on the H100 (benchmarks/bench_kernels.py --sweep): 128-token tiles, 4 warps, 3
+# stages, registers capped at 168 so that 3 programs share an SM (at d <= 128 without spills).
+DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=3)
+EXTEND_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=2, block_r=64)
 
 
 # ---- shared tile helpers -----------------------------------------------------------------------
@@ -369,10 +377,14 @@ def _decode_kernel(
     ROT_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    SINGLE: tl.constexpr,
     DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
     TRANS_QK: tl.constexpr,
 ):
+    """SINGLE: one split and no output rotation, so this kernel writes ``out`` itself. Otherwise
+    it writes partial states and :func:`_decode_reduce_kernel` merges (and rotates back): the
+    output rotation's registers would otherwise raise this kernel's peak and cost occupancy."""
     DH: tl.constexpr = D // 2
     h = tl.program_id(0)
     s = tl.program_id(1)
@@ -420,9 +432,9 @@ def _decode_kernel(
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
             )  # fmt: skip
 
-    if NUM_SPLITS == 1:
+    if SINGLE:
         o_rows = s.to(tl.int64) * stride_os + (h * G + g) * stride_oh
-        _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, G_PAD, HAD, ROT_V)
+        _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, G_PAD, HAD, False)
     else:
         head = (s * (G * tl.num_programs(0)) + h * G + g).to(tl.int64) * NUM_SPLITS + split
         cols = tl.arange(0, DH)[None, :]
@@ -567,7 +579,31 @@ def _extend_kernel(
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
             )  # fmt: skip
     o_rows = (q_start + i).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
-    _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, BLOCK_R, HAD, ROT_V)
+    # the output rotation (ROT_V) runs in _rotate_rows_kernel: here it would cost occupancy
+    _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, BLOCK_R, HAD, False)
+
+
+@triton.jit
+def _rotate_rows_kernel(
+    x_ptr,  # [num_rows, D] fp32 un-rotated attention output
+    out_ptr,  # [num_rows, D] output dtype
+    num_rows,
+    norm,
+    D: tl.constexpr,
+    HAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """out = R x for rows of head vectors: the once-per-output rotation back with -kv."""
+    DH: tl.constexpr = D // 2
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (rows < num_rows)[:, None]
+    off = rows.to(tl.int64)[:, None] * D + tl.arange(0, DH)[None, :]
+    lo = tl.load(x_ptr + off, mask=mask, other=0.0)
+    hi = tl.load(x_ptr + off + DH, mask=mask, other=0.0)
+    lo, hi = rotate_halves(lo, hi, norm, BLOCK_ROWS, DH, HAD, ROT_PREC)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + off, lo.to(ty), mask=mask)
+    tl.store(out_ptr + off + DH, hi.to(ty), mask=mask)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -617,6 +653,14 @@ def _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables
     bn = config.block_n
     if bn < 16 or bn & (bn - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {bn}")
+
+
+def _launch_extra(config: KernelConfig, head_dim: int) -> dict:
+    """Register cap for the decode kernel (not understood by the interpreter)."""
+    if _interpreting():
+        return {}
+    cap = config.maxnreg if config.maxnreg is not None else (168 if head_dim <= 128 else None)
+    return {} if cap is None else {"maxnreg": cap}
 
 
 def _meta_args(k_cache, v_cache, k_meta, v_meta):
@@ -672,7 +716,7 @@ def paged_attention_decode(
     num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
         q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
     )
-    config = config or KernelConfig()
+    config = config or DECODE_CONFIG
     _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables, config)
     if q.shape[0] != num_seqs:
         raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
@@ -684,7 +728,8 @@ def paged_attention_decode(
     g_pad = max(16, triton.next_power_of_2(g))
     max_tokens = block_tables.shape[1] * block_size
     num_splits = _pick_splits(config, num_seqs, num_kv_heads, max_tokens, q.device)
-    if num_splits > 1:
+    single = num_splits == 1 and not (rotate_v and had_block)
+    if not single:
         part_o = torch.empty(
             (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
         )
@@ -702,11 +747,12 @@ def paged_attention_decode(
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, BITS=bits, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
+        SINGLE=single, **_launch_extra(config, head_dim),
         DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
         num_warps=config.num_warps,
         num_stages=config.num_stages, **common,
     )  # fmt: skip
-    if num_splits > 1:
+    if not single:
         _decode_reduce_kernel[(num_kv_heads, num_seqs)](
             part_o, part_ml, out, norm, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
@@ -757,7 +803,7 @@ def paged_attention_extend(
     num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
         q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
     )
-    config = config or KernelConfig()
+    config = config or EXTEND_CONFIG
     _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables, config)
     check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), q.device)
     if query_start_loc.shape[0] != num_seqs + 1:
@@ -770,6 +816,9 @@ def paged_attention_extend(
     num_tokens = q.shape[0]
     if num_seqs == 0 or num_tokens == 0:
         return out
+    rot_v = bool(rotate_v and had_block)
+    # with rotated values the kernel writes fp32 un-rotated rows, rotated back into out below
+    dest = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rot_v else out
     g = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(g)
     block_r = max(config.block_r, g_pad, 16)
@@ -777,14 +826,20 @@ def paged_attention_extend(
     max_q = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
     k_meta_arg, v_meta_arg, meta_strides = _meta_args(k_cache, v_cache, k_meta, v_meta)
     _extend_kernel[(triton.cdiv(max_q, block_q), num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, k_meta_arg, v_meta_arg, block_tables, seq_lens, query_start_loc, out,
+        q, k_cache, v_cache, k_meta_arg, v_meta_arg, block_tables, seq_lens, query_start_loc, dest,
         1.0 / math.sqrt(had_block) if had_block else 1.0, scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
-        out.stride(0), out.stride(1),
+        dest.stride(0), dest.stride(1),
         G=g, G_PAD=g_pad, D=head_dim, BLOCK_SIZE=block_size, BITS=bits, HAD=had_block,
         ROT_V=bool(rotate_v and had_block), BLOCK_N=config.block_n, BLOCK_R=block_r,
         DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
+    if rot_v:
+        rows = num_tokens * num_q_heads
+        _rotate_rows_kernel[(triton.cdiv(rows, 64),)](
+            dest, out, rows, 1.0 / math.sqrt(had_block), D=head_dim, HAD=had_block,
+            BLOCK_ROWS=64, num_warps=4,
+        )  # fmt: skip
     return out
