@@ -95,8 +95,11 @@ def inject(engine: LLMEngine, n: int, ctx_len: int) -> None:
         engine.seqs[seq.request_id] = seq
 
 
-def measure_decode(engine: LLMEngine, n: int, ctx_len: int, steps: int) -> float:
-    """Mean seconds per decode step of n sequences at context ~ctx_len."""
+def measure_decode(engine: LLMEngine, n: int, ctx_len: int, steps: int) -> tuple[float, float]:
+    """(mean seconds per engine decode step, seconds of the model forward alone) for n
+    sequences at context ~ctx_len. The forward alone is a replay of the step's CUDA graph
+    (same inputs again), so the difference is host work: scheduling, input preparation, LM
+    head and sampling."""
     inject(engine, n, ctx_len)
     for _ in range(3):
         engine.step()
@@ -107,9 +110,35 @@ def measure_decode(engine: LLMEngine, n: int, ctx_len: int, steps: int) -> float
         assert len(outs) == n
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
+    graphs = engine.runner.graphs
+    bs = next(b for b in graphs.sizes if b >= n)
+    t = time.perf_counter()
+    for _ in range(steps):
+        graphs.graphs[bs].replay()
+    torch.cuda.synchronize()
+    forward = (time.perf_counter() - t) / steps
     for rid in list(engine.seqs):
         engine.abort_request(rid)
-    return dt
+    return dt, forward
+
+
+def measure_real(engine: LLMEngine, c: int, prompt_len: int, output_len: int) -> dict:
+    """A real run: c requests at once through add_request/step (chunked prefill mixed with
+    decode by the scheduler); output tok/s over the whole run and mean TTFT."""
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i in range(c):
+        ids = torch.randint(0, engine.model_config.vocab_size, (prompt_len,), generator=g)
+        engine.add_request(f"real{i}", ids.tolist(), params)
+    ttft: dict[str, float] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            ttft.setdefault(out.request_id, time.perf_counter() - t0)
+    total = time.perf_counter() - t0
+    return {"concurrency": c, "prompt_len": prompt_len, "output_len": output_len,
+            "seconds": total, "e2e_tok_s": c * output_len / total,
+            "mean_ttft_s": sum(ttft.values()) / c}  # fmt: skip
 
 
 def run_method(args, method: str, bw: float) -> dict:
@@ -136,7 +165,7 @@ def run_method(args, method: str, bw: float) -> dict:
         for c in args.concurrency:
             n = min(c, cap)
             ctx = plen + olen // 2
-            dt = measure_decode(engine, n, ctx, args.steps)
+            dt, forward = measure_decode(engine, n, ctx, args.steps)
             kv_bytes = n * ctx * spec.bytes_per_token
             roof = (weight_bytes + kv_bytes) / bw
             waves = math.ceil(c / n)
@@ -149,12 +178,20 @@ def run_method(args, method: str, bw: float) -> dict:
             ) / c  # fmt: skip
             rows.append({
                 "concurrency": c, "running": n, "context": ctx, "step_s": dt, "tpot_s": dt,
+                "forward_s": forward, "host_s": dt - forward,
                 "decode_tok_s": n / dt, "e2e_tok_s": c * olen / e2e_time, "mean_ttft_s": ttft,
                 "kv_gb_per_step": kv_bytes / 1e9, "weight_gb": weight_bytes / 1e9,
                 "roofline_step_s": roof, "roofline_frac": roof / dt,
             })  # fmt: skip
             print(method, name, rows[-1], flush=True)
         res[name] = {"capacity": cap, "prefill": pre, "rows": rows}
+        if name == "long" and args.real_check:
+            # check of the composed end-to-end model on a smaller real run
+            real = measure_real(engine, 16, plen, args.real_check)
+            dt16 = next(r["step_s"] for r in rows if r["concurrency"] == 16)
+            real["composed_tok_s"] = 16 * args.real_check / (16 * t_prompt + args.real_check * dt16)
+            res[name]["real_check"] = real
+            print(method, "real", real, flush=True)
     res["max_concurrent_16k"] = engine.block_manager.num_blocks * spec.block_size // 16384
     del engine
     gc.collect()
@@ -203,6 +240,9 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-util", type=float, default=0.9)
+    p.add_argument("--real-check", type=int, default=64,
+                   help="output tokens of a real 16-request long run checking the composition "
+                   "(0: skip)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results/serving_h100.json")
     p.add_argument("--plot", default=None, help="only plot this results JSON")
     args = p.parse_args()
