@@ -254,6 +254,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs, no torch.compile
     enable_compile: bool = True  # fuse norms / RoPE / SiLU with torch.compile on CUDA
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks sharing heads, MLP and vocabulary (sawkv.distributed)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -266,6 +267,10 @@ class EngineConfig:
             )
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
+            )
 
     @property
     def torch_device(self) -> torch.device:

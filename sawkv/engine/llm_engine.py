@@ -48,9 +48,17 @@ class LLMEngine:
         )
         key_means = load_key_means(config.model, self.spec)
         weights_dir = None if config.load_format == "dummy" else model_dir
-        self.runner = ModelRunner(
-            config, model_config, weights_dir, self.spec, self.max_model_len, key_means
-        )
+        if config.tensor_parallel_size > 1:
+            from sawkv.distributed.launch import start_tensor_parallel
+
+            self.runner = start_tensor_parallel(
+                config, model_config, weights_dir, self.spec, self.max_model_len, key_means
+            )
+            self.spec = self.runner.spec  # pages of rank 0's KV heads: sizes are per GPU
+        else:
+            self.runner = ModelRunner(
+                config, model_config, weights_dir, self.spec, self.max_model_len, key_means
+            )
         self._check_pool_fits()
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching

@@ -41,15 +41,7 @@ class ModelRunner:
             had_block=spec.had_block,
             rotate_v=spec.method.rotate_v,
         )
-        self.model = build_model(
-            model_config,
-            model_dir,
-            self.backend,
-            dtype=self.dtype,
-            device=self.device,
-            max_len=max_model_len,
-            seed=config.seed,
-        )
+        self.model = self._build_model(model_config, model_dir)
         if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
             use_compiled_ops(self.model)
         self.key_means = key_means
@@ -65,6 +57,18 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, config.scheduler.max_num_seqs)
+
+    def _build_model(self, model_config: ModelConfig, model_dir):
+        """The model on this runner's device (tensor parallelism overrides it with a shard)."""
+        return build_model(
+            model_config,
+            model_dir,
+            self.backend,
+            dtype=self.dtype,
+            device=self.device,
+            max_len=self.max_model_len,
+            seed=self.config.seed,
+        )
 
     # ---- memory ---------------------------------------------------------------------------
     def _bind(self, kv) -> None:

@@ -38,6 +38,9 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu")] = None,
     load_format: Annotated[str | None, typer.Option(help="auto or dummy (random weights)")] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
+    tensor_parallel_size: Annotated[
+        int, typer.Option("--tensor-parallel-size", "-tp", help="GPUs sharing the model")
+    ] = 1,
     enable_prefix_caching: Annotated[bool, typer.Option(help="share full prompt pages")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
@@ -61,6 +64,8 @@ def serve_cmd(
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
     if enforce_eager:
         engine_kwargs["enforce_eager"] = True
+    if tensor_parallel_size != 1:
+        engine_kwargs["tensor_parallel_size"] = tensor_parallel_size
     if not enable_prefix_caching:
         engine_kwargs["enable_prefix_caching"] = False
     serve(

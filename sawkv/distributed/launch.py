@@ -1,0 +1,173 @@
+"""Start tensor parallelism: one process per rank, rank 0 being the engine's own process.
+
+``start_tensor_parallel`` (called by :class:`sawkv.engine.llm_engine.LLMEngine` when
+``tensor_parallel_size > 1``) either spawns ranks 1..tp-1 with ``multiprocessing`` (spawn) and
+a TCP rendezvous on 127.0.0.1, or, under ``torchrun`` (``RANK``/``WORLD_SIZE`` set, world size
+equal to tp), joins the group from the environment: there rank 0 returns the driver and the
+other ranks serve rank 0's commands inside the ``LLMEngine`` constructor, then exit.
+
+On CUDA rank r uses ``cuda:r``; on CPU the collectives run on gloo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import weakref
+
+import torch
+import torch.multiprocessing as mp
+
+from sawkv.config import EngineConfig, ModelConfig
+from sawkv.distributed import parallel_state as ps
+from sawkv.distributed.layers import check_tensor_parallel_size
+from sawkv.distributed.runner import PlanEncoder, TPModelRunner, time_all_reduce, worker_loop
+
+
+def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
+    dev = config.torch_device
+    if dev.type == "cuda":
+        return dataclasses.replace(config, device=f"cuda:{rank}")
+    return config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank: int, tp: int, init_method: str, runner_args: tuple) -> None:
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # a daemon process may not fork a pool
+    config, *rest = runner_args
+    config = _rank_config(config, rank)
+    ps.init_tensor_parallel(rank, tp, init_method, config.torch_device)
+    try:
+        worker_loop(TPModelRunner(config, *rest))
+    finally:
+        ps.destroy_tensor_parallel()
+
+
+class _Shutdown:
+    """Stops the workers and leaves the group; run once, when the driver is collected or at
+    exit (a ``weakref.finalize`` callback must not hold the driver itself)."""
+
+    def __init__(self, procs: list) -> None:
+        self.procs, self.done = procs, False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            ps.broadcast_object(("stop", None))
+        except Exception:  # noqa: BLE001 - a dead peer must not block shutdown
+            pass
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+        ps.destroy_tensor_parallel()
+
+
+class _GraphProxy:
+    def __init__(self, bs: int, graph) -> None:
+        self.bs, self.graph = bs, graph
+
+    def replay(self) -> None:
+        ps.broadcast_object(("replay", self.bs))
+        self.graph.replay()
+
+
+class _GraphsProxy:
+    """``runner.graphs`` on rank 0: replaying a graph replays it on every rank (the captured
+    all-reduces need their peers), e.g. for timing the forward alone in the benchmark."""
+
+    def __init__(self, graphs) -> None:
+        self._graphs = graphs
+        self.sizes = graphs.sizes
+        self.graphs = {bs: _GraphProxy(bs, g) for bs, g in graphs.graphs.items()}
+
+    def __getattr__(self, name):
+        return getattr(self._graphs, name)
+
+
+class TPDriver:
+    """Rank 0's runner: broadcasts each step's plan, then runs its own shard. Other attributes
+    (``num_blocks``, ``device``, ``model``...) are rank 0's runner's."""
+
+    def __init__(self, runner: TPModelRunner, procs: list) -> None:
+        self.runner = runner
+        self.encoder = PlanEncoder()
+        self.graphs = None if runner.graphs is None else _GraphsProxy(runner.graphs)
+        self._shutdown = _Shutdown(procs)
+        self._finalizer = weakref.finalize(self, self._shutdown)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.runner.tp
+
+    def run(self, batch):
+        """Same contract as :meth:`ModelRunner.run`; every rank runs the step."""
+        ps.broadcast_object(("run", self.encoder.encode(batch)))
+        return self.runner.run(batch)
+
+    def measure_all_reduce(self, num_tokens: int, iters: int = 50) -> float:
+        """Seconds per all-reduce of a ``[num_tokens, hidden]`` activation in the model dtype."""
+        arg = (num_tokens, self.runner.model_config.hidden_size, self.runner.dtype, iters)
+        ps.broadcast_object(("all_reduce", arg))
+        return time_all_reduce(self.runner.device, *arg)
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def start_tensor_parallel(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    model_dir,
+    spec,
+    max_model_len: int,
+    key_means: torch.Tensor | None,
+) -> TPDriver:
+    """Start ``config.tensor_parallel_size`` ranks and return rank 0's :class:`TPDriver`."""
+    tp = config.tensor_parallel_size
+    check_tensor_parallel_size(model_config, tp)
+    if config.torch_device.type == "cuda" and torch.cuda.device_count() < tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} needs {tp} GPUs, {torch.cuda.device_count()} visible"
+        )
+    ps.set_safe_nccl_env()
+    args = (config, model_config, model_dir, spec, max_model_len, key_means)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) == tp:
+        return _join_torchrun(args, tp)
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(r, tp, init_method, args), daemon=True)
+        for r in range(1, tp)
+    ]
+    for p in procs:
+        p.start()
+    ps.init_tensor_parallel(0, tp, init_method, _rank_config(config, 0).torch_device)
+    runner = TPModelRunner(_rank_config(config, 0), *args[1:])
+    return TPDriver(runner, procs)
+
+
+def _join_torchrun(args: tuple, tp: int) -> TPDriver:
+    rank = int(os.environ["RANK"])
+    config = _rank_config(args[0], rank)
+    ps.init_tensor_parallel(rank, tp, "env://", config.torch_device)
+    runner = TPModelRunner(config, *args[1:])
+    if rank == 0:
+        return TPDriver(runner, [])
+    try:
+        worker_loop(runner)
+    finally:
+        ps.destroy_tensor_parallel()
+    sys.exit(0)

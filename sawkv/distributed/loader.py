@@ -1,0 +1,69 @@
+"""Sharded safetensors loading: each rank reads every tensor and keeps its slice.
+
+Slicing rules (HF names, after :func:`sawkv.models.loader._map_name`):
+q/k/v, gate/up (weights and biases) -> rows ``[rank * n/tp, (rank+1) * n/tp)`` (whole heads,
+so GQA groups stay on one rank); o_proj, down_proj -> the same split of columns;
+embed_tokens, lm_head -> this rank's vocabulary rows (zero-padded); everything else (norms,
+QK-norm weights) is replicated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sawkv.config import ModelConfig
+from sawkv.distributed.layers import vocab_shard
+from sawkv.models.loader import _copy, _map_name
+
+_ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")
+_VOCAB = ("embed_tokens.weight", "lm_head.weight")
+
+
+def shard_tensor(
+    name: str, shard: int | None, t: torch.Tensor, full: ModelConfig, rank: int, tp: int
+) -> torch.Tensor:
+    """This rank's part of checkpoint tensor ``t`` mapped to parameter ``name``."""
+    if shard is not None:  # column-parallel: a q/k/v or gate/up block of output rows
+        return t.chunk(tp, dim=0)[rank]
+    if name.endswith(_ROW_PARALLEL):
+        return t.chunk(tp, dim=1)[rank]
+    if name.endswith(_VOCAB):
+        start, end, per = vocab_shard(full.vocab_size, rank, tp)
+        out = t.new_zeros(per, t.shape[1])
+        out[: end - start] = t[start:end]
+        return out
+    return t
+
+
+@torch.no_grad()
+def load_sharded_safetensors(
+    model: nn.Module, model_dir: Path, full: ModelConfig, rank: int, tp: int
+) -> None:
+    """Fill a tensor-parallel ``model`` with its slices of ``model_dir/*.safetensors``."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {model_dir}")
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    missing = set(params)
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for hf_name in f.keys():
+                mapped = _map_name(hf_name)
+                if mapped is None or (
+                    mapped[0] == "lm_head.weight" and "lm_head.weight" not in params
+                ):
+                    continue  # tied embeddings: the checkpoint may still carry lm_head
+                name, shard = mapped
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
+                part = shard_tensor(name, shard, f.get_tensor(hf_name), full, rank, tp)
+                _copy(params[name], part, modules, name, shard)
+                missing.discard(name)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks weights for {sorted(missing)[:8]}")
