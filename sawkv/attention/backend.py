@@ -39,6 +39,10 @@ class StepContext:
     is_decode: bool
     max_seq_len: int
     max_query_len: int = 1
+    # Mixed steps: the scheduler puts one-token sequences first; their attention runs in the
+    # decode kernel (split-K) and the rest in the extend kernel, each on its own sub-context.
+    decode_part: StepContext | None = None
+    extend_part: StepContext | None = None
 
 
 @dataclass
@@ -78,7 +82,13 @@ class AttentionBackend(ABC):
         self.write(k, v, kv, ctx)
         if ctx.is_decode:
             return self.decode(q, kv, ctx, scale)
-        return self.extend(q, kv, ctx, scale)
+        if ctx.decode_part is None:
+            return self.extend(q, kv, ctx, scale)
+        out = torch.empty_like(q)
+        d = ctx.decode_part.seq_lens.shape[0]
+        self.decode(q[:d], kv, ctx.decode_part, scale, out=out[:d])
+        self.extend(q[d:], kv, ctx.extend_part, scale, out=out[d:])
+        return out
 
     @property
     def quant_args(self) -> dict:
@@ -88,10 +98,12 @@ class AttentionBackend(ABC):
     def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None: ...
 
     @abstractmethod
-    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float) -> torch.Tensor: ...
+    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None) -> torch.Tensor:
+        """One query token per sequence of ``ctx``; written into ``out`` if given."""
 
     @abstractmethod
-    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float) -> torch.Tensor: ...
+    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None) -> torch.Tensor:
+        """Several query tokens per sequence of ``ctx``; written into ``out`` if given."""
 
 
 def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:

@@ -26,7 +26,7 @@ class TorchBackend(AttentionBackend):
             **self.quant_args,
         )
 
-    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float):
+    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return paged_attention_decode_ref(
             q,
             kv.k_cache,
@@ -37,10 +37,11 @@ class TorchBackend(AttentionBackend):
             ctx.seq_lens,
             scale=scale,
             sliding_window=kv.sliding_window,
+            out=out,
             **self.quant_args,
         )
 
-    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float):
+    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return paged_attention_extend_ref(
             q,
             kv.k_cache,
@@ -52,5 +53,6 @@ class TorchBackend(AttentionBackend):
             ctx.query_start_loc,
             scale=scale,
             sliding_window=kv.sliding_window,
+            out=out,
             **self.quant_args,
         )

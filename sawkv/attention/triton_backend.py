@@ -35,7 +35,7 @@ class TritonBackend(AttentionBackend):
             **self.quant_args,
         )
 
-    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float):
+    def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return self._decode(
             q,
             kv.k_cache,
@@ -46,10 +46,11 @@ class TritonBackend(AttentionBackend):
             ctx.seq_lens,
             scale=scale,
             sliding_window=kv.sliding_window,
+            out=out,
             **self.quant_args,
         )
 
-    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float):
+    def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return self._extend(
             q,
             kv.k_cache,
@@ -61,6 +62,7 @@ class TritonBackend(AttentionBackend):
             ctx.query_start_loc,
             scale=scale,
             sliding_window=kv.sliding_window,
+            out=out,
             max_query_len=ctx.max_query_len,
             **self.quant_args,
         )

@@ -134,7 +134,7 @@ class ModelRunner:
         for row, table in zip(padded, block_tables):
             row[: len(table)] = table
         dev = self.device
-        return StepContext(
+        ctx = StepContext(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
             block_tables=torch.from_numpy(padded).to(dev, non_blocking=True),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
@@ -143,6 +143,24 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
         )
+        num_decode = next((i for i, (a, b) in enumerate(zip(qsl, qsl[1:])) if b - a != 1), None)
+        if not is_decode and num_decode:
+            ctx.decode_part, ctx.extend_part = self._split(ctx, num_decode, seq_lens, qsl)
+        return ctx
+
+    @staticmethod
+    def _split(ctx: StepContext, d: int, seq_lens: list[int], qsl: list[int]):
+        """Sub-contexts of a mixed step: sequences [0, d) have one token each, the rest more."""
+        decode = StepContext(
+            ctx.slot_mapping[:d], ctx.block_tables[:d], ctx.seq_lens[:d],
+            ctx.query_start_loc[: d + 1], True, max(seq_lens[:d]), 1,
+        )  # fmt: skip
+        extend = StepContext(
+            ctx.slot_mapping[d:], ctx.block_tables[d:], ctx.seq_lens[d:],
+            ctx.query_start_loc[d:] - d, False, max(seq_lens[d:]),
+            max(b - a for a, b in zip(qsl[d:], qsl[d + 1 :])),
+        )  # fmt: skip
+        return decode, extend
 
     def prepare(self, batch: ScheduledBatch):
         """-> (input_ids, positions, ctx, logits_indices, sampled seq indices)."""

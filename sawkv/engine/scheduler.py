@@ -59,7 +59,11 @@ class Scheduler:
         preempted = self._schedule_running(batch, budget)
         if not preempted:
             self._schedule_waiting(batch, budget - batch.num_tokens)
-        return batch
+        # one-token sequences first: the runner hands them to the decode kernel as one block
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
+        return ScheduledBatch(
+            [batch.seqs[i] for i in order], [batch.num_new_tokens[i] for i in order]
+        )
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
         preempted = False

@@ -44,6 +44,22 @@ def test_chunked_prefill_respects_budget():
     assert a.num_output_tokens == 2 and b.num_output_tokens == 2
 
 
+def test_one_token_sequences_come_first():
+    sched = make(max_num_batched_tokens=12)
+    add(sched, "a", 3)
+    advance(sched.schedule())  # a decodes from now on
+    add(sched, "b", 20, 100)
+    batch = sched.schedule()
+    assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)] == [
+        ("a", 1),
+        ("b", 11),
+    ]
+    advance(batch)
+    add(sched, "c", 2, 200)  # b's second chunk (9), then c's prompt (2) after a's decode
+    batch = sched.schedule()
+    assert [n for n in batch.num_new_tokens] == [1, 9, 2]
+
+
 def test_max_num_seqs():
     sched = make(max_num_seqs=2)
     for i in range(4):
