@@ -339,6 +339,35 @@ def sweep_decode(copy_gbs: float):
     return rows, best
 
 
+def sweep_occupancy(copy_gbs: float) -> list[dict]:
+    """Register cap / pipeline depth around the default decode config (INT4-BDR128)."""
+    from sawkv.kernels.paged_attention import DECODE_CONFIG, KernelConfig
+
+    rows = []
+    variants = [
+        dict(),
+        dict(maxnreg=128),
+        dict(maxnreg=128, num_stages=2),
+        dict(num_stages=4),
+        dict(maxnreg=255),
+        dict(block_n=64, maxnreg=128),
+        dict(block_n=64, maxnreg=128, num_stages=4),
+        dict(block_n=256, num_warps=8, maxnreg=128),
+    ]
+    for v in variants:
+        cfg = KernelConfig(**{**DECODE_CONFIG.__dict__, **v})
+        for batch, ctx in [(1, 32768), (32, 8192), (256, 2048)]:
+            try:
+                us = time_decode(batch, ctx, "int4-bdr128", cfg)
+            except Exception as e:
+                print("occupancy skip", cfg, repr(e)[:300], flush=True)
+                break
+            pct = 100 * decode_bytes(batch, ctx, 4) / us / 1e3 / copy_gbs
+            rows.append(dict(batch=batch, ctx=ctx, config=repr(cfg), us=us, pct_copy=pct))
+            print(f"occupancy B={batch} L={ctx} {v}: {us:.1f} us {pct:.0f}%", flush=True)
+    return rows
+
+
 def sweep_extend():
     """Extend tile sweep at 2048 new tokens over 8K cached, INT4-BDR128."""
     from sawkv.kernels.paged_attention import KernelConfig
@@ -586,6 +615,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--sweep", action="store_true", help="also run the decode/extend sweeps")
     ap.add_argument("--sweep-write", action="store_true", help="also run the write sweep")
+    ap.add_argument("--sweep-occupancy", action="store_true", help="register-cap sweep only")
     ap.add_argument("--only", default="check,decode,write,extend")
     ap.add_argument("--plot", help="only plot an existing results JSON (next to it)")
     args = ap.parse_args()
@@ -624,6 +654,9 @@ def main() -> None:
     result["copy_gbs"] = copy_bandwidth()
     print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s", flush=True)
     decode_cfg = extend_cfg = None
+    if args.sweep_occupancy:
+        result["occupancy_sweep"] = sweep_occupancy(result["copy_gbs"])
+        save()
     if args.sweep:
         result["sweep"], decode_cfg = sweep_decode(result["copy_gbs"])
         result["decode_config"] = repr(decode_cfg)

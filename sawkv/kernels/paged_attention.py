@@ -55,9 +55,12 @@ class KernelConfig:
     maxnreg: int | None = None
 
 
-# Measured on the H100 (benchmarks/bench_kernels.py --sweep): 128-token tiles, 4 warps, 3
-# stages, registers capped at 168 so that 3 programs share an SM (at d <= 128 without spills).
-DECODE_CONFIG = KernelConfig(block_n=128, num_warps=4, num_stages=3)
+# Measured on the H100 (benchmarks/bench_kernels.py --sweep / --sweep-occupancy, Qwen3-8B shape):
+# 256-token tiles over 8 warps with registers capped at 128 (2 programs = 16 warps per SM) had
+# the best geometric mean over B=1/32/256; 128-token tiles over 4 warps were within 5% at B=256
+# but 15-20% slower at B=1 and B=32. d=256 keeps 128-token tiles and no cap (more live state).
+DECODE_CONFIG = KernelConfig(block_n=256, num_warps=8, num_stages=3)
+DECODE_CONFIG_D256 = KernelConfig(block_n=128, num_warps=8, num_stages=2)
 EXTEND_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=2, block_r=64)
 
 
@@ -659,7 +662,7 @@ def _launch_extra(config: KernelConfig, head_dim: int) -> dict:
     """Register cap for the decode kernel (not understood by the interpreter)."""
     if _interpreting():
         return {}
-    cap = config.maxnreg if config.maxnreg is not None else (168 if head_dim <= 128 else None)
+    cap = config.maxnreg if config.maxnreg is not None else (128 if head_dim <= 128 else None)
     return {} if cap is None else {"maxnreg": cap}
 
 
@@ -716,7 +719,7 @@ def paged_attention_decode(
     num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
         q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
     )
-    config = config or DECODE_CONFIG
+    config = config or (DECODE_CONFIG if q.shape[-1] <= 128 else DECODE_CONFIG_D256)
     _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables, config)
     if q.shape[0] != num_seqs:
         raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
