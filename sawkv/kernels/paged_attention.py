@@ -17,7 +17,17 @@ How the kernels read the cache:
   shared ``q.mu``, so the read path never sees the mean.
 * Decode splits each sequence into ``num_splits`` ranges (one program each) and a second kernel
   merges the partial softmax states, so one long sequence still fills the GPU. With one split
-  the first kernel finishes the output itself.
+  (and no value rotation) the first kernel finishes the output itself.
+
+Where the time goes (H100, Qwen3-8B shape; benchmarks/results/kernels_h100.json): the BF16-page
+path of the same kernel reads at ~90-95% of copy bandwidth, the INT4 path at ~40-50%. INT4 is
+bound by instructions per (token, head), not bytes: the tensor-core operand layout wants pairs
+of codes that are consecutive along d (K) or along tokens (V) in one register, while a V page is
+token-major bytes, so every V byte is gathered from shared memory on its own and repacked; with
+the nibble split, the magic-number conversion, the score/softmax work on 16 padded query rows
+(4 real at GQA 4) and per-token page addressing this is ~40 warp instructions per 136 bytes.
+A layout with tokens innermost for V (or an mma-fragment-ordered packing) would remove the
+gathers; both change the page format, so they are left to a measured follow-up.
 """
 
 from __future__ import annotations
