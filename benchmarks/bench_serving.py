@@ -147,16 +147,21 @@ def run_method(args, method: str, bw: float) -> dict:
         args.model, kv_cache_dtype=method, load_format="dummy", max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size, gpu_memory_utilization=args.gpu_util,
-        enable_prefix_caching=False,
+        enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
     )  # fmt: skip
+    tp = args.tensor_parallel_size
     cfg, spec = engine.model_config, engine.spec
     res = {
         "method": method, "init_s": time.perf_counter() - t_init,
         "kv_bytes_per_token": spec.bytes_per_token, "num_blocks": engine.block_manager.num_blocks,
         "block_size": spec.block_size, "kv_cache_gib": engine.stats()["kv_cache_bytes"] / 2**30,
     }  # fmt: skip
-    weight_bytes = (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * 2
+    # per GPU: with tensor parallelism each rank reads 1/tp of the weights and (spec is rank
+    # 0's) its own KV heads' pages
+    weight_bytes = (cfg.num_params - cfg.vocab_size * cfg.hidden_size) * 2 / tp
     for name, (plen, olen) in WORKLOADS.items():
+        if name not in args.workloads.split(","):
+            continue
         cap = capacity(engine, plen + olen)
         n_pre = args.prefill_prompts if name == "long" else 64
         pre = measure_prefill(engine, plen, n_pre)
@@ -183,6 +188,10 @@ def run_method(args, method: str, bw: float) -> dict:
                 "kv_gb_per_step": kv_bytes / 1e9, "weight_gb": weight_bytes / 1e9,
                 "roofline_step_s": roof, "roofline_frac": roof / dt,
             })  # fmt: skip
+            if tp > 1:  # one all-reduce after o_proj and down_proj per layer, one after embed
+                per_call = engine.runner.measure_all_reduce(n)
+                rows[-1]["all_reduce_s_per_call"] = per_call
+                rows[-1]["all_reduce_s_per_step"] = per_call * (2 * cfg.num_layers + 1)
             print(method, name, rows[-1], flush=True)
         res[name] = {"capacity": cap, "prefill": pre, "rows": rows}
         if name == "long" and args.real_check:
@@ -193,6 +202,8 @@ def run_method(args, method: str, bw: float) -> dict:
             res[name]["real_check"] = real
             print(method, "real", real, flush=True)
     res["max_concurrent_16k"] = engine.block_manager.num_blocks * spec.block_size // 16384
+    if tp > 1:
+        engine.runner.shutdown()
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -209,6 +220,8 @@ def plot(path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for m in data["methods"]:
         for ax, wl in zip(axes[:2], ("long", "short")):
+            if wl not in m:
+                continue
             rows = m[wl]["rows"]
             cs = [r["concurrency"] for r in rows]
             ax.plot(cs, [r["e2e_tok_s"] for r in rows], "o-", label=f"{m['method']} end-to-end")
@@ -221,11 +234,30 @@ def plot(path: str) -> None:
     names = [m["method"] for m in data["methods"]]
     axes[2].bar(names, [m["max_concurrent_16k"] for m in data["methods"]])
     axes[2].set_title("concurrent 16K-token sequences held")
-    fig.suptitle(f"{data['model']} (dummy weights), {data['device']}")
+    tp = data.get("tensor_parallel_size", 1)
+    where = f"{data['device']} x{tp}, TP={tp}" if tp > 1 else data["device"]
+    fig.suptitle(f"{data['model']} (dummy weights), {where}")
     fig.tight_layout()
     out = path.replace(".json", ".png")
     fig.savefig(out, dpi=110)
     print("wrote", out)
+
+
+def _provenance(tp: int) -> dict:
+    import datetime
+    import os
+    import subprocess
+
+    commit = os.environ.get("SAWKV_COMMIT")  # the device copy of the tree has no .git
+    if commit is None:
+        try:
+            git = ["git", "rev-parse", "HEAD"]
+            commit = subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "tensor_parallel_size": tp,
+            "num_gpus": torch.cuda.device_count()}  # fmt: skip
 
 
 def main() -> None:
@@ -239,6 +271,8 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--workloads", default="long,short")
     p.add_argument("--gpu-util", type=float, default=0.9)
     p.add_argument("--real-check", type=int, default=64,
                    help="output tokens of a real 16-request long run checking the composition "
@@ -253,6 +287,7 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     results = {"model": args.model, "device": torch.cuda.get_device_name(),
                "copy_bandwidth_tb_s": bw / 1e12, "args": vars(args), "methods": []}  # fmt: skip
+    results.update(_provenance(args.tensor_parallel_size))
     for method in args.methods.split(","):
         results["methods"].append(run_method(args, method, bw))
         json.dump(results, open(args.out, "w"), indent=1)

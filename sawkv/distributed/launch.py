@@ -15,6 +15,7 @@ import dataclasses
 import os
 import socket
 import sys
+import threading
 import weakref
 
 import torch
@@ -56,11 +57,14 @@ class _Shutdown:
 
     def __init__(self, procs: list) -> None:
         self.procs, self.done = procs, False
+        self.started: threading.Event | None = None
 
     def __call__(self) -> None:
         if self.done:
             return
         self.done = True
+        if self.started is not None:
+            self.started.set()
         try:
             ps.broadcast_object(("stop", None))
         except Exception:  # noqa: BLE001 - a dead peer must not block shutdown
@@ -154,9 +158,28 @@ def start_tensor_parallel(
     ]
     for p in procs:
         p.start()
+    shutdown_started = threading.Event()
+    for r, p in enumerate(procs, start=1):
+        threading.Thread(target=_watch, args=(r, p, shutdown_started), daemon=True).start()
     ps.init_tensor_parallel(0, tp, init_method, _rank_config(config, 0).torch_device)
     runner = TPModelRunner(_rank_config(config, 0), *args[1:])
-    return TPDriver(runner, procs)
+    driver = TPDriver(runner, procs)
+    driver._shutdown.started = shutdown_started
+    return driver
+
+
+def _watch(rank: int, proc, shutdown_started: threading.Event) -> None:
+    """A worker that dies leaves rank 0 blocked in a collective until the group's timeout:
+    end the process at once instead, saying which rank died."""
+    proc.join()
+    if proc.exitcode != 0 and not shutdown_started.is_set():
+        print(
+            f"sawkv: tensor-parallel worker rank {rank} died (exit code {proc.exitcode}); "
+            "stopping rank 0",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
 
 def _join_torchrun(args: tuple, tp: int) -> TPDriver:

@@ -39,9 +39,12 @@ def set_safe_nccl_env() -> None:
 
 
 def init_tensor_parallel(
-    rank: int, size: int, init_method: str, device: torch.device, timeout_s: float = 900.0
+    rank: int, size: int, init_method: str, device: torch.device, timeout_s: float | None = None
 ) -> None:
-    """Join the ``size``-rank group (``init_method``: ``tcp://host:port`` or ``env://``)."""
+    """Join the ``size``-rank group (``init_method``: ``tcp://host:port`` or ``env://``).
+    Collectives time out after ``timeout_s`` (default ``$SAWKV_TP_TIMEOUT_S`` or 600)."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("SAWKV_TP_TIMEOUT_S", "600"))
     global _STATE
     if _STATE is not None:
         raise RuntimeError("tensor parallelism is already initialised in this process")
