@@ -172,7 +172,8 @@ def kmeans_fit(points: torch.Tensor, num_centroids: int, iters: int, seed: int =
     for _ in range(iters):
         a = assign(points, cent)  # [B, N]
         sums = torch.zeros_like(cent).scatter_add_(1, a.unsqueeze(-1).expand(b, n, s), points)
-        counts = torch.zeros(b, num_centroids).scatter_add_(1, a, torch.ones(b, n))
+        ones = torch.ones(b, n, device=points.device)
+        counts = torch.zeros(b, num_centroids, device=points.device).scatter_add_(1, a, ones)
         filled = counts > 0
         cent = torch.where(filled.unsqueeze(-1), sums / counts.clamp(min=1).unsqueeze(-1), cent)
     return cent
@@ -186,15 +187,16 @@ def kmeans_pp_init(points: torch.Tensor, num_centroids: int, gen: torch.Generato
         points: ``[B, N, s]``. Returns ``[B, C, s]``.
     """
     b, n, _ = points.shape
-    rows = torch.arange(b)
-    first = torch.randint(n, (b,), generator=gen)
+    dev = points.device  # the generator lives on the CPU: draws move to the points' device
+    rows = torch.arange(b, device=dev)
+    first = torch.randint(n, (b,), generator=gen).to(dev)
     cent = [points[rows, first]]
     d2 = (points - cent[0].unsqueeze(1)).pow(2).sum(-1)  # [B, N]
     for _ in range(num_centroids - 1):
         # all-zero weights (fewer distinct points than centroids): fall back to uniform
         w = torch.where(d2.sum(-1, keepdim=True) > 0, d2, torch.ones_like(d2))
         cdf = w.cumsum(-1)  # inverse-CDF sampling: much cheaper than torch.multinomial
-        u = torch.rand(b, 1, generator=gen) * cdf[:, -1:]
+        u = torch.rand(b, 1, generator=gen).to(dev) * cdf[:, -1:]
         nxt = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=n - 1)
         cent.append(points[rows, nxt])
         d2 = torch.minimum(d2, (points - cent[-1].unsqueeze(1)).pow(2).sum(-1))
