@@ -139,7 +139,8 @@ def model_table(model: str, results: dict, methods: list[str], tasks: list[str])
 
 
 def plot_bits(model: str, rows: list[dict], path: Path) -> None:
-    """Primary metric vs bits per element, one panel per task."""
+    """Each task's metric vs bits per element (perplexity as the ratio to ``auto``), one panel
+    per task, one marker per method (legend below)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,26 +149,40 @@ def plot_bits(model: str, rows: list[dict], path: Path) -> None:
     tasks = sorted({t for r in rows for t in r["tasks"]})
     if not tasks:
         return
-    ncol = min(4, len(tasks))
+    ncol = min(3, len(tasks))
     nrow = math.ceil(len(tasks) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.2 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow + 1.2), squeeze=False)
+    markers = "osD^v<>phX*P8"
+    handles = {}
     for ax, t in zip(axes.flat, tasks):
-        for r in rows:
+        for i, r in enumerate(rows):
             v = r["tasks"].get(t)
             if not v:
                 continue
-            key = v["primary"]
-            ax.errorbar(r["bits_per_element"], v[key], yerr=v.get(key + "_se") or 0, fmt="o",
-                         capsize=2)  # fmt: skip
-            ax.annotate(r["method"], (r["bits_per_element"], v[key]), fontsize=6)
+            is_ppl = v["primary"] == "ppl"
+            y = (
+                v.get("ppl_ratio", 1.0 if r["method"] == REFERENCE else None)
+                if is_ppl
+                else (v[v["primary"]])
+            )
+            if y is None:
+                continue
+            err = v.get("ppl_ratio_se", 0.0) if is_ppl else v.get(v["primary"] + "_se", 0.0)
+            h = ax.errorbar(r["bits_per_element"], y, yerr=err or 0, fmt=markers[i % len(markers)],
+                            color=f"C{i % 10}", capsize=2, label=r["method"])  # fmt: skip
+            handles[r["method"]] = h
         ax.set_title(t, fontsize=9)
-        ax.set_xlabel("bits per element")
+        ax.set_xlabel("bits per element (incl. metadata)")
         if t.startswith("ppl-"):
             ax.set_yscale("log")
+            ax.set_ylabel("perplexity / auto")
+        else:
+            ax.set_ylabel(t.split()[0])
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=5, fontsize=7)
     fig.suptitle(f"{model}: accuracy vs KV bits")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
