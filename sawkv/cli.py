@@ -25,7 +25,8 @@ app = typer.Typer(
 DEFAULT_METHODS = "bf16,int8,int4,int4-bdr64"
 METHODS_HELP = (
     "comma-separated KV methods, e.g. auto,bf16,int4-bdr64-kc; append @prefill to a -kc method "
-    "to center keys on the window's own prefill mean instead of the calibrated mean"
+    "to center keys on the window's own prefill mean instead of the calibrated mean, @sink4 to "
+    "keep the first 4 tokens unquantized"
 )
 
 
@@ -75,7 +76,7 @@ def _check_methods(methods: str, model: str) -> list[str]:
     are loaded (a typo should fail in a second, not after minutes of model time)."""
     from transformers import AutoConfig
 
-    from sawkv.eval.perplexity import split_label
+    from sawkv.eval.perplexity import parse_label
     from sawkv.hf.cache import attention_shape
     from sawkv.models.hub import resolve_model_dir
     from sawkv.quant.methods import parse_method
@@ -84,14 +85,12 @@ def _check_methods(methods: str, model: str) -> list[str]:
     if not labels:
         raise typer.BadParameter("--methods is empty")
     try:
-        for label in labels:
-            name, mode = split_label(label)
-            if mode not in ("static", "prefill"):
-                raise ValueError(f"{label!r}: centering mode after '@' must be static or prefill")
+        names = [parse_label(label)[0] for label in labels]
+        for name in names:
             parse_method(name)
         head_dim = attention_shape(AutoConfig.from_pretrained(resolve_model_dir(model)))[2]
-        for label in labels:
-            parse_method(split_label(label)[0], head_dim)
+        for name in names:
+            parse_method(name, head_dim)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     return labels

@@ -51,6 +51,7 @@ def perplexity(
     kc_mode: str = "static",
     progress=None,
     task=None,
+    num_sink: int = 0,
 ) -> dict:
     """Perplexity with K/V stored by ``method``.
 
@@ -61,6 +62,7 @@ def perplexity(
         k_means: ``[num_layers, num_kv_heads, head_dim]`` static key means for ``-kc``.
         kc_mode: ``"static"`` or ``"prefill"`` (see :class:`sawkv.hf.SawKVCache`).
         progress, task: optional ``rich.progress.Progress`` and task id, advanced per window.
+        num_sink: first tokens of each window kept in the model dtype (see ``SawKVCache``).
     Returns:
         dict with ``method``, ``kc_mode``, ``ppl``, ``ppl_se``, ``nll_per_token``,
         ``num_tokens``, ``num_windows``, ``window_nll`` (per-window mean NLL, for paired
@@ -75,14 +77,15 @@ def perplexity(
     nlls, counts = [], []
     kv_bytes, bits, name = 0, float("nan"), str(method)
     for w in windows:
-        cache = SawKVCache(model, method, k_means=k_means, kc_mode=kc_mode)
+        cache = SawKVCache(model, method, k_means=k_means, kc_mode=kc_mode, num_sink=num_sink)
         nll, n = window_nll(model, w, cache)
         nlls.append(nll)
         counts.append(n)
         kv_bytes, bits, name = cache.kv_bytes(), cache.bits_per_element(), cache.method.name
         if progress is not None:
             progress.advance(task)
-    out = {"method": name, "kc_mode": kc_mode if "kc" in name.split("-") else None}
+    kc = kc_mode if "kc" in name.split("-") else None
+    out = {"method": name, "kc_mode": kc, "num_sink": num_sink}
     out.update(summarize(nlls, counts))
     out.update(
         num_windows=len(nlls),
@@ -95,9 +98,31 @@ def perplexity(
 
 
 def split_label(label: str, default_kc_mode: str = "static") -> tuple[str, str]:
-    """``"int4-bdr64-kc@prefill"`` -> ``("int4-bdr64-kc", "prefill")``; no ``@``: the default."""
-    name, _, mode = label.partition("@")
-    return name.strip(), (mode.strip() or default_kc_mode)
+    """``"int4-bdr64-kc@prefill"`` -> ``("int4-bdr64-kc", "prefill")``; no mode: the default."""
+    name, opts = parse_label(label, default_kc_mode)
+    return name, opts["kc_mode"]
+
+
+def parse_label(label: str, default_kc_mode: str = "static") -> tuple[str, dict]:
+    """A method label: a method name plus ``@`` options, ``static`` / ``prefill`` (key centering
+    mode) and ``sink{N}`` (keep the first N tokens in the model dtype).
+
+    >>> parse_label("int4-bdr64-kv-kc@prefill@sink4")
+    ('int4-bdr64-kv-kc', {'kc_mode': 'prefill', 'num_sink': 4})
+    """
+    name, *opts = label.split("@")
+    out = {"kc_mode": default_kc_mode, "num_sink": 0}
+    for o in (o.strip() for o in opts):
+        if o in ("static", "prefill"):
+            out["kc_mode"] = o
+        elif o.startswith("sink") and o[4:].isdigit():
+            out["num_sink"] = int(o[4:])
+        else:
+            raise ValueError(
+                f"method label {label!r}: unknown option '@{o}' "
+                "(expected @static, @prefill or @sink{N})"
+            )
+    return name.strip(), out
 
 
 def compare_methods(
@@ -114,7 +139,8 @@ def compare_methods(
     Args:
         model: transformers causal LM.
         windows: ``[num_windows, window_len]`` token ids.
-        labels: method names, optionally ``@static`` / ``@prefill`` for ``-kc`` methods.
+        labels: method labels (:func:`parse_label`): names with optional ``@prefill`` /
+            ``@sink{N}``.
         key_means: callable returning the ``[L, H, D]`` static key means (called only if a
             static ``-kc`` method is run, so calibration happens on first use), or a tensor.
         done: results already computed (label -> result), reused instead of re-running.
@@ -128,7 +154,7 @@ def compare_methods(
     from sawkv.quant.methods import parse_method
 
     head_dim = attention_shape(model.config)[2]
-    parsed = [(lab, *split_label(lab, default_kc_mode)) for lab in labels]
+    parsed = [(lab, *parse_label(lab, default_kc_mode)) for lab in labels]
     for _, name, _ in parsed:  # fail fast on a bad name, before any model time is spent
         parse_method(name, head_dim)
     done, results, mu = dict(done or {}), [], key_means
@@ -139,15 +165,25 @@ def compare_methods(
         TimeElapsedColumn(),
     )
     with Progress(*cols) as progress:
-        for i, (label, name, mode) in enumerate(parsed):
+        for i, (label, name, opts) in enumerate(parsed):
             if label in done:
                 results.append(done[label])
                 continue
             task = progress.add_task(label, total=len(windows))
-            is_static_kc = parse_method(name).center_k and mode == "static"
+            is_static_kc = parse_method(name).center_k and opts["kc_mode"] == "static"
             if is_static_kc and callable(mu):
                 mu = mu()
-            r = perplexity(model, windows, name, mu if is_static_kc else None, mode, progress, task)
+            k_means = mu if is_static_kc else None
+            r = perplexity(
+                model,
+                windows,
+                name,
+                k_means,
+                opts["kc_mode"],
+                progress,
+                task,
+                num_sink=opts["num_sink"],
+            )
             r["label"] = label
             results.append(r)
             # one line per method: progress bars do not render in logs (nohup runs)

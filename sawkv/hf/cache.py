@@ -35,6 +35,10 @@ def _cat(a: Encoded | None, b: Encoded) -> Encoded:
     return Encoded(torch.cat([a.data, b.data], dim=1), meta)
 
 
+def _cat_t(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=1)
+
+
 def _map(enc: Encoded | None, fn) -> Encoded | None:
     """Apply ``fn`` to data and meta (batch reordering, cropping)."""
     if enc is None:
@@ -53,16 +57,28 @@ class SawKVLayer(DynamicLayer):
             once pages are shared between sequences (prefix caching), the static mean is.
     """
 
-    def __init__(self, method: KVMethod, k_mean: torch.Tensor | None = None, kc_mode="static"):
+    def __init__(
+        self,
+        method: KVMethod,
+        k_mean: torch.Tensor | None = None,
+        kc_mode: str = "static",
+        num_sink: int = 0,
+    ):
         super().__init__()
         if kc_mode not in KC_MODES:
             raise ValueError(f"kc_mode must be one of {KC_MODES}, got {kc_mode!r}")
+        if num_sink < 0:
+            raise ValueError(f"num_sink must be >= 0, got {num_sink}")
         self.method = method
         self.k_mean = k_mean
         self.kc_mode = kc_mode
+        self.num_sink = num_sink
         self.cumulative_length = 0
         self._k: Encoded | None = None
         self._v: Encoded | None = None
+        # The first num_sink tokens ("attention sinks") kept in the model dtype, [B, n, H, D].
+        self._sink_k: torch.Tensor | None = None
+        self._sink_v: torch.Tensor | None = None
 
     # ---- write / read -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -74,7 +90,7 @@ class SawKVLayer(DynamicLayer):
         if not self.method.center_k:
             return None
         if self.kc_mode == "prefill":
-            if self._k is None:  # first update = prefill: [B, H, S, D] -> [B, 1, H, D]
+            if self.cumulative_length == 0:  # prefill: [B, H, S, D] -> [B, 1, H, D]
                 self.k_mean = key_states.float().mean(dim=2).unsqueeze(1)
             return self.k_mean
         return None if self.k_mean is None else self.k_mean.to(key_states.device)
@@ -88,29 +104,42 @@ class SawKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         mu = self._mean_for(key_states)
-        k_new = self.method.encode(key_states.transpose(1, 2), is_key=True, k_mean=mu)
-        v_new = self.method.encode(value_states.transpose(1, 2), is_key=False)
-        self._k, self._v = _cat(self._k, k_new), _cat(self._v, v_new)
+        ks, vs = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [B, S, H, D]
+        n = max(0, min(self.num_sink - self.cumulative_length, ks.shape[1]))
+        if n:
+            self._sink_k = _cat_t(self._sink_k, ks[:, :n])
+            self._sink_v = _cat_t(self._sink_v, vs[:, :n])
+            ks, vs = ks[:, n:], vs[:, n:]
+        if ks.shape[1]:
+            k_new = self.method.encode(ks, is_key=True, k_mean=mu)
+            self._k = _cat(self._k, k_new)
+            self._v = _cat(self._v, self.method.encode(vs, is_key=False))
         self.cumulative_length += key_states.shape[-2]
         return self._decode(key_states.dtype)
 
     def _decode(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.method
-        k = m.decode(self._k, is_key=True, k_mean=self.k_mean, dtype=dtype, rotated=False)
-        v = m.decode(self._v, is_key=False, dtype=dtype, rotated=False)
-        return k.transpose(1, 2), v.transpose(1, 2)
+        m, k, v = self.method, self._sink_k, self._sink_v
+        if self._k is not None:
+            kq = m.decode(self._k, is_key=True, k_mean=self.k_mean, dtype=dtype, rotated=False)
+            vq = m.decode(self._v, is_key=False, dtype=dtype, rotated=False)
+            k, v = _cat_t(k, kq), _cat_t(v, vq)
+        return k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2)
 
     # ---- bookkeeping --------------------------------------------------------------------
     def get_seq_length(self) -> int:
         return self.cumulative_length
 
     def nbytes(self) -> int:
-        """Bytes stored for K and V (codes + metadata)."""
-        return sum(e.nbytes for e in (self._k, self._v) if e is not None)
+        """Bytes stored for K and V (codes + metadata, sink tokens in the model dtype)."""
+        n = sum(e.nbytes for e in (self._k, self._v) if e is not None)
+        return n + sum(t.numel() * t.element_size() for t in self._sinks())
+
+    def _sinks(self) -> list[torch.Tensor]:
+        return [t for t in (self._sink_k, self._sink_v) if t is not None]
 
     def reset(self) -> None:
         super().reset()
-        self._k = self._v = None
+        self._k = self._v = self._sink_k = self._sink_v = None
         self.cumulative_length = 0
         if self.kc_mode == "prefill":
             self.k_mean = None
@@ -128,25 +157,31 @@ class SawKVLayer(DynamicLayer):
         if tokens_to_remove == 0 or keep >= self.cumulative_length:
             return
         keep = max(keep, 0)
-        self._k = _map(self._k, lambda t: t[:, :keep])
-        self._v = _map(self._v, lambda t: t[:, :keep])
+        num_sink = 0 if self._sink_k is None else self._sink_k.shape[1]
+        if self._sink_k is not None:
+            self._sink_k, self._sink_v = self._sink_k[:, :keep], self._sink_v[:, :keep]
+        rest = max(keep - num_sink, 0)
+        self._k = _map(self._k, lambda t: t[:, :rest])
+        self._v = _map(self._v, lambda t: t[:, :rest])
         self.cumulative_length = keep
 
     def _batch_map(self, fn) -> None:
         self._k, self._v = _map(self._k, fn), _map(self._v, fn)
+        if self._sink_k is not None:
+            self._sink_k, self._sink_v = fn(self._sink_k), fn(self._sink_v)
         if self.kc_mode == "prefill" and self.k_mean is not None:
             self.k_mean = fn(self.k_mean)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self._k is not None:
+        if self.cumulative_length:
             self._batch_map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._k is not None:
+        if self.cumulative_length:
             self._batch_map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._k is not None:
+        if self.cumulative_length:
             self._batch_map(lambda t: t[indices, ...])
 
 
@@ -169,6 +204,8 @@ class SawKVCache(Cache):
             a ``-kc`` method (static mode) means zeros, with a warning.
         kc_mode: ``"static"`` (exact under prefix sharing; what the engine uses) or ``"prefill"``
             (each sequence's own prefill key mean; eval-only comparison).
+        num_sink: keep each sequence's first ``num_sink`` tokens ("attention sinks", which draw a
+            large share of attention) in the model dtype; the rest as ``method``.
 
     Example::
 
@@ -183,6 +220,7 @@ class SawKVCache(Cache):
         method: str | KVMethod = "int4-bdr64-kc",
         k_means: torch.Tensor | None = None,
         kc_mode: str = "static",
+        num_sink: int = 0,
     ):
         if kc_mode not in KC_MODES:
             raise ValueError(f"kc_mode must be one of {KC_MODES}, got {kc_mode!r}")
@@ -196,7 +234,7 @@ class SawKVCache(Cache):
         self.head_dim = head_dim
         k_means = self._check_means(k_means, method, kc_mode, (num_layers, num_kv_heads, head_dim))
         layers = [
-            SawKVLayer(method, None if k_means is None else k_means[i], kc_mode)
+            SawKVLayer(method, None if k_means is None else k_means[i], kc_mode, num_sink)
             for i in range(num_layers)
         ]
         super().__init__(layers=layers)
@@ -227,7 +265,8 @@ class SawKVCache(Cache):
         """Stored bits per K/V element, metadata included (measured, not from the layout)."""
         elems = 0
         for layer in self.layers:
-            if layer._k is not None:
-                b, s, h = layer._k.data.shape[:3]
-                elems += 2 * b * s * h * self.head_dim
+            for t in [layer._k.data if layer._k is not None else None, layer._sink_k]:
+                if t is not None:
+                    b, s, h = t.shape[:3]
+                    elems += 2 * b * s * h * self.head_dim
         return 8.0 * self.kv_bytes() / elems if elems else float("nan")

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sawkv.eval.perplexity import compare_methods, perplexity, split_label, summarize
+from sawkv.eval.perplexity import (
+    compare_methods,
+    parse_label,
+    perplexity,
+    split_label,
+    summarize,
+)
 from sawkv.eval.table import add_comparisons, build_table, plot_results
 
 
@@ -65,6 +71,16 @@ def test_quantized_ppl_reports_stored_bytes(tiny, windows):
 def test_split_label():
     assert split_label("int4-bdr64-kc@prefill") == ("int4-bdr64-kc", "prefill")
     assert split_label("int4-bdr64-kc", "static") == ("int4-bdr64-kc", "static")
+    assert parse_label("int4-bdr64@sink4") == ("int4-bdr64", {"kc_mode": "static", "num_sink": 4})
+    with pytest.raises(ValueError, match="unknown option '@sinks'"):
+        parse_label("int4@sinks")
+
+
+def test_sink_option_reaches_the_cache(tiny, windows):
+    r = compare_methods(tiny, windows, ["int4-bdr64@sink4"])[0]
+    assert r["num_sink"] == 4
+    # 4 of 48 tokens per window kept in fp32 (256 B per vector), 44 as INT4 (36 B)
+    assert r["kv_bytes"] == 2 * 2 * 2 * (4 * 256 + 44 * 36)
 
 
 def test_compare_methods_calibrates_lazily_and_resumes(tiny, windows):

@@ -65,23 +65,27 @@ def ref_fake_quant(x, method, mu=None, *, is_key):
 
 
 class RefLayer(DynamicLayer):
-    def __init__(self, method, mu=None, prefill_mean=False):
+    def __init__(self, method, mu=None, prefill_mean=False, num_sink=0):
         super().__init__()
         self.method, self.mu, self.prefill_mean = method, mu, prefill_mean
+        self.num_sink, self.seen = num_sink, 0
 
     def update(self, k, v, *args, **kwargs):
         if self.prefill_mean and self.mu is None:
             self.mu = k.float().mean(dim=2, keepdim=True)
-        k = ref_fake_quant(k, self.method, self.mu, is_key=True)
-        v = ref_fake_quant(v, self.method, is_key=False)
+        n = max(0, min(self.num_sink - self.seen, k.shape[2]))  # leading tokens kept exact
+        self.seen += k.shape[2]
+        kq = ref_fake_quant(k[:, :, n:], self.method, self.mu, is_key=True)
+        vq = ref_fake_quant(v[:, :, n:], self.method, is_key=False)
+        k, v = torch.cat([k[:, :, :n], kq], dim=2), torch.cat([v[:, :, :n], vq], dim=2)
         return super().update(k, v)
 
 
-def ref_cache(model, name, k_means=None, prefill_mean=False):
+def ref_cache(model, name, k_means=None, prefill_mean=False, num_sink=0):
     num_layers, _, head_dim = attention_shape(model.config)
     m = parse_method(name, head_dim)
     mus = [None if k_means is None else k_means[i] for i in range(num_layers)]
-    return Cache(layers=[RefLayer(m, mus[i], prefill_mean) for i in range(num_layers)])
+    return Cache(layers=[RefLayer(m, mus[i], prefill_mean, num_sink) for i in range(num_layers)])
 
 
 def run_chunks(model, ids, cache, chunks):
@@ -147,6 +151,24 @@ def test_centering_shrinks_key_error_on_offset_keys(qwen128):
             for c in (plain, centered)
         ]
         assert err[1] < 0.5 * err[0]
+
+
+@pytest.mark.parametrize("chunks", [[24, 1, 15], [2, 1, 1, 36]])  # sinks in one or several steps
+def test_sink_tokens_kept_exact(qwen128, chunks):
+    torch.manual_seed(8)
+    ids = torch.randint(0, 256, (2, 40))
+    mu = rand_means(qwen128)
+    cache = SawKVCache(qwen128, "int4-bdr-kc", k_means=mu, num_sink=4)
+    got = run_chunks(qwen128, ids, cache, chunks)
+    want = run_chunks(qwen128, ids, ref_cache(qwen128, "int4-bdr-kc", mu, num_sink=4), chunks)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    plain = run_chunks(qwen128, ids, SawKVCache(qwen128, "int4-bdr-kc", k_means=mu), chunks)
+    assert (got - plain).abs().max() > 10 * ATOL
+    num_layers, num_kv_heads, head_dim = attention_shape(qwen128.config)
+    vectors = num_layers * 2 * 2 * num_kv_heads  # layers x (K, V) x batch x heads
+    assert cache.kv_bytes() == vectors * (4 * head_dim * 4 + 36 * (head_dim // 2 + 4))
+    cache.crop(-37)  # back to 3 tokens: inside the sinks
+    assert cache.get_seq_length() == 3 and cache.layers[0]._k.data.shape[1] == 0
 
 
 @pytest.mark.parametrize(("model_name", "ratio"), [("llama64", 128 / 36), ("qwen128", 256 / 68)])
