@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+# In mixed steps, sequences with at most this many new tokens run through the decode kernel
+# (one row per token); the scheduler puts them first.
+DECODE_MAX_QUERY = 16
+
 
 @dataclass
 class StepContext:
@@ -39,8 +43,8 @@ class StepContext:
     is_decode: bool
     max_seq_len: int
     max_query_len: int = 1
-    # Mixed steps: the scheduler puts one-token sequences first; their attention runs in the
-    # decode kernel (split-K) and the rest in the extend kernel, each on its own sub-context.
+    # Mixed steps: the scheduler puts sequences with few new tokens first; their tokens run in
+    # the decode kernel (split-K, one row per token) and the rest in the extend kernel.
     decode_part: StepContext | None = None
     extend_part: StepContext | None = None
 
@@ -85,9 +89,10 @@ class AttentionBackend(ABC):
         if ctx.decode_part is None:
             return self.extend(q, kv, ctx, scale)
         out = torch.empty_like(q)
-        d = ctx.decode_part.seq_lens.shape[0]
-        self.decode(q[:d], kv, ctx.decode_part, scale, out=out[:d])
-        self.extend(q[d:], kv, ctx.extend_part, scale, out=out[d:])
+        n = ctx.decode_part.seq_lens.shape[0]
+        self.decode(q[:n], kv, ctx.decode_part, scale, out=out[:n])
+        if ctx.extend_part is not None:
+            self.extend(q[n:], kv, ctx.extend_part, scale, out=out[n:])
         return out
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sawkv.attention.backend import StepContext, get_backend
+from sawkv.attention.backend import DECODE_MAX_QUERY, StepContext, get_backend
 from sawkv.cache.kv_cache import KVCacheSpec, allocate_kv_cache
 from sawkv.config import EngineConfig, ModelConfig
 from sawkv.engine.cuda_graph import DecodeGraphs
@@ -143,21 +143,35 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
         )
-        num_decode = next((i for i, (a, b) in enumerate(zip(qsl, qsl[1:])) if b - a != 1), None)
-        if not is_decode and num_decode:
-            ctx.decode_part, ctx.extend_part = self._split(ctx, num_decode, seq_lens, qsl)
+        q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+        d = next((i for i, n in enumerate(q_lens) if n > DECODE_MAX_QUERY), len(q_lens))
+        if not is_decode and d:
+            ctx.decode_part, ctx.extend_part = self._split(ctx, d, padded, seq_lens, qsl)
         return ctx
 
-    @staticmethod
-    def _split(ctx: StepContext, d: int, seq_lens: list[int], qsl: list[int]):
-        """Sub-contexts of a mixed step: sequences [0, d) have one token each, the rest more."""
+    def _split(self, ctx: StepContext, d: int, padded, seq_lens: list[int], qsl: list[int]):
+        """Sub-contexts of a mixed step. Sequences [0, d) have at most DECODE_MAX_QUERY new
+        tokens each: every such token becomes one decode row (its sequence's block table, the
+        causal length up to itself), so they get the split-K decode kernel instead of an extend
+        program walking a long context alone. The rest go to the extend kernel."""
+        rows, lens = [], []
+        for s in range(d):
+            n, q_len = seq_lens[s], qsl[s + 1] - qsl[s]
+            rows.extend([s] * q_len)
+            lens.extend(range(n - q_len + 1, n + 1))
+        num_rows, dev = len(rows), self.device
         decode = StepContext(
-            ctx.slot_mapping[:d], ctx.block_tables[:d], ctx.seq_lens[:d],
-            ctx.query_start_loc[: d + 1], True, max(seq_lens[:d]), 1,
+            ctx.slot_mapping[:num_rows],
+            torch.from_numpy(padded[rows]).to(dev, non_blocking=True),
+            torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
+            torch.arange(num_rows + 1, dtype=torch.int32, device=dev),
+            True, max(lens), 1,
         )  # fmt: skip
+        if d == len(seq_lens):
+            return decode, None
         extend = StepContext(
-            ctx.slot_mapping[d:], ctx.block_tables[d:], ctx.seq_lens[d:],
-            ctx.query_start_loc[d:] - d, False, max(seq_lens[d:]),
+            ctx.slot_mapping[num_rows:], ctx.block_tables[d:], ctx.seq_lens[d:],
+            ctx.query_start_loc[d:] - num_rows, False, max(seq_lens[d:]),
             max(b - a for a, b in zip(qsl[d:], qsl[d + 1 :])),
         )  # fmt: skip
         return decode, extend

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from sawkv.attention.backend import DECODE_MAX_QUERY
 from sawkv.cache.block_manager import BlockManager
 from sawkv.config import SchedulerConfig
 from sawkv.engine.sequence import Sequence, SequenceStatus
@@ -59,8 +60,8 @@ class Scheduler:
         preempted = self._schedule_running(batch, budget)
         if not preempted:
             self._schedule_waiting(batch, budget - batch.num_tokens)
-        # one-token sequences first: the runner hands them to the decode kernel as one block
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
+        # few-token sequences first: the runner hands them to the decode kernel as one block
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] > DECODE_MAX_QUERY)
         return ScheduledBatch(
             [batch.seqs[i] for i in order], [batch.num_new_tokens[i] for i in order]
         )

@@ -1,5 +1,5 @@
-"""A mixed step (one-token sequences + a prefill chunk) split into decode and extend kernels
-gives the same attention as one extend call over the whole batch (torch backend)."""
+"""A mixed step (sequences with few new tokens + a prefill chunk) split into decode rows and an
+extend call gives the same attention as one extend call over the whole batch (torch backend)."""
 
 from __future__ import annotations
 
@@ -13,41 +13,62 @@ from sawkv.attention.reference import paged_attention_extend_ref
 from sawkv.attention.torch_backend import TorchBackend
 from sawkv.engine.model_runner import ModelRunner
 
+BS, HKV, HQ, D, NUM_BLOCKS = 4, 2, 4, 64, 20
 
-@pytest.mark.parametrize("bits,had_block", [(16, 0), (4, 32), (8, 0)])
-def test_split_step_equals_single_extend(bits, had_block):
-    torch.manual_seed(0)
-    bs, hkv, hq, d, num_blocks = 4, 2, 4, 64, 16
-    page_dim = d // 2 if bits == 4 else d
+
+def fake_runner():
+    fake = SimpleNamespace(spec=SimpleNamespace(block_size=BS), device=torch.device("cpu"))
+    fake._split = lambda *a: ModelRunner._split(fake, *a)
+    return fake
+
+
+def make_kv(bits, window):
+    page_dim = D // 2 if bits == 4 else D
     dtype = torch.float32 if bits == 16 else torch.uint8
-    kv = LayerKV(
-        torch.zeros(num_blocks, hkv, bs, page_dim, dtype=dtype),
-        torch.zeros(num_blocks, hkv, bs, page_dim, dtype=dtype),
-        None if bits == 16 else torch.zeros(num_blocks, hkv, bs, 2, dtype=torch.float16),
-        None if bits == 16 else torch.zeros(num_blocks, hkv, bs, 2, dtype=torch.float16),
-        None,
-    )
+    meta = (lambda: None) if bits == 16 else (
+        lambda: torch.zeros(NUM_BLOCKS, HKV, BS, 2, dtype=torch.float16)
+    )  # fmt: skip
+    return LayerKV(
+        torch.zeros(NUM_BLOCKS, HKV, BS, page_dim, dtype=dtype),
+        torch.zeros(NUM_BLOCKS, HKV, BS, page_dim, dtype=dtype),
+        meta(), meta(), None, window,
+    )  # fmt: skip
+
+
+CASES = {
+    # (block tables, seq_lens, q_lens): decode rows first (q_len <= 16), then extend
+    "mixed": ([[3, 1, 7], [2, 5], [0, 4, 6, 8, 9, 10, 11]], [9, 8, 26], [1, 3, 20]),
+    "all_small": ([[3, 1, 7], [2, 5]], [9, 8], [1, 5]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("bits,had_block,window", [(16, 0, 0), (4, 32, 0), (8, 0, 5)])
+def test_split_step_equals_single_extend(case, bits, had_block, window):
+    torch.manual_seed(0)
+    tables, seq_lens, q_lens = CASES[case]
+    kv = make_kv(bits, window)
     backend = TorchBackend(bits=bits, had_block=had_block, rotate_v=False)
-    tables = [[3, 1, 7], [2, 5], [0, 4]]  # two decoding sequences first, then a prefill chunk
-    seq_lens, q_lens = [9, 5, 7], [1, 1, 4]
-    # earlier context of every sequence already in the pages
-    old = [list(range(n - q)) for n, q in zip(seq_lens, q_lens)]
-    fake = SimpleNamespace(spec=SimpleNamespace(block_size=bs), device=torch.device("cpu"))
-    fake._split = ModelRunner._split
-    pre = ModelRunner._context(fake, old, tables, [len(p) for p in old],
-                               [0, *torch.tensor([len(p) for p in old]).cumsum(0).tolist()],
-                               is_decode=False)  # fmt: skip
+    fake = fake_runner()
+    old = [list(range(n - q)) for n, q in zip(seq_lens, q_lens)]  # context already cached
+    old_qsl = [0, *torch.tensor([len(p) for p in old]).cumsum(0).tolist()]
+    pre = ModelRunner._context(fake, old, tables, [len(p) for p in old], old_qsl, is_decode=False)
     n_old = pre.slot_mapping.shape[0]
-    backend.write(torch.randn(n_old, hkv, d), torch.randn(n_old, hkv, d), kv, pre)
+    backend.write(torch.randn(n_old, HKV, D), torch.randn(n_old, HKV, D), kv, pre)
     new = [list(range(n - q, n)) for n, q in zip(seq_lens, q_lens)]
-    qsl = [0, 1, 2, 6]
+    qsl = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
     ctx = ModelRunner._context(fake, new, tables, seq_lens, qsl, is_decode=False)
-    assert ctx.decode_part is not None and ctx.decode_part.seq_lens.tolist() == [9, 5]
-    assert ctx.extend_part.query_start_loc.tolist() == [0, 4]
-    q, k, v = torch.randn(6, hq, d), torch.randn(6, hkv, d), torch.randn(6, hkv, d)
+    assert ctx.decode_part is not None
+    small = [(n, q) for n, q in zip(seq_lens, q_lens) if q <= 16]
+    rows = [n - q + i + 1 for n, q in small for i in range(q)]  # one causal row per token
+    assert ctx.decode_part.seq_lens.tolist() == rows
+    assert (ctx.extend_part is None) == (case == "all_small")
+    t = qsl[-1]
+    q, k, v = torch.randn(t, HQ, D), torch.randn(t, HKV, D), torch.randn(t, HKV, D)
     got = backend.forward(q, k, v, kv, ctx, scale=0.125)
     ref = paged_attention_extend_ref(
         q, kv.k_cache, kv.v_cache, kv.k_meta, kv.v_meta, ctx.block_tables, ctx.seq_lens,
         ctx.query_start_loc, scale=0.125, bits=bits, had_block=had_block, rotate_v=False,
+        sliding_window=window,
     )  # fmt: skip
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

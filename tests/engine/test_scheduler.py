@@ -44,20 +44,24 @@ def test_chunked_prefill_respects_budget():
     assert a.num_output_tokens == 2 and b.num_output_tokens == 2
 
 
-def test_one_token_sequences_come_first():
-    sched = make(max_num_batched_tokens=12)
+def test_few_token_sequences_come_first():
+    sched = make(max_num_batched_tokens=40)
     add(sched, "a", 3)
     advance(sched.schedule())  # a decodes from now on
-    add(sched, "b", 20, 100)
+    add(sched, "b", 60, 100)
     batch = sched.schedule()
     assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)] == [
         ("a", 1),
-        ("b", 11),
+        ("b", 39),
     ]
     advance(batch)
-    add(sched, "c", 2, 200)  # b's second chunk (9), then c's prompt (2) after a's decode
+    add(sched, "c", 2, 200)  # b's second chunk (21) goes after c's short prompt (2)
     batch = sched.schedule()
-    assert [n for n in batch.num_new_tokens] == [1, 9, 2]
+    assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)] == [
+        ("a", 1),
+        ("c", 2),
+        ("b", 21),
+    ]
 
 
 def test_max_num_seqs():
