@@ -108,11 +108,12 @@ def print_table(results: list[dict], title: str = "") -> None:
 
 
 def plot_results(results: list[dict], path: str, title: str = "") -> None:
-    """Horizontal bars of perplexity / reference (log scale), bits per element in the labels."""
+    """Horizontal bars of perplexity / reference, bits per element in the labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     add_comparisons(results)
     rows = [r for r in results if "ratio" in r]
@@ -123,16 +124,24 @@ def plot_results(results: list[dict], path: str, title: str = "") -> None:
     colors = [
         "tab:green" if x <= 1.03 else "tab:orange" if x <= 1.10 else "tab:red" for x in ratios
     ]
+    # Linear scale around 1; a collapsed method (naive INT4 on Qwen2.x) runs off the right edge
+    # with its real ratio printed, so the near-lossless ones stay readable.
+    right = min(max(ratios) * 1.02, 1.25)
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), [x - 1 if x > 1 else 1e-4 for x in ratios], left=1, color=colors)
+    ax.barh(range(len(rows)), [min(x, right) - 1 for x in ratios], left=1, color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xscale("log")
+    ax.set_xlim(min(0.99, min(ratios) - 0.005), right + 0.04 * (right - 1))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * (x - 1):+.0f}%"))
     ax.axvline(1.03, color="gray", ls="--", lw=1, label="+3%")
-    ax.set_xlabel("perplexity / unquantized KV (log scale)")
+    ax.set_xlabel("perplexity vs unquantized KV")
     for i, x in enumerate(ratios):
-        ax.text(x, i, f" {100 * (x - 1):+.1f}%", va="center", fontsize=7)
-    ax.legend(loc="lower right", fontsize=8)
+        if x <= right:
+            ax.text(x, i, f" {100 * (x - 1):+.1f}%", va="center", fontsize=7)
+        else:  # clipped: the real ratio, inside the bar
+            text = f"{100 * (x - 1):+.1f}% → " if x < 2 else f"×{x:,.0f} → "
+            ax.text(right, i, text, va="center", ha="right", fontsize=7, color="white")
+    ax.legend(loc="best", fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
