@@ -268,9 +268,7 @@ class EngineConfig:
         if self.dtype != "auto":
             parse_dtype(self.dtype)
         if self.tensor_parallel_size < 1:
-            raise ValueError(
-                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
-            )
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
     @property
     def torch_device(self) -> torch.device:
