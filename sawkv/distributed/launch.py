@@ -69,11 +69,12 @@ class _Shutdown:
             ps.broadcast_object(("stop", None))
         except Exception:  # noqa: BLE001 - a dead peer must not block shutdown
             pass
+        # leave the group while the workers do the same, then wait for them to exit
+        ps.destroy_tensor_parallel()
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-        ps.destroy_tensor_parallel()
 
 
 class _GraphProxy:

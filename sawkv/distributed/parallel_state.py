@@ -69,12 +69,26 @@ def init_tensor_parallel(
 
 
 def destroy_tensor_parallel() -> None:
+    """Leave the group; every rank calls it at about the same time.
+
+    NCCL groups are aborted (a local operation) rather than destroyed: a destroy waits for
+    the peers' communicators (finalize), and a peer that has already exited, or is waiting
+    for this rank, leaves it blocked until the timeout. That was seen on 2 H200s: rank 0
+    hung in teardown between two engines of the benchmark."""
     global _STATE
     if _STATE is None:
         return
     _STATE = None
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        torch.cuda.synchronize()
+        try:
+            dist.distributed_c10d._abort_process_group()
+            return
+        except (RuntimeError, ValueError):  # fall back to the collective teardown
+            pass
+    dist.destroy_process_group()
 
 
 def tp_rank() -> int:
