@@ -224,17 +224,26 @@ CAVEAT = (
 )
 
 
+def _canon(method: str, model: str) -> str | None:
+    """Canonical name of ``method`` for ``model``; None where it does not apply (e.g. a
+    Hadamard block larger than the model's head_dim)."""
+    from sawkv.eval.study import canonical_method_name
+
+    try:
+        return canonical_method_name(method, model)
+    except ValueError:
+        return None
+
+
 def build_report(out_dir, models, methods, tasks) -> Path:
     """Write ``report.md``, ``study_summary.json`` and the plots; returns the report path.
 
     Hand-written conclusions live in ``<out_dir>/study_notes.md`` and are appended verbatim."""
-    from sawkv.eval.study import canonical_method_name
-
     out_dir = Path(out_dir)
     md = ["# KV-cache accuracy study", "", CAVEAT, ""]
     summary = {}
     for model in models:
-        canon = list(dict.fromkeys(canonical_method_name(m, model) for m in methods))
+        canon = list(dict.fromkeys(filter(None, (_canon(m, model) for m in methods))))
         results = load_results(out_dir, [model], canon, tasks).get(model, {})
         if not results:
             md += [f"## {model}", "", "(no results yet)", ""]

@@ -177,7 +177,13 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
         m = _Model(model_name, log)
         msize = size_for(model_name, size)
         for method_name in methods:
-            canon = canonical_method_name(method_name, model_name)
+            try:
+                canon = canonical_method_name(method_name, model_name)
+            except ValueError as e:  # e.g. -bdr256 on a head_dim-64 model: not applicable
+                log(f"[study] skipping {method_name} for {model_name}: {e}")
+                if strict:
+                    raise
+                continue
             for task in tasks:
                 path = result_path(Path(out_dir), model_name, canon, task)
                 paths.append(path)
