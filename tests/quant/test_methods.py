@@ -39,7 +39,7 @@ def test_bare_bdr_resolves_to_min_128_head_dim():
         ("int5", "bits must be one of"),
         ("int4-foo", "suffix '-foo'"),
         ("int4-kv", "needs '-bdr'"),
-        ("kivi-bogus", "not a method family"),
+        ("nope-bogus", "not a method family"),
         ("int4-g32-g16", "given twice"),
         ("", "empty"),
     ],
