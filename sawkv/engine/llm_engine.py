@@ -9,6 +9,7 @@ from pathlib import Path
 from sawkv.cache.block_manager import BlockManager
 from sawkv.cache.kv_cache import KVCacheSpec, load_key_means, parse_servable_method
 from sawkv.config import EngineConfig
+from sawkv.engine.detokenizer import IncrementalDetokenizer
 from sawkv.engine.model_runner import ModelRunner
 from sawkv.engine.outputs import RequestOutput
 from sawkv.engine.sampler import Sampler
@@ -157,15 +158,25 @@ class LLMEngine:
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if self.tokenizer is not None:
+            # incremental: O(window) per token instead of re-decoding the whole output each step
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
             prev_len = len(seq.text)
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            seq.detokenizer.add([token])
+            seq.text = seq.detokenizer.text
             if p.stop and _truncate_at_stop(seq, prev_len):
                 return "stop"
+        reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+            reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None and seq.detokenizer is not None:
+            seq.detokenizer.flush()  # an incomplete trailing character, as a full decode gives it
+            seq.text = seq.detokenizer.text
+            if p.stop:
+                _truncate_at_stop(seq, prev_len)
+        return reason
 
     def stats(self) -> dict:
         bm = self.block_manager

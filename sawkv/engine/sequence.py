@@ -41,6 +41,7 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading full pages already registered in the prefix cache
         self.finish_reason: str | None = None
         self.text = ""
+        self.detokenizer = None  # IncrementalDetokenizer, set by the engine when it has a tokenizer
         self.generator: torch.Generator | None = None
 
     @property

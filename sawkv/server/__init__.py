@@ -4,7 +4,6 @@ Modules (fastapi/uvicorn are imported only by ``api_server``, so the rest stays 
 without them):
 
 - ``protocol``      request bodies (pydantic), OpenAI-style errors, sampling-param conversion
-- ``detokenizer``   incremental detokenization for streaming (multi-byte UTF-8 safe)
 - ``async_engine``  one thread drives ``engine.step()``; requests wait on asyncio queues
 - ``serving``       completions/chat: validate, tokenize, run, build JSON or SSE chunks
 - ``metrics``       Prometheus text exposition of KV blocks, requests and token rates

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sawkv.engine.detokenizer import OutputTextStream
 from sawkv.engine.sampling_params import SamplingParams
 from sawkv.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
-from sawkv.server.detokenizer import OutputTextStream
 from sawkv.server.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     APIError,

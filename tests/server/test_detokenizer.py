@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from sawkv.server.detokenizer import IncrementalDetokenizer, OutputTextStream
+from sawkv.engine.detokenizer import IncrementalDetokenizer, OutputTextStream
 
 # Multi-byte characters that byte-level BPE splits over several tokens (é, CJK, emoji, ZWJ).
 TEXTS = [
