@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sawkv.hf.cache import SawKVCache
-from sawkv.quant.methods import KVMethod
+from sawkv.hf.cache import SawKVCache, attention_shape
+from sawkv.quant.methods import KVMethod, parse_method
 
 
 @torch.no_grad()
@@ -86,6 +86,10 @@ def perplexity(
             progress.advance(task)
     kc = kc_mode if "kc" in name.split("-") else None
     out = {"method": name, "kc_mode": kc, "num_sink": num_sink}
+    m = parse_method(name)
+    if m.kind == "int" and not m.is_packed_storage:  # INT3/INT2 are simulated: one code a byte
+        out["stored_bits_per_element"] = bits
+        bits = m.bits_per_element(attention_shape(model.config)[2])  # a bit-packed layout's size
     out.update(summarize(nlls, counts))
     out.update(
         num_windows=len(nlls),
