@@ -24,7 +24,8 @@ $S --models smollm2-135m --methods $CORE,$BASE,$KM --tasks $PPL
 $S --models gemma3-270m --methods $CORE,$BASE,$KM,$GEMMA --tasks ppl-austen,ppl-wikipedia
 $S --models qwen2.5-coder-0.5b --methods $CORE,$BASE,$KM --tasks ppl-austen
 $S --models qwen2.5-coder-1.5b --methods auto,int4,int4-bdr128-kc,int4-bdr-kv-kc,gptq4-bdr-kc,int8,int4-bdr128,kivi4,int3-bdr-kc --tasks ppl-austen
-$S --models smollm2-135m --methods $FEW --tasks $MC,needle  # only auto and int4 finished
+$S --models smollm2-135m --methods auto,int4,int4-bdr64-kc --tasks $MC,needle
+$S --models smollm2-135m --methods int4-bdr-kv-kc,gptq4-bdr-kc,mixed4.5-s4,kivi2,kmeans4-d2,int8 --tasks arc_easy,piqa,hellaswag  # stopped after gptq4 arc_easy
 # not reached in the session (see report.md):
 $S --models gemma3-270m --methods $FEW --tasks $MC,needle
 $S --models gemma3-270m --methods $CORE,$BASE --tasks ppl-paulgraham

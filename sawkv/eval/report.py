@@ -11,7 +11,7 @@ Reads the per-(model, method, task) JSONs of :mod:`sawkv.eval.study` and writes,
 * ``study_<model>_bits.png``: primary metric vs bits per element, one panel per task;
 * ``study_<model>_sensitivity.png``: the per-layer x KV-head sensitivity heatmap (when a
   sensitivity profile was computed for mixed precision);
-* ``study_notes.md`` (hand-written conclusions), when present, is appended to the report.
+* ``study_notes.md`` (hand-written conclusions), when present, opens the report.
 
 Paired SEs: for accuracy the per-item difference of 0/1 correctness; for perplexity the
 per-window difference of mean NLL (delta method on the ratio). A difference smaller than about
@@ -204,6 +204,7 @@ def plot_sensitivity(model: str, path: Path) -> bool:
     sens = torch.load(files[0]).float()
     fig, ax = plt.subplots(figsize=(2 + 0.6 * sens.shape[1], 1 + 0.18 * sens.shape[0]))
     im = ax.imshow(sens.clamp(min=1e-6).log10().numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(sens.shape[1]))
     ax.set_xlabel("KV head")
     ax.set_ylabel("layer")
     ax.set_title(f"{model}\nlog10 KL, {files[0].stem}", fontsize=8)
@@ -238,9 +239,12 @@ def _canon(method: str, model: str) -> str | None:
 def build_report(out_dir, models, methods, tasks) -> Path:
     """Write ``report.md``, ``study_summary.json`` and the plots; returns the report path.
 
-    Hand-written conclusions live in ``<out_dir>/study_notes.md`` and are appended verbatim."""
+    Hand-written conclusions live in ``<out_dir>/study_notes.md`` and open the report verbatim."""
     out_dir = Path(out_dir)
     md = ["# KV-cache accuracy study", "", CAVEAT, ""]
+    notes = out_dir / "study_notes.md"
+    if notes.is_file():  # hand-written headline and conclusions go first
+        md += [notes.read_text(), ""]
     summary = {}
     for model in models:
         canon = list(dict.fromkeys(filter(None, (_canon(m, model) for m in methods))))
@@ -255,9 +259,6 @@ def build_report(out_dir, models, methods, tasks) -> Path:
         md += [f"## {model}", "", table, "", f"![accuracy vs bits]({stem}_bits.png)", ""]
         if plot_sensitivity(model, out_dir / f"{stem}_sensitivity.png"):
             md += [f"![sensitivity]({stem}_sensitivity.png)", ""]
-    notes = out_dir / "study_notes.md"
-    if notes.is_file():
-        md += [notes.read_text(), ""]
     (out_dir / "study_summary.json").write_text(json.dumps(summary, indent=1))
     path = out_dir / "report.md"
     path.write_text("\n".join(md))
