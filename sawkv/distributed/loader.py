@@ -16,7 +16,7 @@ from torch import nn
 
 from sawkv.config import ModelConfig
 from sawkv.distributed.layers import vocab_shard
-from sawkv.models.loader import _copy, _map_name
+from sawkv.models.loader import load_safetensors
 
 _ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")
 _VOCAB = ("embed_tokens.weight", "lm_head.weight")
@@ -38,32 +38,10 @@ def shard_tensor(
     return t
 
 
-@torch.no_grad()
 def load_sharded_safetensors(
     model: nn.Module, model_dir: Path, full: ModelConfig, rank: int, tp: int
 ) -> None:
     """Fill a tensor-parallel ``model`` with its slices of ``model_dir/*.safetensors``."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {model_dir}")
-    params = dict(model.named_parameters())
-    modules = dict(model.named_modules())
-    missing = set(params)
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                mapped = _map_name(hf_name)
-                if mapped is None or (
-                    mapped[0] == "lm_head.weight" and "lm_head.weight" not in params
-                ):
-                    continue  # tied embeddings: the checkpoint may still carry lm_head
-                name, shard = mapped
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
-                part = shard_tensor(name, shard, f.get_tensor(hf_name), full, rank, tp)
-                _copy(params[name], part, modules, name, shard)
-                missing.discard(name)
-    if missing:
-        raise ValueError(f"checkpoint {model_dir} lacks weights for {sorted(missing)[:8]}")
+    load_safetensors(
+        model, model_dir, lambda name, shard, t: shard_tensor(name, shard, t, full, rank, tp)
+    )

@@ -117,8 +117,12 @@ def _map_name(name: str) -> tuple[str, int | None] | None:
 
 
 @torch.no_grad()
-def load_safetensors(model: nn.Module, model_dir: Path) -> None:
-    """Copy every tensor of ``model_dir/*.safetensors`` into ``model`` (fused shards placed)."""
+def load_safetensors(model: nn.Module, model_dir: Path, transform=None) -> None:
+    """Copy every tensor of ``model_dir/*.safetensors`` into ``model`` (fused shards placed).
+
+    ``transform(name, shard, tensor) -> tensor``, if given, maps each checkpoint tensor before
+    it is copied (tensor parallelism uses it to keep this rank's slice).
+    """
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -138,7 +142,10 @@ def load_safetensors(model: nn.Module, model_dir: Path) -> None:
                 name, shard = mapped
                 if name not in params:
                     raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
-                _copy(params[name], f.get_tensor(hf_name), modules, name, shard)
+                tensor = f.get_tensor(hf_name)
+                if transform is not None:
+                    tensor = transform(name, shard, tensor)
+                _copy(params[name], tensor, modules, name, shard)
                 missing.discard(name)
     if missing:
         raise ValueError(f"checkpoint {model_dir} lacks weights for {sorted(missing)[:8]}")
