@@ -180,10 +180,11 @@ def report_cmd(
     methods: Annotated[str, typer.Option(help="comma-separated KV methods (baselines too)")] = "",
     tasks: Annotated[str, typer.Option(help="comma-separated tasks (ppl-<text>, mc, ...)")] = "",
     size: Annotated[
-        str, typer.Option(help="tiny | cpu | small | medium (per-model CPU caps)")
+        str, typer.Option(help="tiny | cpu | small | medium (per-model CPU caps) | gpu")
     ] = "small",
     out: Annotated[Path, typer.Option(help="results directory")] = Path("benchmarks/results"),
     run: Annotated[bool, typer.Option(help="compute missing results (else only re-read)")] = True,
+    device: Annotated[str, typer.Option(help="torch device for the model")] = "cpu",
 ) -> None:
     """Accuracy study: run missing (model, method, task) results, then write report.md + plots."""
     from sawkv.eval.report import build_report
@@ -196,7 +197,7 @@ def report_cmd(
     method_list = [m.strip() for m in methods.split(",") if m.strip()] or list(STUDY_METHODS)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] or list(DEFAULT_TASKS)
     if run:
-        run_study(model_list, method_list, task_list, out, SIZES[size])
+        run_study(model_list, method_list, task_list, out, SIZES[size], device=device)
     print(build_report(out, model_list, method_list, task_list))
 
 

@@ -42,6 +42,7 @@ class StudySize:
     gsm8k_shots: int = 4
     needle_lens: tuple[int, ...] = (1024, 2048)
     needle_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    cpu_caps: bool = True  # apply MODEL_CAPS (sized for a 2-core CPU)
 
 
 SIZES = {
@@ -51,15 +52,22 @@ SIZES = {
     "small": StudySize(),
     "medium": StudySize(ppl_tokens=8192, mc_items=200, gsm8k_items=50,
                         needle_lens=(1024, 2048, 4096), needle_depths=(0.0, 0.25, 0.5, 0.75, 1.0)),
+    # One GPU: every model at full size (no CPU caps); needles up to 8K tokens.
+    "gpu": StudySize(ppl_tokens=8192, mc_items=200, gsm8k_items=40, gsm8k_shots=4,
+                     needle_lens=(1024, 2048, 4096, 8192),
+                     needle_depths=(0.0, 0.25, 0.5, 0.75, 1.0), cpu_caps=False),
 }  # fmt: skip
 # CPU caps for the slow model: fewer items and shorter needles than the preset asks for.
 MODEL_CAPS = {"qwen2.5-coder-1.5b": {"ppl_tokens": 1024, "mc_items": 20, "gsm8k_items": 3,
                                      "needle_lens": (1024,)}}  # fmt: skip
 
 
+NEEDLE_NEW_TOKENS = 12
+
+
 def size_for(model_name: str, size: StudySize) -> StudySize:
     """``size`` with the CPU caps of ``model_name`` applied (never larger than asked)."""
-    caps = MODEL_CAPS.get(model_name, {})
+    caps = MODEL_CAPS.get(model_name, {}) if size.cpu_caps else {}
     fields = {}
     for k, cap in caps.items():
         cur = getattr(size, k)
@@ -102,16 +110,22 @@ def run_task(task: str, model, tokenizer, method, k_means, size: StudySize) -> d
         return tasks.run_gsm8k(model, tokenizer, method, k_means, size.gsm8k_items,
                                size.gsm8k_shots)  # fmt: skip
     if task == "needle":
-        return needle.run_needle(model, tokenizer, method, k_means, size.needle_lens,
-                                 size.needle_depths)  # fmt: skip
+        # A context plus the answer must fit the model's window (SmolLM2: 8192 positions).
+        window = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        lens = tuple(n for n in size.needle_lens if n + NEEDLE_NEW_TOKENS <= window)
+        if not lens:
+            raise ValueError(f"no needle context length in {size.needle_lens} fits the "
+                             f"model's window of {window} positions")  # fmt: skip
+        return needle.run_needle(model, tokenizer, method, k_means, lens, size.needle_depths,
+                                 max_new_tokens=NEEDLE_NEW_TOKENS)  # fmt: skip
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(DEFAULT_TASKS)}")
 
 
 class _Model:
     """Lazily loaded model, key means and calibrated methods of one model name."""
 
-    def __init__(self, name: str, log):
-        self.name, self.log = name, log
+    def __init__(self, name: str, log, device: str = "cpu"):
+        self.name, self.log, self.device = name, log, device
         self.model = self.tokenizer = self.k_means = None
         self.methods: dict[str, object] = {}
 
@@ -121,7 +135,7 @@ class _Model:
             from sawkv.models.hub import load_hf_model
 
             t0 = time.perf_counter()
-            self.model, self.tokenizer = load_hf_model(self.name)
+            self.model, self.tokenizer = load_hf_model(self.name, device=self.device)
             self.k_means = get_key_means(self.model, self.tokenizer, self.name)
             self.log(f"[study] loaded {self.name} in {time.perf_counter() - t0:.0f} s")
         return self
@@ -160,7 +174,7 @@ def canonical_method_name(name: str, model_name: str) -> str:
 
 
 def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudySize | None = None,
-              log=print, strict: bool = False) -> list[Path]:  # fmt: skip
+              log=print, strict: bool = False, device: str = "cpu") -> list[Path]:  # fmt: skip
     """Run every missing (model, method, task) result; returns the result paths (all of them).
 
     Args:
@@ -170,11 +184,12 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
         out_dir: results root (``benchmarks/results``).
         size: a :class:`StudySize` (default ``SIZES["small"]``), capped per model.
         strict: re-raise a failing task (tests) instead of logging it and going on.
+        device: torch device for the model (and so for every cache and calibration).
     """
     size = size or SIZES["small"]
     paths = []
     for model_name in models:
-        m = _Model(model_name, log)
+        m = _Model(model_name, log, device)
         msize = size_for(model_name, size)
         for method_name in methods:
             try:
@@ -203,7 +218,8 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                 dtype_bits = torch.finfo(m.model.dtype).bits  # what `auto` stores
                 res.update(model=model_name, method=canon, task=task, commit=git_commit(),
                            head_dim=hd, bits_per_element=method.bits_per_element(hd, dtype_bits),
-                           model_dtype=str(m.model.dtype), size=asdict(msize))  # fmt: skip
+                           model_dtype=str(m.model.dtype), size=asdict(msize),
+                           device=_device_name(m.model))  # fmt: skip
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(res, indent=1))
@@ -211,6 +227,11 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                 log(f"[study] {model_name} {canon} {task}: {_fmt(res)} "
                     f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     return paths
+
+
+def _device_name(model) -> str:
+    dev = next(model.parameters()).device
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
 
 
 def _fmt(res: dict) -> str:

@@ -161,7 +161,7 @@ def gptq_quantize(
     w = x.double().clone()
     scale, mn = (t.double() for t in grid_of(x, bits, group_size))
     h = hessian.double()
-    h = h + (DAMP * h.diagonal().mean().clamp(min=1e-8)) * torch.eye(d, dtype=h.dtype)
+    h = h + (DAMP * h.diagonal().mean().clamp(min=1e-8)) * torch.eye(d, dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.empty_like(w)
     qmax = float(2**bits - 1)

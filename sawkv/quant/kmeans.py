@@ -113,7 +113,7 @@ class KMeansMethod:
     # ---- encode / decode ----------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, is_key: bool, layer_idx: int) -> torch.Tensor:
         """``x [seq, H, d]`` -> codes ``[seq, H, d // s]`` int64 (nearest centroids)."""
-        cb = self._codebook(is_key, layer_idx)
+        cb = self._codebook(is_key, layer_idx).to(x.device)
         n, h, d = x.shape
         pts = self._to_space(x).reshape(n, h * d // self.sub_dim, self.sub_dim).transpose(0, 1)
         codes = assign(pts, cb.reshape(-1, self.num_centroids, self.sub_dim))  # [H*P, n]
@@ -121,7 +121,7 @@ class KMeansMethod:
 
     def decode(self, codes: torch.Tensor, *, is_key: bool, layer_idx: int) -> torch.Tensor:
         """codes ``[seq, H, P]`` -> ``[seq, H, P * s]`` fp32 in model space."""
-        cb = self._codebook(is_key, layer_idx)  # [H, P, C, s]
+        cb = self._codebook(is_key, layer_idx).to(codes.device)  # [H, P, C, s]
         n, h, p = codes.shape
         idx = codes.permute(1, 2, 0).unsqueeze(-1).expand(h, p, n, self.sub_dim)
         x = torch.gather(cb, 2, idx).permute(2, 0, 1, 3).reshape(n, h, p * self.sub_dim)
