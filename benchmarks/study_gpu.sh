@@ -8,7 +8,8 @@
 # GGUF the CPU converts, with the same code (sawkv.models.hub).
 #
 #   bash benchmarks/study_gpu.sh stage             # copy the carried .xfer/* into $STAGE
-#   bash benchmarks/study_gpu.sh start MODEL       # assemble + check + convert, study in background
+#   bash benchmarks/study_gpu.sh start MODEL       # assemble + check, then in background:
+#                                                  #   prepare MODEL (convert) and the study
 #   bash benchmarks/study_gpu.sh collect           # results -> $OUT/study.tgz, log tails printed
 set -u
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ STAGE=/tmp/sawkv_stage
 export SAWKV_CACHE=/tmp/sawkv
 RESULTS=/tmp/sawkv_study
 LOGS=$RESULTS/logs
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 mkdir -p "$STAGE" "$SAWKV_CACHE" "$LOGS"
 
 # Every method of the study, most telling first (a study cut short still answers the question);
@@ -58,11 +59,46 @@ case "${1:-}" in
     echo "$model: GGUF ok ($(du -h "$target" | cut -f1)); study in background, log $LOGS/$model.log"
     S="python3 -m sawkv.cli report --device ${STUDY_DEVICE:-cuda} --size gpu --out $RESULTS --models $model "
     pkill -f -- "--models $model " 2>/dev/null  # a restart after a fix resumes, never doubles
-    setsid nohup bash -c "$S --methods $METHODS --tasks $TASKS; echo STUDY-DONE" \
-      > "$LOGS/$model.log" 2>&1 < /dev/null &
+    # The study is launch-bound (small models, per-layer quantization in torch), so methods
+    # go round-robin to $STUDY_PROCS processes sharing the GPU; all but the first wait (up to
+    # 5 min) until the first has converted the model and saved the key means they share.
+    IFS=, read -ra all <<< "$METHODS"
+    for ((g = 0; g < ${STUDY_PROCS:-4}; g++)); do
+      part=$(for ((i = g; i < ${#all[@]}; i += ${STUDY_PROCS:-4})); do echo -n "${all[i]},"; done)
+      wait_mu="for i in \$(seq 60); do [ -f $SAWKV_CACHE/$model/k_means.safetensors ] && break; \
+        sleep 5; done; sleep 5"
+      first="bash $0 prepare $model >> $LOGS/$model.prepare.log 2>&1"
+      setsid nohup bash -c "if [ $g = 0 ]; then $first; else $wait_mu; fi; \
+        $S --methods ${part%,} --tasks $TASKS; \
+        echo STUDY-DONE" > "$LOGS/$model.$g.log" 2>&1 < /dev/null &
+    done
     # GSM8K alongside (the GPU has room); it starts once the key means are calibrated and saved.
-    setsid nohup bash -c "sleep 150; $S --methods $GSM_METHODS --tasks gsm8k; echo STUDY-DONE" \
-      > "$LOGS/$model.gsm8k.log" 2>&1 < /dev/null &
+    IFS=, read -ra gsm <<< "$GSM_METHODS"
+    for ((g = 0; g < 2; g++)); do
+      part=$(for ((i = g; i < ${#gsm[@]}; i += 2)); do echo -n "${gsm[i]},"; done)
+      setsid nohup bash -c "$wait_mu; $S --methods ${part%,} --tasks gsm8k; echo STUDY-DONE" \
+        > "$LOGS/$model.gsm8k$g.log" 2>&1 < /dev/null &
+    done
+    ;;
+  prepare)  # convert the GGUF; tokenizer files as the CPU converted them (see below)
+    model=$2
+    dir=$SAWKV_CACHE/models/$model
+    python3 -m sawkv.models.hub convert "$model" || exit 1
+    # The GPU image's tokenizer libraries turned Gemma's GGUF vocabulary into a different
+    # tokenizer (BF16 perplexity 16,000 instead of 25); the weights convert identically. The
+    # CPU's tokenizer files travel in model_files.tgz and replace the GPU's, so both machines
+    # score the same tokens; any other file that differs is only reported.
+    if [ -f "$STAGE/model_files.tgz" ]; then
+      mkdir -p /tmp/cpu_files && tar xzf "$STAGE/model_files.tgz" -C /tmp/cpu_files
+      for f in /tmp/cpu_files/models/"$model"/*; do
+        b=$(basename "$f")
+        cmp -s "$f" "$dir/$b" && continue
+        case $b in
+          tokenizer*|chat_template*) cp "$f" "$dir/$b"; echo "$model: $b differs; CPU's used" ;;
+          *) echo "$model: $b differs from the CPU's (kept)" ;;
+        esac
+      done
+    fi
     ;;
   collect)
     for f in "$LOGS"/*.log; do

@@ -60,6 +60,12 @@ def main() -> None:
     with tarfile.open(extras[0], "w:gz") as tar:
         for rel in DATA:
             tar.add(cache_dir() / rel, arcname=rel)
+    extras.append(out / "model_files.tgz")  # tokenizer + config as converted here
+    with tarfile.open(extras[-1], "w:gz") as tar:
+        for name in args.models:
+            for f in sorted((cache_dir() / "models" / name).iterdir()):
+                if f.suffix != ".safetensors":
+                    tar.add(f, arcname=f"models/{name}/{f.name}")
     subprocess.run(["pip", "download", "-q", "--no-deps", "gguf==0.19.0", "-d", str(out)],
                    check=True)  # fmt: skip
     extras += sorted(out.glob("gguf-*.whl"))

@@ -136,7 +136,9 @@ class _Model:
 
             t0 = time.perf_counter()
             self.model, self.tokenizer = load_hf_model(self.name, device=self.device)
-            self.k_means = get_key_means(self.model, self.tokenizer, self.name)
+            k_means = get_key_means(self.model, self.tokenizer, self.name)
+            # loaded from disk on the CPU; every cache and method reads it next to K
+            self.k_means = None if k_means is None else k_means.to(self.device)
             self.log(f"[study] loaded {self.name} in {time.perf_counter() - t0:.0f} s")
         return self
 

@@ -93,7 +93,9 @@ class SawKVLayer(DynamicLayer):
             if self.cumulative_length == 0:  # prefill: [B, H, S, D] -> [B, 1, H, D]
                 self.k_mean = key_states.float().mean(dim=2).unsqueeze(1)
             return self.k_mean
-        return None if self.k_mean is None else self.k_mean.to(key_states.device)
+        if self.k_mean is not None and self.k_mean.device != key_states.device:
+            self.k_mean = self.k_mean.to(key_states.device)  # once: _decode reads it too
+        return self.k_mean
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Encode and store the new ``[B, H, S, D]`` K/V; return all stored K/V decoded.
