@@ -18,18 +18,23 @@ export SAWKV_CACHE=/tmp/sawkv
 RESULTS=/tmp/sawkv_study
 LOGS=$RESULTS/logs
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 mkdir -p "$STAGE" "$SAWKV_CACHE" "$LOGS"
 
-# Every method of the study, most telling first (a study cut short still answers the question);
-# -bdr256 variants only apply to Gemma (head_dim 256) and are skipped elsewhere with a log line.
-METHODS=auto,int4,int4-bdr-kv-kc,int4-bdr64-kv-kc,int4-bdr64,int4-bdr-kc,kivi4,gptq4-bdr-kc
-METHODS=$METHODS,mixed4.5-s4,kmeans4-d2,kmeans4-d2-bdr,int8,fp8,int4-bdr64-kc,int3-bdr-kc
-METHODS=$METHODS,int3-bdr-kv-kc,int2-bdr-kv-kc,kivi2,int4-g32-bdr-kv-kc,int4-bdr256-kc
-METHODS=$METHODS,int4-bdr256-kv-kc
-TASKS=ppl-austen,ppl-paulgraham,ppl-wikipedia,arc_easy,arc_challenge,hellaswag,piqa,winogrande
-TASKS=$TASKS,mmlu,needle
-# Generation is ~100x the cost of scoring: GSM8K for the methods that decide the question.
-GSM_METHODS=auto,int4,int4-bdr64-kv-kc,int4-bdr-kv-kc,kivi4,gptq4-bdr-kc,mixed4.5-s4
+# One H100 hold (~35 min of GPU) cannot score every method on every task of four models, so
+# the work comes in tiers, each model's processes sharing the GPU:
+#   p0: perplexity (3 texts) for every method, then MC + needle for the remaining methods;
+#   p1, p2: MC (6 tasks) + needle for the core methods;  p3: GSM8K (Qwen-1.5B only: the small
+#   models score ~0-5% on it, too little to compare methods).
+PPL=ppl-austen,ppl-paulgraham,ppl-wikipedia
+MC=arc_easy,arc_challenge,hellaswag,piqa,winogrande,mmlu,needle
+ALL=auto,int4,int4-bdr-kv-kc,int4-bdr64-kv-kc,int4-bdr64,int4-bdr-kc,kivi4,gptq4-bdr-kc
+ALL=$ALL,mixed4.5-s4,kmeans4-d2,kmeans4-d2-bdr,int8,fp8,int4-bdr64-kc,int3-bdr-kc
+ALL=$ALL,int3-bdr-kv-kc,int2-bdr-kv-kc,kivi2,int4-g32-bdr-kv-kc,int4-bdr256-kc,int4-bdr256-kv-kc
+CORE_A=auto,int4-bdr-kv-kc,gptq4-bdr-kc,mixed4.5-s4,int3-bdr-kv-kc
+CORE_B=int4,kivi4,kmeans4-d2-bdr,int8,int4-bdr64-kv-kc
+REST=int4-bdr-kc,int4-bdr64,fp8,kivi2,int2-bdr-kv-kc,kmeans4-d2,int4-bdr256-kv-kc
+GSM=auto,int4,int4-bdr-kv-kc,kivi4,gptq4-bdr-kc
 
 gguf_target() {
   case "$1" in
@@ -40,8 +45,11 @@ gguf_target() {
 
 case "${1:-}" in
   stage)
-    cp -v .xfer/* "$STAGE"/ 2>/dev/null | sed 's/.*-> //'
-    ls "$STAGE" | tr '\n' ' '; echo
+    cp .xfer/* "$STAGE"/ 2>/dev/null
+    # results of an earlier hold (same sizes) are not computed again
+    if [ -f "$STAGE/results_prev.tgz" ] && [ ! -f "$RESULTS/.prev" ]; then
+      tar xzf "$STAGE/results_prev.tgz" -C "$RESULTS" && touch "$RESULTS/.prev"
+    fi
     ;;
   start)
     model=$2
@@ -59,26 +67,21 @@ case "${1:-}" in
     echo "$model: GGUF ok ($(du -h "$target" | cut -f1)); study in background, log $LOGS/$model.log"
     S="python3 -m sawkv.cli report --device ${STUDY_DEVICE:-cuda} --size gpu --out $RESULTS --models $model "
     pkill -f -- "--models $model " 2>/dev/null  # a restart after a fix resumes, never doubles
-    # The study is launch-bound (small models, per-layer quantization in torch), so methods
-    # go round-robin to $STUDY_PROCS processes sharing the GPU; all but the first wait (up to
-    # 5 min) until the first has converted the model and saved the key means they share.
-    IFS=, read -ra all <<< "$METHODS"
-    for ((g = 0; g < ${STUDY_PROCS:-4}; g++)); do
-      part=$(for ((i = g; i < ${#all[@]}; i += ${STUDY_PROCS:-4})); do echo -n "${all[i]},"; done)
-      wait_mu="for i in \$(seq 60); do [ -f $SAWKV_CACHE/$model/k_means.safetensors ] && break; \
-        sleep 5; done; sleep 5"
-      first="bash $0 prepare $model >> $LOGS/$model.prepare.log 2>&1"
-      setsid nohup bash -c "if [ $g = 0 ]; then $first; else $wait_mu; fi; \
-        $S --methods ${part%,} --tasks $TASKS; \
-        echo STUDY-DONE" > "$LOGS/$model.$g.log" 2>&1 < /dev/null &
-    done
-    # GSM8K alongside (the GPU has room); it starts once the key means are calibrated and saved.
-    IFS=, read -ra gsm <<< "$GSM_METHODS"
-    for ((g = 0; g < 2; g++)); do
-      part=$(for ((i = g; i < ${#gsm[@]}; i += 2)); do echo -n "${gsm[i]},"; done)
-      setsid nohup bash -c "$wait_mu; $S --methods ${part%,} --tasks gsm8k; echo STUDY-DONE" \
-        > "$LOGS/$model.gsm8k$g.log" 2>&1 < /dev/null &
-    done
+    wait_mu="for i in \$(seq 60); do [ -f $SAWKV_CACHE/$model/k_means.safetensors ] && break; \
+      sleep 5; done; sleep 5"
+    first="bash $0 prepare $model >> $LOGS/$model.prepare.log 2>&1"
+    launch() {  # launch NAME COMMANDS...: one background process (own session) per call
+      local name=$1; shift
+      setsid nohup bash -c "$*; echo STUDY-DONE" > "$LOGS/$model.$name.log" 2>&1 < /dev/null &
+    }
+    launch p0 "$first; $S --methods $ALL --tasks $PPL; $S --methods $REST --tasks $MC"
+    launch p1 "$wait_mu; $S --methods $CORE_A --tasks $MC"
+    core_b=$CORE_B  # with head_dim 64 the bare -bdr is -bdr64: already in CORE_A
+    case $model in smollm2-135m|qwen2.5-coder-0.5b) core_b=${CORE_B%,int4-bdr64-kv-kc} ;; esac
+    launch p2 "$wait_mu; $S --methods $core_b --tasks $MC"
+    if [ "$model" = qwen2.5-coder-1.5b ]; then
+      launch p3 "$wait_mu; $S --methods $GSM --tasks gsm8k"
+    fi
     ;;
   prepare)  # convert the GGUF; tokenizer files as the CPU converted them (see below)
     model=$2
@@ -103,8 +106,8 @@ case "${1:-}" in
   collect)
     for f in "$LOGS"/*.log; do
       [ -f "$f" ] || continue
-      echo "== $(basename "$f"): $(grep -c '^\[study\] ' "$f") lines"
-      grep -E '^\[study\]|Error|error|STUDY-DONE' "$f" | tail -n 6 | cut -c1-200
+      echo "== $(basename "$f"): $(grep -c '^\[study\] ' "$f") done, $(grep -c FAILED "$f") failed"
+      grep -E '^\[study\]|STUDY-DONE' "$f" | tail -n 2 | cut -c1-160
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     mkdir -p "$OUT" && tar czf "$OUT/study.tgz" -C "$RESULTS" --exclude='*.png' .

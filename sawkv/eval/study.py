@@ -53,7 +53,7 @@ SIZES = {
     "medium": StudySize(ppl_tokens=8192, mc_items=200, gsm8k_items=50,
                         needle_lens=(1024, 2048, 4096), needle_depths=(0.0, 0.25, 0.5, 0.75, 1.0)),
     # One GPU: every model at full size (no CPU caps); needles up to 8K tokens.
-    "gpu": StudySize(ppl_tokens=8192, mc_items=200, gsm8k_items=40, gsm8k_shots=4,
+    "gpu": StudySize(ppl_tokens=8192, mc_items=100, gsm8k_items=20, gsm8k_shots=4,
                      needle_lens=(1024, 2048, 4096, 8192),
                      needle_depths=(0.0, 0.25, 0.5, 0.75, 1.0), cpu_caps=False),
 }  # fmt: skip
@@ -216,6 +216,9 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                     if strict:
                         raise
                     continue
+                finally:  # several studies may share one GPU: give back what this task cached
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                 hd = model_head_dim(m.model.config)
                 dtype_bits = torch.finfo(m.model.dtype).bits  # what `auto` stores
                 res.update(model=model_name, method=canon, task=task, commit=git_commit(),
