@@ -126,7 +126,7 @@ def model_table(model: str, results: dict, methods: list[str], tasks: list[str])
         for t in tasks:
             res = per.get(t)
             cmp = compare(res, ref.get(t), naive.get(t)) if res and m != REFERENCE else {}
-            cells.append(_cell(res, cmp))
+            cells.append(_cell(res, cmp) + (" †" if _other_device(res, ref.get(t)) else ""))
             if res:
                 row["tasks"][t] = {k: res.get(k) for k in ("primary", res["primary"],
                                    res["primary"] + "_se")} | cmp  # fmt: skip
@@ -135,7 +135,20 @@ def model_table(model: str, results: dict, methods: list[str], tasks: list[str])
             cells.append("–" if g is None else f"{100 * g:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
         rows.append(row)
+    if any(" †" in line for line in lines[2:]):
+        lines += [
+            "",
+            f"† scored on another device than `{REFERENCE}` (CPU vs GPU, both fp32): "
+            "the paired difference then includes float-rounding differences of the two.",
+        ]
     return "\n".join(lines), rows
+
+
+def _other_device(res: dict | None, ref: dict | None) -> bool:
+    """Whether ``res`` and ``ref`` both name a device and the two differ."""
+    if not res or not ref or "device" not in res or "device" not in ref:
+        return False
+    return res["device"] != ref["device"]
 
 
 def plot_bits(model: str, rows: list[dict], path: Path) -> None:
@@ -220,7 +233,9 @@ CAVEAT = (
     "KV (`auto`); KV quantization is measured against that. All K/V are read quantized, prefill "
     "included. Cells: metric ± SE, then (difference vs `auto` ± paired SE over the same items / "
     "windows). Bits per element include (scale, min) metadata; KIVI's full-precision residual "
-    "window and mixed precision's sink tokens are not counted. Baseline methods (kivi, kmeans, "
+    "window and mixed precision's sink tokens are not counted (KIVI's window of 128 recent "
+    "tokens covers a whole multiple-choice prompt, so its MC cells equal `auto` by construction). "
+    "Baseline methods (kivi, kmeans, "
     "gptq, mixed) are simulated (fake-quant) and not servable by the paged engine."
 )
 

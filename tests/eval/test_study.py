@@ -102,3 +102,16 @@ def test_paired_comparisons():
     assert cmp["ppl_ratio"] == pytest.approx(1.1)
     assert cmp["gap_recovered"] == pytest.approx(0.9)
     assert cmp["ppl_ratio_se"] == pytest.approx(0.0, abs=1e-9)  # a constant shift: no noise
+
+
+def test_report_marks_results_from_another_device():
+    ref = _res("acc", [1, 0, 1, 1], device="NVIDIA H100 80GB HBM3")
+    same = _res("acc", [1, 0, 0, 1], device="NVIDIA H100 80GB HBM3")
+    other = _res("acc", [1, 1, 1, 1], device="cpu")
+    for r in (ref, same, other):
+        r["num_items"] = 4
+    results = {"auto": {"mmlu": ref}, "int4": {"mmlu": same}, "int8": {"mmlu": other}}
+    table, _ = report.model_table("m", results, ["auto", "int4", "int8"], ["mmlu"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert rows["int8"].endswith("† |") and not rows["int4"].endswith("† |")
+    assert "† scored on another device" in table
