@@ -11,6 +11,9 @@
 #   bash benchmarks/study_gpu.sh start MODEL       # assemble + check, then in background:
 #                                                  #   prepare MODEL (convert) and the study
 #   bash benchmarks/study_gpu.sh collect           # results -> $OUT/study.tgz, log tails printed
+#
+# The machine goes back 30 s after a call ends, killing the background study: issue the calls
+# back to back (parts, then `sleep 480; collect` polls) and read the results only afterwards.
 set -u
 cd "$(dirname "$0")/.."
 STAGE=/tmp/sawkv_stage
