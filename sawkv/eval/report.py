@@ -186,6 +186,9 @@ def plot_bits(model: str, rows: list[dict], path: Path) -> None:
             handles[r["method"]] = h
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("bits per element (incl. metadata)")
+        # log2 axis: the 2-5-bit methods would otherwise crowd next to auto's 16/32 bits
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([2, 3, 4, 5, 8, 16, 32], labels=["2", "3", "4", "5", "8", "16", "32"])
         if t.startswith("ppl-"):
             ax.set_yscale("log")
             ax.set_ylabel("perplexity / auto")
