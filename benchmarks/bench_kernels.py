@@ -181,7 +181,7 @@ def check_correctness() -> list[dict]:
         paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out, **kw)
         ref = paged_attention_decode_ref(qd, *ref_pages, tables, seq_lens, **kw).float()
         row["decode_rel_err"] = float((out.float() - ref).norm() / ref.norm())
-        from sawkv.kernels.paged_attention import KernelConfig
+        from sawkv.kernels.tiles import KernelConfig
 
         out_t = torch.full_like(qd, float("nan"))
         cfg_t = KernelConfig(block_n=128, trans_qk=True)
@@ -307,7 +307,7 @@ def sweep_decode(copy_gbs: float):
     """Tuning sweep of the decode kernel's knobs on INT4-BDR128; returns (rows, best config).
 
     The best config minimizes the geometric mean time over the three shapes."""
-    from sawkv.kernels.paged_attention import KernelConfig
+    from sawkv.kernels.tiles import KernelConfig
 
     shapes = [(1, 32768), (32, 8192), (256, 2048)]
     rows, score = [], {}
@@ -341,7 +341,7 @@ def sweep_decode(copy_gbs: float):
 
 def sweep_occupancy(copy_gbs: float) -> list[dict]:
     """Register cap / pipeline depth around the default decode config (INT4-BDR128)."""
-    from sawkv.kernels.paged_attention import DECODE_CONFIG, KernelConfig
+    from sawkv.kernels.tiles import DECODE_CONFIG, KernelConfig
 
     rows = []
     variants = [
@@ -370,7 +370,7 @@ def sweep_occupancy(copy_gbs: float) -> list[dict]:
 
 def sweep_extend():
     """Extend tile sweep at 2048 new tokens over 8K cached, INT4-BDR128."""
-    from sawkv.kernels.paged_attention import KernelConfig
+    from sawkv.kernels.tiles import KernelConfig
 
     rows = []
     for br, bn, warps in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (128, 64, 4)):

@@ -2,8 +2,10 @@
 
 Same signatures and layout as :mod:`sawkv.kernels` (see ``cache_write`` there)::
 
-    k_cache, v_cache  [num_blocks, num_kv_heads, block_size, P]   P = head_dim//2 (INT4, packed as
-                      sawkv.quant.pack_int4), head_dim (INT8 codes, or float for bits=16)
+    k_cache, v_cache  [num_blocks, num_kv_heads, block_size, P]   P = head_dim//2 (INT4, rows packed
+                      as sawkv.quant.pack_int4), head_dim (INT8 codes, or float for bits=16);
+                      INT4/INT8 rows are stored byte-permuted in 16-token groups (tensor-core
+                      fragment order, sawkv.kernels.page_layout)
     k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2]   fp16 (scale, min); None for 16
     slot s            = block_id * block_size + offset
 
@@ -27,6 +29,7 @@ from sawkv.kernels.checks import (
     check_tensor,
     check_write_inputs,
 )
+from sawkv.kernels.page_layout import GROUP, from_pages, group_perm
 from sawkv.quant.hadamard import rotate
 from sawkv.quant.int4 import dequantize_int, pack_int4, quantize_int, unpack_int4
 
@@ -71,21 +74,30 @@ def cache_write_ref(
     if had_block:
         kx = rotate(kx, had_block)
         vx = rotate(vx, had_block) if rotate_v else vx
-    for x, cache, meta in ((kx, k_cache, k_meta), (vx, v_cache, v_meta)):
+    for x, cache, meta, is_key in ((kx, k_cache, k_meta, True), (vx, v_cache, v_meta, False)):
         data, m = _encode(x, bits, cache.dtype)
-        # advanced indices around a slice: cache[b, :, o] is [n, H, P]
-        cache[block_ids, :, offsets] = data
+        if bits == 16:
+            # advanced indices around a slice: cache[b, :, o] is [n, H, P]
+            cache[block_ids, :, offsets] = data
+        else:
+            # codes live in fragment order within each 16-token group (kernels/page_layout.py)
+            num_blocks, num_heads, bs, p = cache.shape
+            perm = group_perm(bits, x.shape[-1], is_key, cache.device).long()
+            idx = (offsets // GROUP * GROUP * p)[:, None] + perm[offsets % GROUP]  # [n, P]
+            flat = cache.view(num_blocks, num_heads, bs * p)
+            flat[block_ids[:, None], :, idx] = data.transpose(1, 2)  # indexed as [n, P, H]
         if m is not None:
             meta[block_ids, :, offsets] = m
 
 
 # ---- read ----------------------------------------------------------------------------------------
-def _gather(cache, meta, block_ids: torch.Tensor, bits: int) -> torch.Tensor:
+def _gather(cache, meta, block_ids: torch.Tensor, bits: int, is_key: bool) -> torch.Tensor:
     """Dequantized fp32 K or V of the pages ``block_ids [..., nb]`` -> ``[..., H, nb*bs, d]``."""
     pages = cache[block_ids]  # [..., nb, H, bs, P]
     if bits == 16:
         x = pages.float()
     else:
+        pages = from_pages(pages, bits, is_key)
         codes = unpack_int4(pages) if bits == 4 else pages
         x = dequantize_int(codes, meta[block_ids].unsqueeze(-2))
     x = x.movedim(-4, -3)  # [..., H, nb, bs, d]
@@ -164,8 +176,8 @@ def paged_attention_decode_ref(
     max_len = int(seq_lens.max())
     nb = min(max(1, math.ceil(max_len / block_size)), block_tables.shape[1])
     blocks = _safe_blocks(block_tables, k_cache.shape[0], nb)
-    k = _gather(k_cache, k_meta, blocks, bits)  # [S, H, L, d]
-    v = _gather(v_cache, v_meta, blocks, bits)
+    k = _gather(k_cache, k_meta, blocks, bits, True)  # [S, H, L, d]
+    v = _gather(v_cache, v_meta, blocks, bits, False)
     pos = torch.arange(k.shape[2], device=q.device)
     lens = seq_lens.long()[:, None]
     mask = pos < lens
@@ -235,8 +247,8 @@ def paged_attention_extend_ref(
             raise ValueError(f"sequence {s}: {q_len} new tokens but seq_len is only {seq_len}")
         nb = min(math.ceil(seq_len / block_size), block_tables.shape[1])
         blocks = _safe_blocks(block_tables[s : s + 1], k_cache.shape[0], nb)[0]
-        k = _gather(k_cache, k_meta, blocks, bits)  # [H, L, d]
-        v = _gather(v_cache, v_meta, blocks, bits)
+        k = _gather(k_cache, k_meta, blocks, bits, True)  # [H, L, d]
+        v = _gather(v_cache, v_meta, blocks, bits, False)
         pos = torch.arange(k.shape[1], device=q.device)
         chunk = max(1, _MAX_SCORE_ELEMS // (num_q_heads * k.shape[1]))
         for c0 in range(0, q_len, chunk):

@@ -42,6 +42,13 @@ class KVCacheSpec:
     block_size: int
     model_dtype: torch.dtype
 
+    def __post_init__(self) -> None:
+        if self.bits < 16 and self.block_size % 16:
+            raise ValueError(
+                f"kv_cache_dtype {self.method.name!r} stores tokens in groups of 16 per page, so "
+                f"block_size must be a multiple of 16, got {self.block_size}"
+            )
+
     @property
     def bits(self) -> int:
         return self.method.bits if self.method.kind == "int" else 16

@@ -1,7 +1,7 @@
 """Fused Triton kernels over the paged INT4/INT8/float KV cache (leaves: torch and triton only).
 
 * :func:`cache_write` (``cache_write.py``): center, rotate, quantize, pack and scatter new K/V.
-* :func:`paged_attention_decode` / :func:`paged_attention_extend` (``paged_attention.py``).
+* :func:`paged_attention_decode` / :func:`paged_attention_extend` (``decode.py``, ``extend.py``; shared tiles in ``tiles.py``, page byte order in ``page_layout.py``).
 
 The kernel modules are imported lazily so that ``sawkv.kernels.checks`` (used by the torch
 reference on CPU) does not import triton, and so that tests can set ``TRITON_INTERPRET=1`` first.
@@ -15,8 +15,8 @@ import importlib
 
 _LAZY = {
     "cache_write": "sawkv.kernels.cache_write",
-    "paged_attention_decode": "sawkv.kernels.paged_attention",
-    "paged_attention_extend": "sawkv.kernels.paged_attention",
+    "paged_attention_decode": "sawkv.kernels.decode",
+    "paged_attention_extend": "sawkv.kernels.extend",
 }
 
 __all__ = list(_LAZY)

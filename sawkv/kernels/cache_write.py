@@ -2,7 +2,8 @@
 
 One program takes ``BLOCK_T`` tokens of one KV head, K and V both, in one pass: load, subtract
 the key mean, rotate in registers (:mod:`sawkv.kernels.rotation`), per-row min/max, quantize,
-pack two codes per byte and store at ``slot_mapping``. Nothing but the pages is written.
+pack two codes per byte and store at ``slot_mapping`` (INT4/INT8 bytes in the fragment order of
+``page_layout.py``). Nothing but the pages is written.
 
 Numerics follow ``sawkv.quant.int4.quantize_int`` step for step (fp32; NaN -> 0 and clamp to
 ±65504 after the transform; scale = fp16((max - min) / qmax), min = fp16(min); codes
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from sawkv.kernels.checks import check_write_inputs
 from sawkv.kernels.rotation import rotate_halves
+from sawkv.kernels.tiles import _perm_args
 
 FP16_MAX = 65504.0
 # Rotation dots on the tensor cores at ~fp32 accuracy (three tf32 products); see rotation.py.
@@ -34,7 +36,9 @@ def _quantize_store(
     hi,  # [BLOCK_T, DH] fp32, second half
     page_ptr,  # [num_blocks, H, block_size, P] uint8 or float
     meta_ptr,  # [num_blocks, H, block_size, 2] fp16
-    page_row,  # [BLOCK_T] int64 element offset of each token's row in the pages
+    perm_ptr,  # [16, P] int32 byte order of a 16-token group (INT4/INT8; page_layout.py)
+    page_row,  # [BLOCK_T] int64 element offset of each token's row (float) or group (INT)
+    in_group,  # [BLOCK_T] token offset within its 16-token group
     meta_row,  # [BLOCK_T] int64 element offset of each token's (scale, min)
     row_mask,  # [BLOCK_T] bool
     BITS: tl.constexpr,
@@ -61,11 +65,15 @@ def _quantize_store(
         c_hi = tl.floor((hi - mnf[:, None]) * inv[:, None] + 0.5)
         c_lo = tl.minimum(tl.maximum(c_lo, 0.0), qmax).to(tl.uint8)
         c_hi = tl.minimum(tl.maximum(c_hi, 0.0), qmax).to(tl.uint8)
+        # canonical byte j of the row goes where the group's byte table puts it
+        perm_row = perm_ptr + in_group[:, None] * (DH if BITS == 4 else 2 * DH) + cols
+        dest = page_ptr + page_row[:, None] + tl.load(perm_row, mask=m2, other=0)
         if BITS == 4:
-            tl.store(page_ptr + page_row[:, None] + cols, c_lo | (c_hi << 4), mask=m2)
+            tl.store(dest, c_lo | (c_hi << 4), mask=m2)
         else:
-            tl.store(page_ptr + page_row[:, None] + cols, c_lo, mask=m2)
-            tl.store(page_ptr + page_row[:, None] + DH + cols, c_hi, mask=m2)
+            tl.store(dest, c_lo, mask=m2)
+            dest_hi = page_ptr + page_row[:, None] + tl.load(perm_row + DH, mask=m2, other=0)
+            tl.store(dest_hi, c_hi, mask=m2)
         tl.store(meta_ptr + meta_row, scale16, mask=row_mask)
         tl.store(meta_ptr + meta_row + 1, mn16, mask=row_mask)
 
@@ -78,6 +86,8 @@ def _cache_write_kernel(
     v_page_ptr,  # same
     k_meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (dummy for BITS=16)
     v_meta_ptr,  # same
+    k_perm_ptr,  # [16, P] int32 (INT4/INT8; dummy for BITS=16)
+    v_perm_ptr,
     slot_ptr,  # [T] int32/int64, -1 = skip
     mean_ptr,  # [H, D] float (dummy without HAS_MEAN)
     num_tokens,
@@ -109,7 +119,11 @@ def _cache_write_kernel(
     row_mask = slot >= 0
     blk = tl.where(row_mask, slot // BLOCK_SIZE, 0)
     off = tl.where(row_mask, slot % BLOCK_SIZE, 0)
-    page_row = blk * stride_page_b + h * stride_page_h + off * stride_page_t
+    in_group = off % 16
+    if BITS == 16:
+        page_row = blk * stride_page_b + h * stride_page_h + off * stride_page_t
+    else:
+        page_row = blk * stride_page_b + h * stride_page_h + (off - in_group) * stride_page_t
     meta_row = blk * stride_meta_b + h * stride_meta_h + off * stride_meta_t
     cols = tl.arange(0, DH)[None, :]
     m2 = row_mask[:, None]
@@ -124,14 +138,20 @@ def _cache_write_kernel(
         k_hi -= tl.load(mu + DH).to(tl.float32)[None, :]
     if HAD > 0:
         k_lo, k_hi = rotate_halves(k_lo, k_hi, norm, BLOCK_T, DH, HAD, ROT_PREC)
-    _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, page_row, meta_row, row_mask, BITS, DH)
+    _quantize_store(
+        k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group, meta_row, row_mask,
+        BITS, DH,
+    )  # fmt: skip
 
     v_row = v_ptr + tok64 * stride_vt + h * stride_vh + cols
     v_lo = tl.load(v_row, mask=m2, other=0.0).to(tl.float32)
     v_hi = tl.load(v_row + DH, mask=m2, other=0.0).to(tl.float32)
     if ROT_V:
         v_lo, v_hi = rotate_halves(v_lo, v_hi, norm, BLOCK_T, DH, HAD, ROT_PREC)
-    _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, page_row, meta_row, row_mask, BITS, DH)
+    _quantize_store(
+        v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group, meta_row, row_mask,
+        BITS, DH,
+    )  # fmt: skip
 
 
 def _pick_launch(num_tokens: int, head_dim: int, had_block: int) -> tuple[int, int]:
@@ -202,6 +222,7 @@ def cache_write(
     v_meta_arg = v_cache if v_meta is None else v_meta
     meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
     grid = (triton.cdiv(num_tokens, block_t), num_kv_heads)
+    k_perm, v_perm = _perm_args(bits, head_dim, k.device)
     _cache_write_kernel[grid](
         k,
         v,
@@ -209,6 +230,8 @@ def cache_write(
         v_cache,
         k_meta_arg,
         v_meta_arg,
+        k_perm,
+        v_perm,
         slot_mapping,
         k if k_mean is None else k_mean,
         num_tokens,

@@ -77,6 +77,11 @@ def check_pages(
         if k_meta is not None or v_meta is not None:
             raise ValueError("k_meta and v_meta must be None for bits=16 pages")
     else:
+        if block_size % 16:
+            raise ValueError(
+                f"INT{bits} pages store tokens in groups of 16 (fragment order), so block_size "
+                f"must be a multiple of 16, got {block_size}"
+            )
         for name, m in (("k_meta", k_meta), ("v_meta", v_meta)):
             check_tensor(name, m, 4, (torch.float16,), device)
             check_shape(name, m, (num_blocks, num_kv_heads, block_size, 2))

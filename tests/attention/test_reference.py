@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from sawkv.kernels.page_layout import from_pages
+
 from sawkv.attention.reference import (
     cache_write_ref,
     paged_attention_decode_ref,
@@ -106,6 +108,9 @@ def test_write_bytes_match_encode(name):
     blk, off = case["slots"] // bs, case["slots"] % bs
     ek = m.encode(case["k"], is_key=True, k_mean=case["k_mean"])
     ev = m.encode(case["v"], is_key=False)
+    # pages hold rows byte-permuted in 16-token groups; tests/kernels/test_page_layout.py checks
+    # that order against the tensor-core fragment definition
+    kc, vc = from_pages(kc, m.bits, True), from_pages(vc, m.bits, False)
     assert torch.equal(kc[blk, :, off], ek.data)
     assert torch.equal(vc[blk, :, off], ev.data)
     assert torch.equal(km[blk, :, off], ek.meta[..., 0, :])

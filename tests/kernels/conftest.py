@@ -24,15 +24,21 @@ def _reimport_interpreted() -> None:
         for name in sys.modules
         if (name == "triton" or name.startswith("triton."))
         and not name.startswith("triton._C")
-        or name in ("sawkv.kernels.cache_write", "sawkv.kernels.paged_attention")
-        or name == "sawkv.kernels.rotation"
+        or name
+        in (
+            "sawkv.kernels.cache_write",
+            "sawkv.kernels.decode",
+            "sawkv.kernels.extend",
+            "sawkv.kernels.tiles",
+            "sawkv.kernels.rotation",
+        )
     ]
     for name in stale:
         del sys.modules[name]
     package = sys.modules.get("sawkv.kernels")
     if package is not None:
         for attr in ("cache_write", "paged_attention_decode", "paged_attention_extend",
-                     "paged_attention", "rotation"):  # fmt: skip
+                     "decode", "extend", "tiles", "rotation"):  # fmt: skip
             package.__dict__.pop(attr, None)
 
 

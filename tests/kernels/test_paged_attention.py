@@ -15,7 +15,7 @@ from paged_setup import paged_case
 
 from sawkv.attention.reference import paged_attention_decode_ref, paged_attention_extend_ref
 from sawkv.kernels import paged_attention_decode, paged_attention_extend
-from sawkv.kernels.paged_attention import KernelConfig
+from sawkv.kernels.tiles import KernelConfig
 
 
 def _tol(dtype):

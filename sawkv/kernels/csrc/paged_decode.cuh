@@ -1,0 +1,583 @@
+// Paged decode attention over INT4 / INT8 pages in fragment order (sawkv/kernels/page_layout.py).
+//
+// One CTA (4 warps) owns one (sequence, KV head, split). Its G <= 16 query heads are the N side
+// of mma.m16n8k16 (padded to 8 or 16); tokens and head dim are the M/K sides:
+//   scores  S^T [16 tok x 8 q]  = K   [16 tok x 16 d]  . q^T [16 d x 8 q]   (K is operand A)
+//   output  O^T [16 d x 8 q]   += V^T [16 d x 16 tok]  . P^T [16 tok x 8 q] (V^T is operand A)
+// so the padding falls on the small side and every code feeds exactly one mma lane. The page
+// bytes of a 16-token group are stored so that each lane's 16-byte loads unpack, with a shift,
+// one lop3 (INT4) or prmt (INT8) and one exact fp16 subtraction, into its A registers.
+//
+// Numerics: codes become exact small signed integers (c - 8, c - 128) in fp16; the query is
+// rotated, scaled (softmax scale * log2 e) and multiplied by a power of two that puts its
+// largest element in [2^13, 2^14) before rounding to fp16, so any model's range keeps 11 bits;
+// scores and softmax state are fp32. Each token's weight enters the P.V product as
+// p * scale_v * 2^-E (E: running exponent of the largest value scale), so fp16 weights stay in
+// [0, 1] and keep their relative precision at any context length.
+//
+// Splits: with num_splits > 1 each CTA writes its unnormalized partial state and the last CTA of
+// a (sequence, KV head) to finish (atomic ticket) merges them, so no second launch is needed.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace sawkv {
+
+struct DecodeParams {
+  const void* q;             // [S, Hq, D] fp16 or bf16
+  void* out;                 // [S, Hq, D] q's dtype
+  const uint8_t* k_cache;    // [num_blocks, H, block_size, P] fragment-ordered codes
+  const uint8_t* v_cache;
+  const __half* k_meta;      // [num_blocks, H, block_size, 2] fp16 (scale, min)
+  const __half* v_meta;
+  const int* block_tables;   // [S, max_blocks]
+  const int* seq_lens;       // [S]
+  float* part_o;             // [S, Hq, num_splits, D] (num_splits > 1)
+  float* part_ml;            // [S, Hq, num_splits, 2]
+  int* tickets;              // [S * H] zeros; each merge resets its own
+  int64_t stride_qs, stride_qh, stride_os, stride_oh;  // elements
+  int64_t stride_page_b, stride_page_h;                // bytes
+  int64_t stride_meta_b, stride_meta_h;                // halves
+  int64_t stride_bt;
+  int num_q_heads, G, block_size, num_splits, window;
+  float qscale;  // softmax scale * log2(e)
+  int had_block;
+  int rotate_v;
+  int is_bf16;
+};
+
+namespace detail {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));  // (a&b)|c
+  return d;
+}
+
+__device__ __forceinline__ uint32_t hsub2_bits(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// 8 nibbles -> 4 half2 registers of exact (code - 8); register j holds nibbles j and j + 4.
+__device__ __forceinline__ void unpack_int4(uint32_t w, uint32_t (&r)[4]) {
+  constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024
+  constexpr uint32_t kBias = 0x64086408u;   // fp16 1032 = 1024 + 8
+  r[0] = hsub2_bits(lop3_and_or(w, 0x000f000fu, kMagic), kBias);
+  r[1] = hsub2_bits(lop3_and_or(w >> 4, 0x000f000fu, kMagic), kBias);
+  r[2] = hsub2_bits(lop3_and_or(w >> 8, 0x000f000fu, kMagic), kBias);
+  r[3] = hsub2_bits(lop3_and_or(w >> 12, 0x000f000fu, kMagic), kBias);
+}
+
+// 4 bytes -> 2 half2 registers of exact (code - 128): bytes (0, 1) and (2, 3).
+__device__ __forceinline__ void unpack_int8(uint32_t w, uint32_t (&r)[2]) {
+  constexpr uint32_t kHigh = 0x64646464u;
+  constexpr uint32_t kBias = 0x64806480u;  // fp16 1152 = 1024 + 128
+  uint32_t a, b;
+  asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(a) : "r"(w), "r"(kHigh));
+  asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(b) : "r"(w), "r"(kHigh));
+  r[0] = hsub2_bits(a, kBias);
+  r[1] = hsub2_bits(b, kBias);
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(x));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t load_u32(const __half* p) {
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+
+__device__ __forceinline__ float2 half2_bits_to_float2(uint32_t x) {
+  __half2 h = *reinterpret_cast<__half2*>(&x);
+  return __half22float2(h);
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float warp_max_rows(float x) {  // over lanes sharing lane % 4
+  x = fmaxf(x, __shfl_xor_sync(kFull, x, 4));
+  x = fmaxf(x, __shfl_xor_sync(kFull, x, 8));
+  return fmaxf(x, __shfl_xor_sync(kFull, x, 16));
+}
+
+__device__ __forceinline__ float warp_sum_rows(float x) {
+  x += __shfl_xor_sync(kFull, x, 4);
+  x += __shfl_xor_sync(kFull, x, 8);
+  return x + __shfl_xor_sync(kFull, x, 16);
+}
+
+// In-place Walsh-Hadamard transform of `rows` rows of length D in shared memory, blocks of
+// `had` (a power of two dividing D), normalized by 1/sqrt(had): x -> x H (H symmetric).
+template <int D>
+__device__ void fwht_rows(float* x, int rows, int had) {
+  for (int len = 1; len < had; len <<= 1) {
+    for (int i = threadIdx.x; i < rows * (D / 2); i += kThreads) {
+      int r = i / (D / 2), j = i % (D / 2);
+      int a = r * D + (j / len) * 2 * len + (j % len);
+      float u = x[a], v = x[a + len];
+      x[a] = u + v;
+      x[a + len] = u - v;
+    }
+    __syncthreads();
+  }
+  float norm = rsqrtf((float)had);
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) x[i] *= norm;
+  __syncthreads();
+}
+
+template <int BITS, int D>
+struct Geometry {
+  static constexpr int P = BITS == 4 ? D / 2 : D;       // bytes per token row
+  static constexpr int kLaneBytes = 16 * P / 32;       // bytes per lane per 16-token group
+  static constexpr int kVec = kLaneBytes / 16;         // 16-byte loads per lane per group
+  static constexpr int kWords = kLaneBytes / 4;
+  static constexpr int kSteps = D / 16;                // k-steps (keys) = m-tiles (values)
+  static constexpr float kOff = BITS == 4 ? 8.f : 128.f;
+};
+
+template <int BITS, int D>
+struct Tile {
+  uint4 k[Geometry<BITS, D>::kVec];
+  uint4 v[Geometry<BITS, D>::kVec];
+  uint32_t km[2], vm[2];  // (scale, min) of tokens g and g + 8
+};
+
+}  // namespace detail
+
+template <int BITS, int D, int NT, int U>
+__global__ void __launch_bounds__(detail::kThreads)
+    paged_decode_kernel(const DecodeParams p) {
+  using namespace detail;
+  using Geo = Geometry<BITS, D>;
+  constexpr int QROWS = 8 * NT;
+  constexpr int STEPS = Geo::kSteps;
+  constexpr int HALF_STEPS = D / 32;
+
+  __shared__ float sbuf[QROWS * D];  // the rotated query, then the merge buffer
+  __shared__ __half sq[QROWS * D];
+  __shared__ float s_qsum[QROWS];
+  __shared__ float s_m[kWarps][QROWS], s_l[kWarps][QROWS], s_vm[kWarps][QROWS];
+  __shared__ float s_red[kWarps];
+  __shared__ int s_ticket;
+
+  const int h = blockIdx.x, s = blockIdx.y, split = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int G = p.G;
+  const int num_kv_heads = gridDim.x;
+
+  const int seq_len = p.seq_lens[s];
+  const int start = p.window > 0 ? max(seq_len - p.window, 0) : 0;
+  const int start16 = start & ~15;
+  const int span = max(seq_len - start16, 0);
+  const int per_split = (span + p.num_splits - 1) / p.num_splits;
+  const int chunk = (per_split + 15) & ~15;
+  const int lo = start16 + split * chunk;
+  const int hi = min(seq_len, lo + chunk);
+
+  // ---- query: load, rotate, scale, fp16 with a power-of-two range factor -------------------
+  for (int i = tid; i < QROWS * D; i += kThreads) {
+    int r = i / D, c = i % D;
+    float x = 0.f;
+    if (r < G) {
+      int64_t off = (int64_t)s * p.stride_qs + (int64_t)(h * G + r) * p.stride_qh + c;
+      x = p.is_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.q)[off])
+                    : __half2float(reinterpret_cast<const __half*>(p.q)[off]);
+    }
+    sbuf[i] = x;
+  }
+  __syncthreads();
+  if (p.had_block > 0) fwht_rows<D>(sbuf, QROWS, p.had_block);
+  float amax = 0.f;
+  for (int i = tid; i < QROWS * D; i += kThreads) {
+    float x = sbuf[i] * p.qscale;
+    sbuf[i] = x;
+    amax = fmaxf(amax, fabsf(x));
+  }
+  amax = warp_max_rows(amax);
+  amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 2));
+  if (lane == 0) s_red[warp] = amax;
+  __syncthreads();
+  amax = fmaxf(fmaxf(s_red[0], s_red[1]), fmaxf(s_red[2], s_red[3]));
+  int e = 0;
+  if (amax > 0.f && amax <= 3.0e38f) frexpf(amax, &e);
+  e = min(max(e, -100), 100);
+  const float f = ldexpf(1.f, 14 - e), finv = ldexpf(1.f, e - 14);
+  for (int i = tid; i < QROWS * D; i += kThreads) sq[i] = __float2half_rn(sbuf[i] * f);
+  __syncthreads();
+  for (int r = warp; r < QROWS; r += kWarps) {
+    float acc = 0.f;
+    for (int c = lane; c < D; c += 32) acc += __half2float(sq[r * D + c]);
+    acc += __shfl_xor_sync(kFull, acc, 1);
+    acc += __shfl_xor_sync(kFull, acc, 2);
+    acc = warp_sum_rows(acc);
+    if (lane == 0) s_qsum[r] = acc;
+  }
+  for (int i = tid; i < QROWS * D; i += kThreads) sbuf[i] = 0.f;  // merge buffer from here on
+  __syncthreads();
+
+  uint32_t qf[STEPS][NT][2];
+#pragma unroll
+  for (int w = 0; w < STEPS; ++w)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const __half* row = sq + (nt * 8 + g) * D + 16 * w + 2 * t;
+      qf[w][nt][0] = *reinterpret_cast<const uint32_t*>(row);
+      qf[w][nt][1] = *reinterpret_cast<const uint32_t*>(row + 8);
+    }
+  float qsum[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) qsum[nt][c] = s_qsum[nt * 8 + 2 * t + c] * finv;
+
+  // ---- this warp's 16-token groups --------------------------------------------------------
+  const int nsub = hi > lo ? (hi - lo + 15) >> 4 : 0;
+  const int per_w = (nsub + kWarps - 1) / kWarps;
+  const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
+  const int* bt = p.block_tables + (int64_t)s * p.stride_bt;
+  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
+  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
+  const __half* kmbase = p.k_meta + (int64_t)h * p.stride_meta_h + 2 * g;
+  const __half* vmbase = p.v_meta + (int64_t)h * p.stride_meta_h + 2 * g;
+
+  int pid_base = sub_begin, pid = 0;  // lane l holds the page of group pid_base + l
+  auto refresh_pages = [&](int first) {
+    pid_base = first;
+    int j = first + lane;
+    pid = j < sub_end ? bt[(lo + 16 * j) / p.block_size] : 0;
+  };
+  auto load = [&](Tile<BITS, D>& tile, int j) {
+    if (j >= sub_end) return;  // warp-uniform
+    if (j - pid_base >= 32) refresh_pages(j);
+    const int page = __shfl_sync(kFull, pid, j - pid_base);
+    const int in_page = (lo + 16 * j) % p.block_size;
+    const int64_t code_off = (int64_t)page * p.stride_page_b + (int64_t)in_page * Geo::P;
+    const int64_t meta_off = (int64_t)page * p.stride_meta_b + 2 * in_page;
+#pragma unroll
+    for (int i = 0; i < Geo::kVec; ++i) {
+      tile.k[i] = load_stream(kbase + code_off + 16 * i);
+      tile.v[i] = load_stream(vbase + code_off + 16 * i);
+    }
+    tile.km[0] = load_u32(kmbase + meta_off);
+    tile.km[1] = load_u32(kmbase + meta_off + 16);
+    tile.vm[0] = load_u32(vmbase + meta_off);
+    tile.vm[1] = load_u32(vmbase + meta_off + 16);
+  };
+
+  float m_run[NT][2], l_run[NT][2], vm_run[NT][2];
+  float acc[STEPS][NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) m_run[nt][c] = -INFINITY, l_run[nt][c] = 0.f, vm_run[nt][c] = 0.f;
+#pragma unroll
+  for (int w = 0; w < STEPS; ++w)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[w][nt][i] = 0.f;
+  int E = -126;  // acc is in units of 2^E of the value scales
+
+  Tile<BITS, D> cur[U], nxt[U];
+  refresh_pages(sub_begin);
+#pragma unroll
+  for (int k = 0; k < U; ++k) load(cur[k], sub_begin + k);
+
+  for (int j0 = sub_begin; j0 < sub_end; j0 += U) {
+#pragma unroll
+    for (int k = 0; k < U; ++k) load(nxt[k], j0 + U + k);
+
+    // scores S^T (tokens g, g+8 x queries 2t, 2t+1 of each n-tile), in log2 units
+    float sc[U][NT][4];
+    float vsc[U][2], vmn[U][2];
+    float vmax = 0.f;
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sc[k][nt][i] = 0.f;
+      const uint32_t* kw = reinterpret_cast<const uint32_t*>(cur[k].k);
+      if constexpr (BITS == 4) {
+#pragma unroll
+        for (int w = 0; w < HALF_STEPS; ++w) {
+          uint32_t x0[4], x1[4];
+          unpack_int4(kw[2 * w], x0);
+          unpack_int4(kw[2 * w + 1], x1);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma16816(sc[k][nt], x0[0], x0[2], x1[0], x1[2], qf[w][nt][0], qf[w][nt][1]);
+            mma16816(sc[k][nt], x0[1], x0[3], x1[1], x1[3], qf[w + HALF_STEPS][nt][0],
+                     qf[w + HALF_STEPS][nt][1]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int w = 0; w < STEPS; ++w) {
+          uint32_t x0[2], x1[2];
+          unpack_int8(kw[2 * w], x0);
+          unpack_int8(kw[2 * w + 1], x1);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(sc[k][nt], x0[0], x0[1], x1[0], x1[1], qf[w][nt][0], qf[w][nt][1]);
+        }
+      }
+      const int j = j0 + k;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int tok = lo + 16 * j + g + 8 * r;
+        const bool ok = j < sub_end && tok >= start && tok < hi;
+        const float2 km = half2_bits_to_float2(cur[k].km[r]);
+        const float2 vm = half2_bits_to_float2(cur[k].vm[r]);
+        // selects, not products: masked rows may hold NaN metadata from another sequence
+        const float ks = ok ? km.x * finv : 0.f;
+        const float kmin = ok ? km.y + Geo::kOff * km.x : 0.f;
+        vsc[k][r] = ok ? vm.x : 0.f;
+        vmn[k][r] = ok ? vm.y + Geo::kOff * vm.x : 0.f;
+        vmax = fmaxf(vmax, vsc[k][r]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float x = sc[k][nt][2 * r + c] * ks + kmin * qsum[nt][c];
+            sc[k][nt][2 * r + c] = ok ? x : -INFINITY;
+          }
+      }
+    }
+
+    // online softmax: per query column, max over this step's tokens (lanes sharing t)
+    vmax = warp_max_rows(vmax);
+    int ev = -126;
+    if (vmax > 0.f) frexpf(vmax, &ev);
+    const int E_new = max(E, ev);
+    const float e_fac = fast_exp2((float)(E - E_new));
+    const float vnorm = ldexpf(1.f, -E_new);
+    float fac[NT][2];
+    bool all_one = e_fac == 1.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < U; ++k) mx = fmaxf(mx, fmaxf(sc[k][nt][c], sc[k][nt][2 + c]));
+        mx = warp_max_rows(mx);
+        const float m_new = fmaxf(m_run[nt][c], mx);
+        const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = fast_exp2(m_run[nt][c] - m_sub);  // 0 on the first tile, 1 if unchanged
+        m_run[nt][c] = m_new;
+        float lsum = 0.f, vsum = 0.f;
+#pragma unroll
+        for (int k = 0; k < U; ++k)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float pr = fast_exp2(sc[k][nt][2 * r + c] - m_sub);
+            lsum += pr;
+            vsum += pr * vmn[k][r];
+            sc[k][nt][2 * r + c] = pr * vsc[k][r] * vnorm;  // the P.V weight, in [0, 1]
+          }
+        l_run[nt][c] = l_run[nt][c] * alpha + lsum;
+        vm_run[nt][c] = vm_run[nt][c] * alpha + vsum;
+        fac[nt][c] = alpha * e_fac;
+        all_one = all_one && alpha == 1.f;
+      }
+    E = E_new;
+    if (!__all_sync(kFull, all_one)) {
+#pragma unroll
+      for (int w = 0; w < STEPS; ++w)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[w][nt][i] *= fac[nt][i & 1];
+    }
+
+    // O^T += V^T P^T: P^T fragments are the transposed score fragments (movmatrix)
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      uint32_t pb[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        pb[nt][0] = transpose8x8(pack_half2(sc[k][nt][0], sc[k][nt][1]));
+        pb[nt][1] = transpose8x8(pack_half2(sc[k][nt][2], sc[k][nt][3]));
+      }
+      const uint32_t* vw = reinterpret_cast<const uint32_t*>(cur[k].v);
+      if constexpr (BITS == 4) {
+#pragma unroll
+        for (int w = 0; w < HALF_STEPS; ++w) {
+          uint32_t x0[4], x1[4];
+          unpack_int4(vw[2 * w], x0);
+          unpack_int4(vw[2 * w + 1], x1);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma16816(acc[w][nt], x0[0], x0[2], x1[0], x1[2], pb[nt][0], pb[nt][1]);
+            mma16816(acc[w + HALF_STEPS][nt], x0[1], x0[3], x1[1], x1[3], pb[nt][0], pb[nt][1]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int w = 0; w < STEPS; ++w) {
+          uint32_t x0[2], x1[2];
+          unpack_int8(vw[2 * w], x0);
+          unpack_int8(vw[2 * w + 1], x1);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(acc[w][nt], x0[0], x0[1], x1[0], x1[1], pb[nt][0], pb[nt][1]);
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < U; ++k) cur[k] = nxt[k];
+  }
+
+  // ---- merge the warps: common max per query, shared-memory sums ----------------------------
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      l_run[nt][c] = warp_sum_rows(l_run[nt][c]);
+      vm_run[nt][c] = warp_sum_rows(vm_run[nt][c]);
+      if (g == 0) {
+        const int q = nt * 8 + 2 * t + c;
+        s_m[warp][q] = m_run[nt][c];
+        s_l[warp][q] = l_run[nt][c];
+        s_vm[warp][q] = vm_run[nt][c];
+      }
+    }
+  __syncthreads();
+  const float e_scale = ldexpf(1.f, E);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int q = nt * 8 + 2 * t + c;
+      float M = fmaxf(fmaxf(s_m[0][q], s_m[1][q]), fmaxf(s_m[2][q], s_m[3][q]));
+      const float wgt = M == -INFINITY ? 0.f : fast_exp2(m_run[nt][c] - M) * e_scale;
+#pragma unroll
+      for (int w = 0; w < STEPS; ++w)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          atomicAdd(&sbuf[q * D + 16 * w + g + 8 * r], acc[w][nt][2 * r + c] * wgt);
+    }
+  __syncthreads();
+
+  // per query row: the CTA's max, sum of weights and min-term, then U = sbuf + vm
+  const int Hq = p.num_q_heads;
+  for (int q = tid; q < QROWS; q += kThreads) {
+    float M = fmaxf(fmaxf(s_m[0][q], s_m[1][q]), fmaxf(s_m[2][q], s_m[3][q]));
+    float L = 0.f, VM = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      const float wt = M == -INFINITY ? 0.f : fast_exp2(s_m[w][q] - M);
+      L += wt * s_l[w][q];
+      VM += wt * s_vm[w][q];
+    }
+    s_m[0][q] = M;
+    s_l[0][q] = L;
+    s_vm[0][q] = VM;
+  }
+  __syncthreads();
+
+  const int64_t head0 = (int64_t)s * Hq + h * G;  // first query head of this CTA
+  if (p.num_splits > 1) {
+    for (int i = tid; i < G * D; i += kThreads) {
+      const int q = i / D, d = i % D;
+      p.part_o[((head0 + q) * p.num_splits + split) * D + d] = sbuf[q * D + d] + s_vm[0][q];
+    }
+    for (int q = tid; q < G; q += kThreads) {
+      p.part_ml[((head0 + q) * p.num_splits + split) * 2] = s_m[0][q];
+      p.part_ml[((head0 + q) * p.num_splits + split) * 2 + 1] = s_l[0][q];
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      int* ticket = p.tickets + (int64_t)s * num_kv_heads + h;
+      const int done = atomicAdd(ticket, 1);
+      s_ticket = done == p.num_splits - 1;
+      if (s_ticket) *ticket = 0;  // ready for the next launch (and CUDA graph replays)
+    }
+    __syncthreads();
+    if (!s_ticket) return;
+    __threadfence();
+    // last CTA of this (sequence, KV head): merge the splits' states
+    for (int q = tid; q < G; q += kThreads) {
+      const float* ml = p.part_ml + (head0 + q) * p.num_splits * 2;
+      float M = -INFINITY;
+      for (int j = 0; j < p.num_splits; ++j) M = fmaxf(M, __ldcg(ml + 2 * j));
+      float L = 0.f;
+      for (int j = 0; j < p.num_splits; ++j) {
+        const float wt = M == -INFINITY ? 0.f : fast_exp2(__ldcg(ml + 2 * j) - M);
+        L += wt * __ldcg(ml + 2 * j + 1);
+      }
+      s_m[0][q] = M;
+      s_l[0][q] = L;
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += kThreads) {
+      const int q = i / D, d = i % D;
+      const float* ml = p.part_ml + (head0 + q) * p.num_splits * 2;
+      const float* po = p.part_o + (head0 + q) * p.num_splits * D + d;
+      const float M = s_m[0][q];
+      float o = 0.f;
+      for (int j = 0; j < p.num_splits; ++j) {
+        const float wt = M == -INFINITY ? 0.f : fast_exp2(__ldcg(ml + 2 * j) - M);
+        o += wt * __ldcg(po + (int64_t)j * D);
+      }
+      const float L = s_l[0][q];
+      sbuf[q * D + d] = L > 0.f ? o / L : 0.f;
+    }
+  } else {
+    for (int i = tid; i < G * D; i += kThreads) {
+      const int q = i / D;
+      const float L = s_l[0][q];
+      sbuf[i] = L > 0.f ? (sbuf[i] + s_vm[0][q]) / L : 0.f;
+    }
+  }
+  __syncthreads();
+  if (p.rotate_v && p.had_block > 0) fwht_rows<D>(sbuf, G, p.had_block);
+  for (int i = tid; i < G * D; i += kThreads) {
+    const int q = i / D, d = i % D;
+    const int64_t off = (int64_t)s * p.stride_os + (int64_t)(h * G + q) * p.stride_oh + d;
+    if (p.is_bf16)
+      reinterpret_cast<__nv_bfloat16*>(p.out)[off] = __float2bfloat16_rn(sbuf[i]);
+    else
+      reinterpret_cast<__half*>(p.out)[off] = __float2half_rn(sbuf[i]);
+  }
+}
+
+}  // namespace sawkv

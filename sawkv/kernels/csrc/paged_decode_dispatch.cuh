@@ -1,0 +1,42 @@
+// Launch of one (bits, head_dim) family of the paged decode kernel; included by the per-variant
+// translation units that decode_cuda.py generates (one per bits x head_dim).
+#pragma once
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include "paged_decode.cuh"
+
+namespace {
+
+template <int BITS, int D, int NT, int U>
+void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
+  sawkv::paged_decode_kernel<BITS, D, NT, U><<<grid, sawkv::detail::kThreads, 0, stream>>>(p);
+}
+
+// U (16-token groups per warp step) by head dim: 2 keeps 12 warps per SM resident at d = 128
+// (168 registers), 4 fits at d = 64, d = 256 holds twice the accumulators and spills above 1.
+// `u` = 0 takes the default; only these combinations are compiled.
+template <int BITS, int D, int NT>
+void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
+  if (u == 0) u = D >= 256 ? 1 : 2;
+  if (u == 1) return launch<BITS, D, NT, 1>(p, grid, stream);
+  if constexpr (D <= 128) {
+    if (u == 2) return launch<BITS, D, NT, 2>(p, grid, stream);
+  }
+  if constexpr (D <= 64) {
+    if (u == 4) return launch<BITS, D, NT, 4>(p, grid, stream);
+  }
+  TORCH_CHECK(false, "paged decode: unsupported groups per step ", u, " at head_dim ", D);
+}
+
+}  // namespace
+
+template <int BITS, int D>
+void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
+  // query heads per KV head: one n8 tile up to 8, two up to 16
+  if (p.G > 8) return dispatch_u<BITS, D, 2>(p, grid, stream, u);
+  return dispatch_u<BITS, D, 1>(p, grid, stream, u);
+}
+
+#define SAWKV_INSTANTIATE_DECODE(B, DD)                                                  \
+  template void dispatch_nt<B, DD>(const sawkv::DecodeParams&, dim3, cudaStream_t, int64_t);

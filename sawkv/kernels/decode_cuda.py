@@ -1,0 +1,176 @@
+"""CUDA paged decode over fragment-ordered INT4 / INT8 pages, compiled at first use.
+
+The kernel (``csrc/paged_decode.cuh``) reads each 16-token group of a page with coalesced
+16-byte loads straight into tensor-core operand registers (``page_layout.py``), so decode runs
+at the memory roofline instead of being bound by unpacking instructions as the Triton kernel
+is. It is built with ``torch.utils.cpp_extension`` for the current GPU's architecture into
+``$SAWKV_EXT_DIR`` (default ``~/.cache/sawkv/torch_extensions``), keyed by a hash of the
+sources, the way FlashInfer JIT-compiles its kernels. ``SAWKV_CUDA_DECODE=0`` turns it off; if
+the build fails, :func:`available` says why and callers fall back to the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("paged_decode.cu", "paged_decode.cuh", "paged_decode_dispatch.cuh")
+_VARIANTS = [(bits, d) for bits in (4, 8) for d in (64, 128, 256)]
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+_TICKETS: dict[int, list[torch.Tensor]] = {}
+# Resident CTAs per SM by head dim (registers per thread of the default variant, 128 threads).
+_CTAS_PER_SM = {64: 4, 128: 3, 256: 2}
+MAX_SPLITS = 64
+
+
+def _ext_dir() -> Path:
+    root = os.environ.get("SAWKV_EXT_DIR") or Path.home() / ".cache" / "sawkv" / "torch_extensions"
+    return Path(root)
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):
+        raise RuntimeError(f"needs compute capability >= 8.0 (mma.m16n8k16), got {major}.{minor}")
+    digest = hashlib.sha1()
+    for name in _SOURCES:
+        digest.update((_CSRC / name).read_bytes())
+    tag = f"sm{major}{minor}_{digest.hexdigest()[:12]}"
+    build_dir = _ext_dir() / f"paged_decode_{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    units = []
+    for bits, d in _VARIANTS:
+        unit = build_dir / f"variant_b{bits}_d{d}.cu"
+        text = f'#include "paged_decode_dispatch.cuh"\nSAWKV_INSTANTIATE_DECODE({bits}, {d})\n'
+        if not unit.exists() or unit.read_text() != text:
+            unit.write_text(text)
+        units.append(str(unit))
+    arch = f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"
+    return load(
+        name=f"sawkv_paged_decode_{tag}",
+        sources=[str(_CSRC / "paged_decode.cu"), *units],
+        extra_include_paths=[str(_CSRC)],
+        extra_cflags=["-O3", "-std=c++17"],
+        extra_cuda_cflags=["-O3", "-std=c++17", arch],
+        build_directory=str(build_dir),
+        verbose=os.environ.get("SAWKV_EXT_VERBOSE") == "1",
+    )
+
+
+def _module():
+    with _LOCK:
+        if "module" not in _STATE and "error" not in _STATE:
+            try:
+                _STATE["module"] = _build()
+            except Exception as e:  # noqa: BLE001 - any build failure means "use the fallback"
+                _STATE["error"] = f"{type(e).__name__}: {e}"
+        return _STATE.get("module")
+
+
+def available(device: torch.device | None = None) -> bool:
+    """Whether the CUDA decode kernel can run here (builds it on the first call)."""
+    if os.environ.get("SAWKV_CUDA_DECODE", "1") == "0" or not torch.cuda.is_available():
+        return False
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    return _module() is not None
+
+
+def build_error() -> str | None:
+    """Why the build failed, or None."""
+    return _STATE.get("error")  # type: ignore[return-value]
+
+
+def supports(q: torch.Tensor, bits: int, num_q_heads: int, num_kv_heads: int) -> bool:
+    """Shapes and dtypes the CUDA kernel serves (others go to the Triton kernel)."""
+    return (
+        bits in (4, 8)
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] in (64, 128, 256)
+        and num_q_heads // num_kv_heads <= 16
+    )
+
+
+def pick_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, head_dim: int, sms: int) -> int:
+    """Splits per sequence: the fewest that fill whole waves of resident CTAs best, with at
+    least 128 tokens (two 16-token groups per warp) per split. Host-side, from the block-table
+    width, so it never syncs on ``seq_lens`` and is fixed per CUDA graph."""
+    programs = max(1, num_seqs * num_kv_heads)
+    slots = sms * _CTAS_PER_SM.get(head_dim, 2)
+    most = max(1, min(MAX_SPLITS, max_tokens // 128))
+    best, best_eff = 1, 0.0
+    for splits in range(1, most + 1):
+        ctas = programs * splits
+        waves = -(-ctas // slots)
+        eff = ctas / (waves * slots)
+        if eff > best_eff + 0.02:
+            best, best_eff = splits, eff
+        if eff >= 0.95:
+            break
+    return best
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    kept = _TICKETS.setdefault(idx, [])
+    if not kept or kept[-1].numel() < n:
+        # zeros once; every merging CTA resets its own ticket, so replays need no memset. Older
+        # buffers stay alive: CUDA graphs captured with them still point at them.
+        kept.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return kept[-1]
+
+
+def paged_decode_cuda(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_meta: torch.Tensor,
+    v_meta: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    bits: int,
+    had_block: int,
+    rotate_v: bool,
+    sliding_window: int,
+    num_splits: int,
+    groups_per_step: int = 0,
+) -> torch.Tensor:
+    """Decode attention (one query per sequence) over fragment-ordered INT4/INT8 pages.
+
+    Arguments as in :func:`sawkv.kernels.paged_attention_decode` (already checked there), plus
+    ``num_splits`` (see :func:`pick_splits`) and ``groups_per_step`` (16-token groups a warp
+    loads per step; 0 = the kernel's default). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out``
+    the same shape and dtype. Returns ``out``.
+    """
+    mod = _module()
+    if mod is None:
+        raise RuntimeError(f"the CUDA decode kernel is unavailable: {build_error()}")
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    if num_splits > 1:
+        part_o = torch.empty(
+            (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_ml = torch.empty(
+            (num_seqs, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device
+        )
+    else:
+        part_o = part_ml = torch.empty(0, dtype=torch.float32, device=q.device)
+    tickets = _tickets(q.device, num_seqs * num_kv_heads)
+    mod.paged_decode(
+        q, out, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, part_o, part_ml,
+        tickets, bits, num_splits, scale * 1.4426950408889634, had_block, bool(rotate_v),
+        sliding_window, groups_per_step,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,478 @@
+"""Shared pieces of the Triton paged-attention kernels: tile loads, the online-softmax step,
+query/output handling, and launcher helpers.
+
+How the kernels read the cache:
+
+* One program owns one KV head, so all ``G = num_q_heads // num_kv_heads`` query heads of that
+  KV head share every page load (GQA). Query rows are padded to 16 so the score and value
+  products run on ``tl.dot``.
+* Head vectors travel as halves (``lo = x[:d/2]``, ``hi = x[d/2:]``): an INT4 byte holds element
+  i in its low nibble and i + d/2 in its high one, so unpacking is two integer ops, no shuffle.
+  INT4/INT8 rows are byte-permuted within 16-token groups (fragment order for the CUDA decode
+  kernel, ``page_layout.py``); these kernels gather them through the ``[16, P]`` byte table.
+* Dequantization is folded into the products instead of applied per element:
+  ``q.k_n = s_n (q.c_n) + m_n sum(q)`` and ``sum_n p_n v_n = (p * s_v) @ c + sum_n p_n m_n``,
+  with the integer codes c (exact in bf16/fp16) fed straight to ``tl.dot``.
+* The query is rotated once per program in registers; with rotated values the output is
+  rotated back once (``sum p R v = R sum p v``). Keys were stored centered: softmax ignores the
+  shared ``q.mu``, so the read path never sees the mean.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sawkv.kernels.page_layout import group_perm
+from sawkv.kernels.rotation import rotate_halves
+
+LOG2E = 1.4426950408889634
+# Precision of the once-per-program query/output rotation dots. "ieee" (FMA path) is exact fp32
+# and holds fewer registers than "tf32x3" at the rotation, which sets the kernel's peak.
+ROT_PREC: tl.constexpr = tl.constexpr("ieee")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch knobs. ``block_n`` KV tokens per tile; ``num_splits`` (decode) 0 =
+    pick from the SM count; ``block_r`` query rows (token x head) per extend program;
+    ``trans_qk`` computes the scores as ``K q^T`` (K the tensor-core A operand); ``maxnreg``
+    caps registers per thread (None: the launcher's choice)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int = 0
+    block_r: int = 64
+    trans_qk: bool = False
+    maxnreg: int | None = None
+    # decode only: "auto" takes the CUDA kernel for INT4/INT8 pages when it builds, "triton"
+    # forces this module's kernel; groups_per_step tunes the CUDA kernel (0 = its default)
+    impl: str = "auto"
+    groups_per_step: int = 0
+
+
+# Measured on the H100 (benchmarks/bench_kernels.py --sweep / --sweep-occupancy, Qwen3-8B shape):
+# 256-token tiles over 8 warps with registers capped at 128 (2 programs = 16 warps per SM) had
+# the best geometric mean over B=1/32/256; 128-token tiles over 4 warps were within 5% at B=256
+# but 15-20% slower at B=1 and B=32. d=256 keeps 128-token tiles and no cap (more live state).
+DECODE_CONFIG = KernelConfig(block_n=256, num_warps=8, num_stages=3)
+DECODE_CONFIG_D256 = KernelConfig(block_n=128, num_warps=8, num_stages=2)
+EXTEND_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=2, block_r=64)
+
+
+@triton.jit
+def _to_dot(x, DOT: tl.constexpr):
+    """Cast to the product dtype: 0 = fp32, 1 = fp16, 2 = bf16."""
+    if DOT == 2:
+        return x.to(tl.bfloat16)
+    elif DOT == 1:
+        return x.to(tl.float16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _codes_to_dot(c, DOT: tl.constexpr):
+    """Integer codes (uint8) -> product dtype, exactly.
+
+    For fp16 this is the "magic number" conversion: ``0x6400 | c`` is the fp16 bit pattern of
+    ``1024 + c`` and subtracting 1024 in fp16 is exact, so integer ops replace an int->float
+    conversion. The offset must go here, not later: folding ``1024 * sum(q)`` into the min term
+    cancels two large fp32 sums and cost 1-4% relative error at 2K-32K tokens.
+    """
+    if DOT == 1:
+        return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return _to_dot(c, DOT)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    # fp32 operands (tests, fp32 models) keep full precision; tf32 would cost ~1e-3 relative.
+    if DOT == 0:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _byte_offsets(row, o, perm_ptr, BITS: tl.constexpr, DH: tl.constexpr):
+    """Element offsets ``[N, DH]`` of canonical bytes ``0..DH`` (INT4: all of a row; INT8: the
+    first half) of tokens at group base ``row`` and offset ``o`` (mod 16) in their group.
+
+    INT4/INT8 rows are byte-permuted within 16-token groups (``page_layout.py``); ``perm_ptr``
+    is that ``[16, P]`` int32 table. Float pages keep plain rows (``perm_ptr`` unused)."""
+    cols = tl.arange(0, DH)[None, :]
+    if BITS == 16:
+        return row[:, None] + cols
+    p_row: tl.constexpr = DH if BITS == 4 else 2 * DH
+    return row[:, None] + tl.load(perm_ptr + o[:, None] * p_row + cols)
+
+
+@triton.jit
+def _load_halves(page_ptr, row, o, perm_ptr, mask, BITS: tl.constexpr, DH: tl.constexpr):
+    """Rows ``[N, d]`` of a page tile as halves ``[N, DH]`` (codes or floats, not yet scaled)."""
+    off = _byte_offsets(row, o, perm_ptr, BITS, DH)
+    if BITS == 4:
+        b = tl.load(page_ptr + off, mask=mask[:, None], other=0)
+        return b & 0xF, b >> 4
+    else:
+        lo = tl.load(page_ptr + off, mask=mask[:, None], other=0)
+        if BITS == 16:
+            hi = tl.load(page_ptr + off + DH, mask=mask[:, None], other=0)
+        else:
+            hi_off = _byte_offsets(row, o, perm_ptr + DH, BITS, DH)
+            hi = tl.load(page_ptr + hi_off, mask=mask[:, None], other=0)
+        return lo, hi
+
+
+# PTX for 4 packed bytes -> 8 fp16 codes (4 low nibbles, 4 high nibbles), exactly: spread bytes
+# to 16-bit lanes (prmt), mask a nibble and OR in 0x6400 (fp16 1024.0) in one lop3, then one
+# exact fp16x2 subtraction of 1024 (see _codes_to_dot for why the offset goes here).
+_INT4_TO_FP16_ASM = tl.constexpr("""{
+.reg .b32 s01, s23, t01, t23, magic;
+mov.b32 magic, 0x64006400;
+prmt.b32 s01, $4, 0, 0x4140;
+prmt.b32 s23, $4, 0, 0x4342;
+lop3.b32 $0, s01, 0x000F000F, magic, 0xEA;
+lop3.b32 $1, s23, 0x000F000F, magic, 0xEA;
+shr.b32 t01, s01, 4;
+shr.b32 t23, s23, 4;
+lop3.b32 $2, t01, 0x000F000F, magic, 0xEA;
+lop3.b32 $3, t23, 0x000F000F, magic, 0xEA;
+sub.f16x2 $0, $0, magic;
+sub.f16x2 $1, $1, magic;
+sub.f16x2 $2, $2, magic;
+sub.f16x2 $3, $3, magic;
+}""")
+
+# 4 packed bytes -> 4 fp16 codes (INT8 pages), same trick without the nibble split.
+_INT8_TO_FP16_ASM = tl.constexpr("""{
+.reg .b32 magic;
+mov.b32 magic, 0x64006400;
+prmt.b32 $0, $2, 0, 0x4140;
+prmt.b32 $1, $2, 0, 0x4342;
+or.b32 $0, $0, magic;
+or.b32 $1, $1, magic;
+sub.f16x2 $0, $0, magic;
+sub.f16x2 $1, $1, magic;
+}""")
+
+
+@triton.jit
+def _load_tile(
+    page_ptr,
+    row,
+    o,
+    perm_ptr,
+    mask,
+    BITS: tl.constexpr,
+    DH: tl.constexpr,
+    DOT: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Rows ``[N, d]`` of a page tile as halves ``[N, DH]`` in the product dtype: integer codes
+    for INT4/INT8 pages (exact), the values themselves for float pages."""
+    if FAST and DOT == 1 and BITS != 16:
+        ptr = page_ptr + _byte_offsets(row, o, perm_ptr, BITS, DH)
+        if BITS == 4:
+            b = tl.load(ptr, mask=mask[:, None], other=0)
+            lo, hi = tl.inline_asm_elementwise(
+                _INT4_TO_FP16_ASM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                is_pure=True, pack=4,
+            )  # fmt: skip
+        else:
+            b_lo = tl.load(ptr, mask=mask[:, None], other=0)
+            ptr_hi = page_ptr + _byte_offsets(row, o, perm_ptr + DH, BITS, DH)
+            b_hi = tl.load(ptr_hi, mask=mask[:, None], other=0)
+            lo = tl.inline_asm_elementwise(
+                _INT8_TO_FP16_ASM, "=r,=r,r", [b_lo], dtype=tl.float16, is_pure=True, pack=4
+            )
+            hi = tl.inline_asm_elementwise(
+                _INT8_TO_FP16_ASM, "=r,=r,r", [b_hi], dtype=tl.float16, is_pure=True, pack=4
+            )
+        return lo, hi
+    lo, hi = _load_halves(page_ptr, row, o, perm_ptr, mask, BITS, DH)
+    if BITS == 16:
+        return _to_dot(lo, DOT), _to_dot(hi, DOT)
+    return _codes_to_dot(lo, DOT), _codes_to_dot(hi, DOT)
+
+
+@triton.jit
+def _page_rows(
+    bt_row_ptr,
+    n,
+    mask,
+    h,
+    stride_page_b,
+    stride_page_h,
+    stride_page_t,
+    BLOCK_SIZE: tl.constexpr,
+    GROUPED: tl.constexpr,
+):
+    """Element offset of the 16-token group holding positions ``n`` in head h's pages (float
+    pages: of the row itself)."""
+    page = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    in_page = n % BLOCK_SIZE
+    if not GROUPED:
+        return page * stride_page_b + h * stride_page_h + in_page * stride_page_t
+    return page * stride_page_b + h * stride_page_h + (in_page - in_page % 16) * stride_page_t
+
+
+@triton.jit
+def _meta_rows(
+    bt_row_ptr, n, mask, h, stride_meta_b, stride_meta_h, stride_meta_t, BLOCK_SIZE: tl.constexpr
+):
+    page = tl.load(bt_row_ptr + n // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    return page * stride_meta_b + h * stride_meta_h + (n % BLOCK_SIZE) * stride_meta_t
+
+
+@triton.jit
+def _attend_tile(
+    q_lo,  # [R, DH] product dtype, rotated and scaled
+    q_hi,
+    q_sum,  # [R] fp32
+    acc_lo,  # [R, DH] fp32
+    acc_hi,
+    m_i,  # [R] fp32 running max (log2 units)
+    l_i,  # [R] fp32 running sum
+    t0,  # first position of the tile
+    hi,  # positions >= hi are out
+    qpos,  # [R] position of each query row (CAUSAL)
+    window,  # sliding window (CAUSAL; 0 = none)
+    bt_row,  # this sequence's block table row
+    h,  # KV head
+    k_page_ptr,
+    v_page_ptr,
+    k_meta_ptr,
+    v_meta_ptr,
+    k_perm_ptr,  # [16, P] int32 byte order of a 16-token group (INT4/INT8)
+    v_perm_ptr,
+    stride_page_b,
+    stride_page_h,
+    stride_page_t,
+    stride_meta_b,
+    stride_meta_h,
+    stride_meta_t,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr,
+    DH: tl.constexpr,
+    DOT: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    FAST: tl.constexpr,
+    TRANS_QK: tl.constexpr,
+):
+    """One online-softmax step over the KV tile at positions ``t0 .. t0 + BLOCK_N``
+    (scores in log2 units; q carries the softmax scale)."""
+    n = t0 + tl.arange(0, BLOCK_N)
+    tok_mask = n < hi
+    page_row = _page_rows(
+        bt_row, n, tok_mask, h, stride_page_b, stride_page_h, stride_page_t, BLOCK_SIZE, BITS != 16
+    )
+    o = n % 16
+    meta_row = _meta_rows(
+        bt_row, n, tok_mask, h, stride_meta_b, stride_meta_h, stride_meta_t, BLOCK_SIZE
+    )
+    if CAUSAL:
+        allowed = tok_mask[None, :] & (n[None, :] <= qpos[:, None])
+        if window > 0:
+            allowed = allowed & (n[None, :] > qpos[:, None] - window)
+    else:
+        allowed = tok_mask[None, :] & (qpos[:, None] >= 0)
+    k_lo, k_hi = _load_tile(k_page_ptr, page_row, o, k_perm_ptr, tok_mask, BITS, DH, DOT, FAST)
+    if TRANS_QK:
+        # K as the A operand (fresh registers every tile) and q^T as B: saves the register
+        # copies of q that the A-operand form costs, at the price of one transpose of the scores
+        qk = tl.trans(_dot(k_lo, tl.trans(q_lo), DOT) + _dot(k_hi, tl.trans(q_hi), DOT))
+    else:
+        qk = _dot(q_lo, tl.trans(k_lo), DOT)
+        qk += _dot(q_hi, tl.trans(k_hi), DOT)
+    if BITS != 16:
+        ks = tl.load(k_meta_ptr + meta_row, mask=tok_mask, other=0.0).to(tl.float32)
+        km = tl.load(k_meta_ptr + meta_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
+        # q.(c s + m) = s (q.c) + m sum(q); q_sum sums the same rounded q the dot used
+        qk = qk * ks[None, :] + q_sum[:, None] * km[None, :]
+    qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    # a row that has seen nothing yet keeps m = -inf; subtract 0 instead so no inf - inf NaN
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(qk - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_lo, v_hi = _load_tile(v_page_ptr, page_row, o, v_perm_ptr, tok_mask, BITS, DH, DOT, FAST)
+    if BITS != 16:
+        vs = tl.load(v_meta_ptr + meta_row, mask=tok_mask, other=0.0).to(tl.float32)
+        vm = tl.load(v_meta_ptr + meta_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
+        ps = _to_dot(p * vs[None, :], DOT)
+        pm = tl.sum(p * vm[None, :], axis=1)
+        acc_lo = acc_lo * alpha[:, None] + _dot(ps, v_lo, DOT) + pm[:, None]
+        acc_hi = acc_hi * alpha[:, None] + _dot(ps, v_hi, DOT) + pm[:, None]
+    else:
+        p16 = _to_dot(p, DOT)
+        acc_lo = acc_lo * alpha[:, None] + _dot(p16, v_lo, DOT)
+        acc_hi = acc_hi * alpha[:, None] + _dot(p16, v_hi, DOT)
+    return acc_lo, acc_hi, m_new, l_i
+
+
+@triton.jit
+def _load_query(
+    q_ptr,
+    rows_off,
+    row_mask,
+    norm,
+    qscale,
+    DH: tl.constexpr,
+    R: tl.constexpr,
+    HAD: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """Query rows ``[R, d]`` -> rotated, scaled halves in the product dtype, and their row sum."""
+    cols = tl.arange(0, DH)[None, :]
+    ptr = q_ptr + rows_off[:, None] + cols
+    q_lo = tl.load(ptr, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(ptr + DH, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    if HAD > 0:
+        q_lo, q_hi = rotate_halves(q_lo, q_hi, norm, R, DH, HAD, ROT_PREC)
+    q_lo = _to_dot(q_lo * qscale, DOT)
+    q_hi = _to_dot(q_hi * qscale, DOT)
+    # sum of the rounded query, so m_n * sum(q) matches the product the codes see
+    q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
+    return q_lo, q_hi, q_sum
+
+
+@triton.jit
+def _store_out(
+    out_ptr,
+    rows_off,
+    row_mask,
+    acc_lo,
+    acc_hi,
+    l_i,
+    norm,
+    DH: tl.constexpr,
+    R: tl.constexpr,
+    HAD: tl.constexpr,
+    ROT_V: tl.constexpr,
+):
+    inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    o_lo = acc_lo * inv_l[:, None]
+    o_hi = acc_hi * inv_l[:, None]
+    if ROT_V:
+        o_lo, o_hi = rotate_halves(o_lo, o_hi, norm, R, DH, HAD, ROT_PREC)
+    cols = tl.arange(0, DH)[None, :]
+    ptr = out_ptr + rows_off[:, None] + cols
+    ty = out_ptr.dtype.element_ty
+    tl.store(ptr, o_lo.to(ty), mask=row_mask[:, None])
+    tl.store(ptr + DH, o_hi.to(ty), mask=row_mask[:, None])
+
+
+
+@triton.jit
+def _rotate_rows_kernel(
+    x_ptr,  # [num_rows, D] fp32 un-rotated attention output
+    out_ptr,  # [num_rows, D] output dtype
+    num_rows,
+    norm,
+    D: tl.constexpr,
+    HAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    """out = R x for rows of head vectors: the once-per-output rotation back with -kv."""
+    DH: tl.constexpr = D // 2
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (rows < num_rows)[:, None]
+    off = rows.to(tl.int64)[:, None] * D + tl.arange(0, DH)[None, :]
+    lo = tl.load(x_ptr + off, mask=mask, other=0.0)
+    hi = tl.load(x_ptr + off + DH, mask=mask, other=0.0)
+    lo, hi = rotate_halves(lo, hi, norm, BLOCK_ROWS, DH, HAD, ROT_PREC)
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + off, lo.to(ty), mask=mask)
+    tl.store(out_ptr + off + DH, hi.to(ty), mask=mask)
+
+
+
+# ---- launcher helpers --------------------------------------------------------------------------
+_DOT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _dot_code(q_dtype: torch.dtype, bits: int) -> int:
+    """Product dtype: the page dtype for float pages; fp16 for codes (exact integers < 2048,
+    the cheap magic-number conversion, and 3 more mantissa bits than bf16 for the query),
+    unless q is fp32, which keeps fp32 products."""
+    if bits == 16 or q_dtype == torch.float32:
+        return _DOT_CODES[q_dtype]
+    return 1
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables, config):
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"paged attention needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}"
+        )
+    if head_dim not in (64, 128, 256):
+        raise ValueError(f"head_dim must be 64, 128 or 256 for the Triton kernels, got {head_dim}")
+    if rotate_v and not had_block:
+        raise ValueError("rotate_v needs had_block > 0")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dim")
+    if bits == 16 and k_cache.dtype != q.dtype:
+        raise ValueError(f"float pages ({k_cache.dtype}) must have q's dtype ({q.dtype})")
+    bn = config.block_n
+    if bn < 16 or bn & (bn - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {bn}")
+
+
+def _launch_extra(config: KernelConfig, head_dim: int) -> dict:
+    """Register cap for the decode kernel (not understood by the interpreter)."""
+    if _interpreting():
+        return {}
+    cap = config.maxnreg if config.maxnreg is not None else (128 if head_dim <= 128 else None)
+    return {} if cap is None else {"maxnreg": cap}
+
+
+def _meta_args(k_cache, v_cache, k_meta, v_meta):
+    if k_meta is None:
+        return k_cache, v_cache, (0, 0, 0)
+    return k_meta, v_meta, k_meta.stride()[:3]
+
+
+_PERMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _perm_args(bits: int, head_dim: int, device: torch.device):
+    """The K and V byte-order tables of fragment-ordered pages (dummies for float pages)."""
+    key = (bits if bits < 16 else 16, head_dim, str(device))
+    if key not in _PERMS:
+        if bits == 16:
+            dummy = torch.zeros(1, dtype=torch.int32, device=device)
+            _PERMS[key] = (dummy, dummy)
+        else:
+            _PERMS[key] = (
+                group_perm(bits, head_dim, True, device),
+                group_perm(bits, head_dim, False, device),
+            )
+    return _PERMS[key]
