@@ -30,7 +30,9 @@ import time
 import torch
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-DECODE_SHAPES = [(1, 32768), (8, 32768), (32, 8192), (64, 8192), (128, 4096), (256, 2048)]
+DECODE_SHAPES = [
+    (1, 32768), (8, 32768), (32, 8192), (64, 8192), (128, 4096), (256, 2048), (1, 131072),
+]  # fmt: skip
 L2_BYTES = 50 * 2**20
 # name -> (bits, had_block, rotate_v)
 FORMATS = {
@@ -38,7 +40,7 @@ FORMATS = {
     "int4-bdr128": (4, 128, False),
     "int4-bdr128-kv": (4, 128, True),
     "int8": (8, 0, False),
-    "bf16-pages": (16, 0, False),
+    "bf16": (16, 0, False),  # our kernel on BF16 pages
 }
 
 
@@ -132,6 +134,9 @@ def check_correctness() -> list[dict]:
         (256, 1, 16, 64, 8, 64, True, True, [200, 5], 0),
         (128, 4, 1, 16, 16, 0, False, False, [77, 1500], 0),
         (128, 2, 2, 16, 4, 0, False, False, [5000], 0),
+        (128, 8, 4, 32, 8, 128, True, True, [1, 2000, 33], 0),
+        (64, 3, 3, 16, 4, 64, True, True, [9000, 100], 0),
+        (128, 2, 12, 16, 4, 128, False, True, [700], 100),
     ]
     for d, h, g, bs, bits, had, rot_v, mean, lens, window in cases:
         torch.manual_seed(len(rows))
@@ -184,9 +189,9 @@ def check_correctness() -> list[dict]:
         from sawkv.kernels.tiles import KernelConfig
 
         out_t = torch.full_like(qd, float("nan"))
-        cfg_t = KernelConfig(block_n=128, trans_qk=True)
+        cfg_t = KernelConfig(block_n=128, impl="triton")
         paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out_t, config=cfg_t, **kw)
-        row["decode_trans_rel_err"] = float((out_t.float() - ref).norm() / ref.norm())
+        row["decode_triton_rel_err"] = float((out_t.float() - ref).norm() / ref.norm())
         oute = torch.full_like(q, float("nan"))
         paged_attention_extend(q, *ref_pages, tables, seq_lens, qsl, out=oute, **kw)
         refe = paged_attention_extend_ref(q, *ref_pages, tables, seq_lens, qsl, **kw).float()
@@ -195,15 +200,85 @@ def check_correctness() -> list[dict]:
             row["write_max_code_diff"] <= (1 if bits != 16 else 0.02)
             and row["write_frac_diff"] < 1e-3
             and row.get("meta_max_ulps", 0) <= 1.01
-            and row["decode_rel_err"] < 1e-2
-            and row["decode_trans_rel_err"] < 1e-2
-            and row["extend_rel_err"] < 1e-2
+            and row["decode_rel_err"] < 5e-3
+            and row["decode_triton_rel_err"] < 5e-3
+            and row["extend_rel_err"] < 5e-3
         )
         row["ok"] = bool(ok)
         print("check", row, flush=True)
         rows.append(row)
         if not ok:
             raise SystemExit(f"GPU correctness check failed: {row}")
+    return rows
+
+
+def check_long_context() -> list[dict]:
+    """Decode vs the fp32 torch reference on the same pages at 2K-128K tokens, bf16 and fp16
+    queries (the pages written by the fused write from keys with large channel offsets)."""
+    from sawkv.attention.reference import paged_attention_decode_ref
+    from sawkv.kernels import cache_write, paged_attention_decode
+    from sawkv.kernels.tiles import KernelConfig
+
+    rows = []
+    for ctx in (2048, 32768, 131072):
+        blocks = math.ceil(ctx / BLOCK_SIZE)
+        gen = torch.Generator(device="cuda").manual_seed(ctx)
+        k = torch.randn(ctx, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
+        k[..., :4] += 20.0  # outlier channels, as in Qwen keys
+        v = torch.randn(ctx, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=gen)
+        tables = torch.randperm(blocks, device="cuda", generator=gen).int()[None]
+        pos = torch.arange(ctx, device="cuda")
+        slots = tables[0, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+        seq_lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+        for name in ("int4-bdr128", "int4-bdr128-kv", "int8"):
+            bits, had, rot_v = FORMATS[name]
+            pages = make_pages(blocks, bits)
+            flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
+            cache_write(k.bfloat16(), v.bfloat16(), *pages, slots, None, **flags)
+            for dtype in (torch.bfloat16, torch.float16):
+                q = torch.randn(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", generator=gen).to(dtype)
+                kw = dict(scale=HEAD_DIM**-0.5, **flags)
+                ref = paged_attention_decode_ref(q, *pages, tables, seq_lens, **kw).float()
+                row = dict(method=name, context=ctx, dtype=str(dtype).split(".")[-1])
+                for impl in ("auto", "triton"):
+                    out = torch.full_like(q, float("nan"))
+                    cfg = KernelConfig(**{**DECODE_CONFIG_DICT(), "impl": impl})
+                    paged_attention_decode(q, *pages, tables, seq_lens, out=out, config=cfg, **kw)
+                    row[f"rel_err_{impl}"] = float((out.float() - ref).norm() / ref.norm())
+                row["ok"] = row["rel_err_auto"] < 5e-3 and row["rel_err_triton"] < 5e-3
+                print("long-context", row, flush=True)
+                rows.append(row)
+        del k, v
+        torch.cuda.empty_cache()
+    if not all(r["ok"] for r in rows):
+        raise SystemExit("long-context decode error above 5e-3")
+    return rows
+
+
+def DECODE_CONFIG_DICT() -> dict:  # noqa: N802 - a constant's copy
+    from sawkv.kernels.tiles import DECODE_CONFIG
+
+    return dict(DECODE_CONFIG.__dict__)
+
+
+def sweep_cuda_decode(copy_gbs: float) -> list[dict]:
+    """CUDA decode knobs: 16-token groups per warp step and forced split counts."""
+    from sawkv.kernels.tiles import KernelConfig
+
+    rows = []
+    for batch, ctx in ((1, 32768), (8, 32768), (32, 8192), (256, 2048)):
+        for gps in (1, 2):
+            for splits in (0, 1, 2, 4, 8, 16, 32, 48, 64):
+                if splits and batch * NUM_KV_HEADS * splits > 8 * 132 * 4:
+                    continue
+                cfg = KernelConfig(**{**DECODE_CONFIG_DICT(), "groups_per_step": gps,
+                                      "num_splits": splits})  # fmt: skip
+                us = time_decode(batch, ctx, "int4-bdr128", cfg)
+                pct = 100 * decode_bytes(batch, ctx, 4) / us / 1e3 / copy_gbs
+                rows.append(dict(batch=batch, context=ctx, groups_per_step=gps, splits=splits,
+                                 us=us, pct_copy=pct))  # fmt: skip
+                print(f"cuda sweep B={batch} L={ctx} gps={gps} splits={splits}: {us:.1f} us "
+                      f"{pct:.0f}%", flush=True)  # fmt: skip
     return rows
 
 
@@ -233,20 +308,34 @@ def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int):
     return (k, v, km, vm), out, seq_lens
 
 
-def time_decode(batch, ctx, name, config=None) -> float:
+def time_decode(batch, ctx, name, config=None, with_err=False):
+    """Median µs of one decode call (graph replays over several page sets); with ``with_err``
+    also the relative error of the first set against the fp32 torch reference."""
+    from sawkv.attention.reference import paged_attention_decode_ref
     from sawkv.kernels import paged_attention_decode
 
     bits, had, rot_v = FORMATS[name]
     sets = num_sets(decode_bytes(batch, ctx, bits))
     pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=batch * ctx)
-    kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v, config=config)
+    flags = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
+    kw = dict(flags, config=config)
     fns = []
     for q, tables in sets_in:
         out = torch.empty_like(q)
         fns.append(
             lambda q=q, t=tables, o=out: paged_attention_decode(q, *pages, t, seq_lens, out=o, **kw)
         )
-    return bench_graphs(fns)
+    us = bench_graphs(fns)
+    if not with_err:
+        return us
+    q, tables = sets_in[0]
+    out = torch.full_like(q, float("nan"))
+    paged_attention_decode(q, *pages, tables, seq_lens, out=out, **kw)
+    ref = paged_attention_decode_ref(q, *pages, tables, seq_lens, **flags).float()
+    err = float((out.float() - ref).norm() / ref.norm())
+    del ref
+    torch.cuda.empty_cache()
+    return us, err
 
 
 def time_sdpa_decode(batch, ctx) -> float:
@@ -267,36 +356,37 @@ def run_decode(copy_gbs: float, config=None, formats=None) -> list[dict]:
     for batch, ctx in DECODE_SHAPES:
         sdpa_us = time_sdpa_decode(batch, ctx)
         sdpa_bytes = decode_bytes(batch, ctx, 16) - batch * math.ceil(ctx / BLOCK_SIZE) * 4
-        base = dict(batch=batch, ctx=ctx, tokens=batch * ctx)
+        base = dict(batch=batch, context=ctx, tokens=batch * ctx)
         rows.append(
             dict(
                 base,
-                format="sdpa-bf16",
+                method="sdpa-bf16",
                 us=sdpa_us,
                 bytes=sdpa_bytes,
-                gbs=sdpa_bytes / sdpa_us / 1e3,
+                gb_s=sdpa_bytes / sdpa_us / 1e3,
                 pct_copy=100 * sdpa_bytes / sdpa_us / 1e3 / copy_gbs,
                 speedup_vs_sdpa=1.0,
             )
         )
         for name in formats or FORMATS:
-            us = time_decode(batch, ctx, name, config)
+            us, err = time_decode(batch, ctx, name, config, with_err=True)
             nbytes = decode_bytes(batch, ctx, FORMATS[name][0])
             gbs = nbytes / us / 1e3
             rows.append(
                 dict(
                     base,
-                    format=name,
+                    method=name,
                     us=us,
                     bytes=nbytes,
-                    gbs=gbs,
+                    gb_s=gbs,
                     pct_copy=100 * gbs / copy_gbs,
                     speedup_vs_sdpa=sdpa_us / us,
+                    rel_err=err,
                 )
             )
             print(
                 f"decode B={batch} L={ctx} {name}: {us:.1f} us {gbs:.0f} GB/s "
-                f"({100 * gbs / copy_gbs:.0f}% copy) {sdpa_us / us:.2f}x SDPA",
+                f"({100 * gbs / copy_gbs:.0f}% copy) {sdpa_us / us:.2f}x SDPA err {err:.1e}",
                 flush=True,
             )
         torch.cuda.empty_cache()
@@ -393,7 +483,7 @@ WRITE_FORMATS = {
     "int4-bdr128-kc": (4, 128, False, True),
     "int4-bdr128-kv-kc": (4, 128, True, True),
     "int8": (8, 0, False, False),
-    "bf16-pages": (16, 0, False, False),
+    "bf16": (16, 0, False, False),
 }
 
 
@@ -401,7 +491,7 @@ def run_write() -> list[dict]:
     from sawkv.kernels import cache_write
 
     rows = []
-    for n in (1, 64, 8192):
+    for n in (1, 64, 8192, 65536):
         nb = max(64, 4 * math.ceil(n / BLOCK_SIZE))
         k = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -424,13 +514,12 @@ def run_write() -> list[dict]:
         base_bytes = 2 * 2 * kf.numel() * 2 + rows_idx.numel() * 8
         rows.append(
             dict(
-                tokens=n,
-                format="bf16-index_copy",
+                num_tokens=n,
+                method="bf16-index_copy",
                 us=base_us,
                 bytes=base_bytes,
-                gbs=base_bytes / base_us / 1e3,
-                tok_per_s=n / base_us * 1e6,
-                ratio=1.0,
+                gb_s=base_bytes / base_us / 1e3,
+                ratio_vs_bf16_scatter=1.0,
             )
         )
         k_mean = k.float().mean(0)
@@ -446,13 +535,12 @@ def run_write() -> list[dict]:
             nbytes = 2 * kf.numel() * 2 + 2 * n * NUM_KV_HEADS * per_vec + n * 4
             rows.append(
                 dict(
-                    tokens=n,
-                    format=name,
+                    num_tokens=n,
+                    method=name,
                     us=us,
                     bytes=nbytes,
-                    gbs=nbytes / us / 1e3,
-                    tok_per_s=n / us * 1e6,
-                    ratio=us / base_us,
+                    gb_s=nbytes / us / 1e3,
+                    ratio_vs_bf16_scatter=us / base_us,
                 )
             )
             print(
@@ -535,13 +623,13 @@ def run_extend(config=None) -> list[dict]:
     for ctx in (8192, 16384, 32768):
         flops = extend_flops(ctx)
         sdpa_us = time_sdpa_extend(ctx)
-        base = dict(ctx=ctx, chunk=EXTEND_CHUNK)
-        rows.append(dict(base, format="sdpa-bf16", us=sdpa_us, tflops=flops / sdpa_us / 1e6,
-                         speedup_vs_sdpa=1.0))  # fmt: skip
-        for name in ("int4-bdr128", "int4-bdr128-kv", "int8", "bf16-pages"):
+        base = dict(context=ctx, chunk=EXTEND_CHUNK)
+        rows.append(dict(base, method="sdpa-bf16", us=sdpa_us, tflops=flops / sdpa_us / 1e6,
+                         ratio_vs_sdpa=1.0))  # fmt: skip
+        for name in ("int4", "int4-bdr128", "int4-bdr128-kv", "int8", "bf16"):
             us = time_extend(ctx, name, config)
-            rows.append(dict(base, format=name, us=us, tflops=flops / us / 1e6,
-                             speedup_vs_sdpa=sdpa_us / us))  # fmt: skip
+            rows.append(dict(base, method=name, us=us, tflops=flops / us / 1e6,
+                             ratio_vs_sdpa=sdpa_us / us))  # fmt: skip
             print(
                 f"extend ctx={ctx} {name}: {us:.0f} us {flops / us / 1e6:.0f} TFLOP/s "
                 f"({sdpa_us / us:.2f}x SDPA {sdpa_us:.0f} us)",
@@ -559,17 +647,17 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["decode"]
-    shapes = sorted({(r["tokens"], r["batch"], r["ctx"]) for r in rows})
+    shapes = sorted({(r["tokens"], r["batch"], r["context"]) for r in rows})
     xs = {s: i for i, s in enumerate(shapes)}
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for name in ["sdpa-bf16", *FORMATS]:
-        pts = sorted((xs[(r["tokens"], r["batch"], r["ctx"])], r["gbs"]) for r in rows
-                     if r["format"] == name)  # fmt: skip
+        pts = sorted((xs[(r["tokens"], r["batch"], r["context"])], r["gb_s"]) for r in rows
+                     if r["method"] == name)  # fmt: skip
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    copy = result["copy_gbs"]
+    copy = result["copy_gb_s"]
     ax.axhline(copy, color="k", ls="--", lw=1, label=f"copy {copy:.0f} GB/s")
-    ax.axhline(0.9 * copy, color="gray", ls=":", lw=1, label="90% of copy")
+    ax.axhline(0.85 * copy, color="gray", ls=":", lw=1, label="85% of copy (target)")
     ax.set_xticks(range(len(shapes)))
     ax.set_xticklabels([f"B={b}\nL={c // 1024}K\n({t // 1024}K tok)" for t, b, c in shapes])
     ax.set_ylabel("achieved GB/s (codes + metadata + tables + q/out)")
@@ -582,15 +670,16 @@ def plot(result: dict, path: str) -> None:
 
 def table(result: dict) -> str:
     lines = [
-        f"copy bandwidth {result['copy_gbs']:.0f} GB/s on {result['device']}",
-        f"{'B':>4} {'L':>6} {'format':>15} {'us':>8} {'GB/s':>6} {'%copy':>6} {'xSDPA':>6}",
+        f"copy bandwidth {result['copy_gb_s']:.0f} GB/s on {result['device']}",
+        f"{'B':>4} {'L':>6} {'method':>15} {'us':>8} {'GB/s':>6} {'%copy':>6} {'xSDPA':>6} err",
     ]
-    for r in result["decode"]:
+    for r in result.get("decode", []):
         lines.append(
-            f"{r['batch']:>4} {r['ctx']:>6} {r['format']:>15} {r['us']:>8.1f} "
-            f"{r['gbs']:>6.0f} {r['pct_copy']:>6.1f} {r['speedup_vs_sdpa']:>6.2f}"
+            f"{r['batch']:>4} {r['context']:>6} {r['method']:>15} {r['us']:>8.1f} "
+            f"{r['gb_s']:>6.0f} {r['pct_copy']:>6.1f} {r['speedup_vs_sdpa']:>6.2f} "
+            f"{r.get('rel_err', 0):.1e}"
         )
-    by = {(r["batch"], r["ctx"], r["format"]): r["us"] for r in result["decode"]}
+    by = {(r["batch"], r["context"], r["method"]): r["us"] for r in result.get("decode", [])}
     for b, l in DECODE_SHAPES:
         if (b, l, "int4") in by and (b, l, "int4-bdr128") in by:
             lines.append(
@@ -599,14 +688,16 @@ def table(result: dict) -> str:
             )
     for r in result.get("write", []):
         lines.append(
-            f"write n={r['tokens']:>5} {r['format']:>18} {r['us']:>8.1f} us "
-            f"{r['gbs']:>6.0f} GB/s {r['ratio']:.2f}x index_copy"
+            f"write n={r['num_tokens']:>5} {r['method']:>18} {r['us']:>8.1f} us "
+            f"{r['gb_s']:>6.0f} GB/s {r['ratio_vs_bf16_scatter']:.2f}x index_copy"
         )
     for r in result.get("extend", []):
         lines.append(
-            f"extend ctx={r['ctx']:>6} {r['format']:>15} {r['us']:>8.0f} us "
-            f"{r['tflops']:>5.0f} TFLOP/s {r['speedup_vs_sdpa']:.2f}x SDPA"
+            f"extend ctx={r['context']:>6} {r['method']:>15} {r['us']:>8.0f} us "
+            f"{r['tflops']:>5.0f} TFLOP/s {r['ratio_vs_sdpa']:.2f}x SDPA"
         )
+    for r in result.get("prefill", []):
+        lines.append(f"prefill {r}")
     return "\n".join(lines)
 
 
@@ -616,7 +707,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also run the decode/extend sweeps")
     ap.add_argument("--sweep-write", action="store_true", help="also run the write sweep")
     ap.add_argument("--sweep-occupancy", action="store_true", help="register-cap sweep only")
-    ap.add_argument("--only", default="check,decode,write,extend")
+    ap.add_argument("--only", default="check,long,decode,write,extend")
+    ap.add_argument("--cuda-sweep", action="store_true", help="CUDA decode knob sweep")
+    ap.add_argument("--name", default=None, help="results file stem (default kernels_<gpu>)")
     ap.add_argument("--plot", help="only plot an existing results JSON (next to it)")
     args = ap.parse_args()
     if args.plot:
@@ -642,7 +735,9 @@ def main() -> None:
     import triton
 
     result["triton"] = triton.__version__
-    path = os.path.join(args.out, "kernels_h100.json")
+    gpu = "h200" if "H200" in result["device"] else "h100" if "H100" in result["device"] else "gpu"
+    stem = args.name or f"kernels_{gpu}"
+    path = os.path.join(args.out, f"{stem}.json")
 
     def save():  # after every part, so a run cut short still leaves its numbers
         result["wall_s"] = time.time() - t0
@@ -650,22 +745,37 @@ def main() -> None:
             json.dump(result, f, indent=1)
 
     if "check" in parts:
+        t = time.time()
+        from sawkv.kernels import decode_cuda
+
+        ok = decode_cuda.available()
+        result["cuda_decode"] = dict(
+            available=ok, error=decode_cuda.build_error(), build_s=time.time() - t
+        )
+        print("cuda decode", result["cuda_decode"], flush=True)
         result["correctness"] = check_correctness()
-    result["copy_gbs"] = copy_bandwidth()
-    print(f"copy bandwidth {result['copy_gbs']:.0f} GB/s", flush=True)
+        save()
+    if "long" in parts:
+        result["long_context"] = check_long_context()
+        save()
+    result["copy_gb_s"] = copy_bandwidth()
+    print(f"copy bandwidth {result['copy_gb_s']:.0f} GB/s", flush=True)
+    if args.cuda_sweep:
+        result["cuda_sweep"] = sweep_cuda_decode(result["copy_gb_s"])
+        save()
     decode_cfg = extend_cfg = None
     if args.sweep_occupancy:
-        result["occupancy_sweep"] = sweep_occupancy(result["copy_gbs"])
+        result["occupancy_sweep"] = sweep_occupancy(result["copy_gb_s"])
         save()
     if args.sweep:
-        result["sweep"], decode_cfg = sweep_decode(result["copy_gbs"])
+        result["sweep"], decode_cfg = sweep_decode(result["copy_gb_s"])
         result["decode_config"] = repr(decode_cfg)
         save()
         result["extend_sweep"], extend_cfg = sweep_extend()
         result["extend_config"] = repr(extend_cfg)
         save()
     if "decode" in parts:
-        result["decode"] = run_decode(result["copy_gbs"], decode_cfg)
+        result["decode"] = run_decode(result["copy_gb_s"], decode_cfg)
         save()
     if "write" in parts:
         if args.sweep_write:
@@ -677,7 +787,7 @@ def main() -> None:
         save()
     if "decode" in parts:
         try:
-            plot(result, os.path.join(args.out, "kernels_h100.png"))
+            plot(result, os.path.join(args.out, f"{stem}.png"))
         except ImportError:
             print("matplotlib missing: plot later with --plot", file=sys.stderr)
     print(table(result))

@@ -8,8 +8,6 @@ builds, the rest to the Triton kernels; each launcher picks its own split count.
 
 from __future__ import annotations
 
-import torch
-
 from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
 
 
@@ -18,8 +16,8 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
-        from sawkv.kernels.cache_write import cache_write
         from sawkv.kernels import paged_attention_decode, paged_attention_extend
+        from sawkv.kernels.cache_write import cache_write
 
         self._write, self._decode, self._extend = (
             cache_write,

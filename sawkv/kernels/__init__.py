@@ -1,7 +1,9 @@
 """Fused Triton kernels over the paged INT4/INT8/float KV cache (leaves: torch and triton only).
 
 * :func:`cache_write` (``cache_write.py``): center, rotate, quantize, pack and scatter new K/V.
-* :func:`paged_attention_decode` / :func:`paged_attention_extend` (``decode.py``, ``extend.py``; shared tiles in ``tiles.py``, page byte order in ``page_layout.py``).
+* :func:`paged_attention_decode` / :func:`paged_attention_extend` (``decode.py``, ``extend.py``;
+  shared tiles in ``tiles.py``; CUDA decode in ``decode_cuda.py``; page byte order in
+  ``page_layout.py``).
 
 The kernel modules are imported lazily so that ``sawkv.kernels.checks`` (used by the torch
 reference on CPU) does not import triton, and so that tests can set ``TRITON_INTERPRET=1`` first.

@@ -114,8 +114,9 @@ def _decode_kernel(
         while t0 < hi:
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, 0, bt_row, h,
-                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr, stride_page_b, stride_page_h,
-                stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
+                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
+                stride_page_b, stride_page_h, stride_page_t,
+                stride_meta_b, stride_meta_h, stride_meta_t,
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
             )  # fmt: skip
             t0 += BLOCK_N
@@ -123,8 +124,9 @@ def _decode_kernel(
         for t0 in tl.range(lo, hi, BLOCK_N):
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, 0, bt_row, h,
-                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr, stride_page_b, stride_page_h,
-                stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
+                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
+                stride_page_b, stride_page_h, stride_page_t,
+                stride_meta_b, stride_meta_h, stride_meta_t,
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
             )  # fmt: skip
 
@@ -183,7 +185,6 @@ def _decode_reduce_kernel(
         acc_hi += wj[:, None] * tl.load(po + DH, mask=row_mask[:, None], other=0.0)
     o_rows = s.to(tl.int64) * stride_os + (h * G + g) * stride_oh
     _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, G_PAD, HAD, ROT_V)
-
 
 
 def _pick_splits(config, num_seqs, num_kv_heads, max_tokens, device) -> int:
@@ -293,7 +294,8 @@ def paged_attention_decode(
     common = dict(G=g, G_PAD=g_pad, D=head_dim, HAD=had_block, ROT_V=bool(rotate_v and had_block))
     k_perm, v_perm = _perm_args(bits, head_dim, q.device)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens, out, part_o, part_ml,
+        q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens, out,
+        part_o, part_ml,
         norm, scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         out.stride(0), out.stride(1),
@@ -310,5 +312,3 @@ def paged_attention_decode(
             **common,
         )  # fmt: skip
     return out
-
-

@@ -104,8 +104,9 @@ def _extend_kernel(
         while t0 < hi:
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, window, bt_row, h,
-                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr, stride_page_b, stride_page_h,
-                stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
+                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
+                stride_page_b, stride_page_h, stride_page_t,
+                stride_meta_b, stride_meta_h, stride_meta_t,
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
             )  # fmt: skip
             t0 += BLOCK_N
@@ -113,14 +114,14 @@ def _extend_kernel(
         for t0 in tl.range(lo, hi, BLOCK_N):
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
                 q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, window, bt_row, h,
-                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr, stride_page_b, stride_page_h,
-                stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
+                k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
+                stride_page_b, stride_page_h, stride_page_t,
+                stride_meta_b, stride_meta_h, stride_meta_t,
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
             )  # fmt: skip
     o_rows = (q_start + i).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
     # the output rotation (ROT_V) runs in _rotate_rows_kernel: here it would cost occupancy
     _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, BLOCK_R, HAD, False)
-
 
 
 def paged_attention_extend(
@@ -189,7 +190,8 @@ def paged_attention_extend(
     k_meta_arg, v_meta_arg, meta_strides = _meta_args(k_cache, v_cache, k_meta, v_meta)
     k_perm, v_perm = _perm_args(bits, head_dim, q.device)
     _extend_kernel[(triton.cdiv(max_q, block_q), num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens, query_start_loc, dest,
+        q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens,
+        query_start_loc, dest,
         1.0 / math.sqrt(had_block) if had_block else 1.0, scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         dest.stride(0), dest.stride(1),

@@ -28,7 +28,7 @@ metadata ``[num_blocks, H, block_size, 2]`` keeps one row per token. Torch only 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -55,10 +55,12 @@ def _fragments(rows_are_tokens: bool, w: int, s: int, g: int, t: int, d_half: in
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _perm(bits: int, head_dim: int, is_key: bool) -> tuple[tuple[int, ...], ...]:
     if bits not in (4, 8) or head_dim % 32:
-        raise ValueError(f"fragment layout needs bits 4/8 and head_dim % 32 == 0, got {bits}, {head_dim}")
+        raise ValueError(
+            f"fragment layout needs bits 4/8 and head_dim % 32 == 0, got {bits}, {head_dim}"
+        )
     p = head_dim // 2 if bits == 4 else head_dim
     pos = [[-1] * p for _ in range(GROUP)]
     lane_bytes = GROUP * p // 32

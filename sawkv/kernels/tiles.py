@@ -372,7 +372,6 @@ def _store_out(
     tl.store(ptr + DH, o_hi.to(ty), mask=row_mask[:, None])
 
 
-
 @triton.jit
 def _rotate_rows_kernel(
     x_ptr,  # [num_rows, D] fp32 un-rotated attention output
@@ -394,7 +393,6 @@ def _rotate_rows_kernel(
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + off, lo.to(ty), mask=mask)
     tl.store(out_ptr + off + DH, hi.to(ty), mask=mask)
-
 
 
 # ---- launcher helpers --------------------------------------------------------------------------

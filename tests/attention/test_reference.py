@@ -12,13 +12,12 @@ import math
 import pytest
 import torch
 
-from sawkv.kernels.page_layout import from_pages
-
 from sawkv.attention.reference import (
     cache_write_ref,
     paged_attention_decode_ref,
     paged_attention_extend_ref,
 )
+from sawkv.kernels.page_layout import from_pages
 from sawkv.quant import parse_method
 
 

@@ -69,7 +69,10 @@ def _case(num_tokens, head_dim=128, g=4, v_scale=0.05, seed=0):
     kc = torch.randint(0, 16, (num_tokens, head_dim), generator=gen)
     vc = torch.randint(0, 16, (num_tokens, head_dim), generator=gen)
     km = torch.stack(
-        [torch.rand(num_tokens, generator=gen) * 0.3 + 0.05, -torch.rand(num_tokens, generator=gen)],
+        [
+            torch.rand(num_tokens, generator=gen) * 0.3 + 0.05,
+            -torch.rand(num_tokens, generator=gen),
+        ],
         -1,
     ).half()
     vm = torch.stack(
