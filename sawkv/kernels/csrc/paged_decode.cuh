@@ -106,16 +106,16 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src));
 }
 
-__device__ __forceinline__ uint32_t load_u32(const __half* p) {
-  return __ldg(reinterpret_cast<const unsigned int*>(p));
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
 __device__ __forceinline__ float2 half2_bits_to_float2(uint32_t x) {
@@ -170,11 +170,18 @@ struct Geometry {
   static constexpr float kOff = BITS == 4 ? 8.f : 128.f;
 };
 
-template <int BITS, int D>
-struct Tile {
-  uint4 k[Geometry<BITS, D>::kVec];
-  uint4 v[Geometry<BITS, D>::kVec];
-  uint32_t km[2], vm[2];  // (scale, min) of tokens g and g + 8
+// Dynamic shared memory: the per-warp ring of the main loop (STAGES steps of U groups, each
+// group K and V codes plus 128 bytes of metadata), aliased with the query staging area before
+// the loop and the merge buffer after it. ~13 KB per warp keeps 4 CTAs (16 warps) per SM.
+template <int BITS, int D, int NT, int U>
+struct Smem {
+  static constexpr int kCodeBytes = 16 * Geometry<BITS, D>::P;  // one group's K (or V) codes
+  static constexpr int kGroupBytes = 2 * kCodeBytes + 128;
+  static constexpr int kFit = 13056 / (U * kGroupBytes);
+  static constexpr int kStages = kFit < 2 ? 2 : kFit > 4 ? 4 : kFit;
+  static constexpr int kRing = kWarps * kStages * U * kGroupBytes;
+  static constexpr int kStaging = 8 * NT * D * (4 + 2);  // fp32 query/merge rows + fp16 query
+  static constexpr int kBytes = kRing > kStaging ? kRing : kStaging;
 };
 
 }  // namespace detail
@@ -188,8 +195,13 @@ __global__ void __launch_bounds__(detail::kThreads)
   constexpr int STEPS = Geo::kSteps;
   constexpr int HALF_STEPS = D / 32;
 
-  __shared__ float sbuf[QROWS * D];  // the rotated query, then the merge buffer
-  __shared__ __half sq[QROWS * D];
+  using Mem = Smem<BITS, D, NT, U>;
+  constexpr int kCodeBytes = Mem::kCodeBytes;
+  constexpr int kGroupBytes = Mem::kGroupBytes;
+  constexpr int STAGES = Mem::kStages;
+  extern __shared__ __align__(16) uint8_t smem[];
+  float* sbuf = reinterpret_cast<float*>(smem);             // rotated query, then merge buffer
+  __half* sq = reinterpret_cast<__half*>(smem + QROWS * D * 4);
   __shared__ float s_qsum[QROWS];
   __shared__ float s_m[kWarps][QROWS], s_l[kWarps][QROWS], s_vm[kWarps][QROWS];
   __shared__ float s_red[kWarps];
@@ -249,7 +261,6 @@ __global__ void __launch_bounds__(detail::kThreads)
     acc = warp_sum_rows(acc);
     if (lane == 0) s_qsum[r] = acc;
   }
-  for (int i = tid; i < QROWS * D; i += kThreads) sbuf[i] = 0.f;  // merge buffer from here on
   __syncthreads();
 
   uint32_t qf[STEPS][NT][2];
@@ -266,39 +277,43 @@ __global__ void __launch_bounds__(detail::kThreads)
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int c = 0; c < 2; ++c) qsum[nt][c] = s_qsum[nt * 8 + 2 * t + c] * finv;
+  __syncthreads();  // the query staging area becomes the ring
 
-  // ---- this warp's 16-token groups --------------------------------------------------------
+  // ---- this warp's 16-token groups, streamed through its own shared-memory ring ----------
+  // cp.async keeps STAGES steps of U groups in flight per warp without holding them in
+  // registers, so occupancy stays high; lanes copy and read back their own code bytes, the
+  // group's 128 metadata bytes are copied by lanes 0-7 and read by all after __syncwarp.
   const int nsub = hi > lo ? (hi - lo + 15) >> 4 : 0;
   const int per_w = (nsub + kWarps - 1) / kWarps;
   const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
   const int* bt = p.block_tables + (int64_t)s * p.stride_bt;
   const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
   const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
-  const __half* kmbase = p.k_meta + (int64_t)h * p.stride_meta_h + 2 * g;
-  const __half* vmbase = p.v_meta + (int64_t)h * p.stride_meta_h + 2 * g;
+  const __half* mbase = (lane < 4 ? p.k_meta : p.v_meta) + (int64_t)h * p.stride_meta_h +
+                        8 * (lane & 3);  // lanes 0-3: K metadata, 4-7: V, 16 bytes each
+  uint8_t* ring = smem + warp * (STAGES * U * kGroupBytes);
 
   int pid_base = sub_begin, pid = 0;  // lane l holds the page of group pid_base + l
   auto refresh_pages = [&](int first) {
     pid_base = first;
-    int j = first + lane;
-    pid = j < sub_end ? bt[(lo + 16 * j) / p.block_size] : 0;
+    const int j = first + lane;
+    pid = j < sub_end ? __ldg(bt + (lo + 16 * j) / p.block_size) : 0;
   };
-  auto load = [&](Tile<BITS, D>& tile, int j) {
+  auto issue = [&](int j, int slot) {
     if (j >= sub_end) return;  // warp-uniform
     if (j - pid_base >= 32) refresh_pages(j);
     const int page = __shfl_sync(kFull, pid, j - pid_base);
     const int in_page = (lo + 16 * j) % p.block_size;
     const int64_t code_off = (int64_t)page * p.stride_page_b + (int64_t)in_page * Geo::P;
-    const int64_t meta_off = (int64_t)page * p.stride_meta_b + 2 * in_page;
+    uint8_t* dst = ring + slot * kGroupBytes + lane * Geo::kLaneBytes;
 #pragma unroll
     for (int i = 0; i < Geo::kVec; ++i) {
-      tile.k[i] = load_stream(kbase + code_off + 16 * i);
-      tile.v[i] = load_stream(vbase + code_off + 16 * i);
+      cp_async16(dst + 16 * i, kbase + code_off + 16 * i);
+      cp_async16(dst + kCodeBytes + 16 * i, vbase + code_off + 16 * i);
     }
-    tile.km[0] = load_u32(kmbase + meta_off);
-    tile.km[1] = load_u32(kmbase + meta_off + 16);
-    tile.vm[0] = load_u32(vmbase + meta_off);
-    tile.vm[1] = load_u32(vmbase + meta_off + 16);
+    if (lane < 8)
+      cp_async16(ring + slot * kGroupBytes + 2 * kCodeBytes + 16 * lane,
+                 mbase + (int64_t)page * p.stride_meta_b + 2 * in_page);
   };
 
   float m_run[NT][2], l_run[NT][2], vm_run[NT][2];
@@ -313,28 +328,55 @@ __global__ void __launch_bounds__(detail::kThreads)
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[w][nt][i] = 0.f;
-  int E = -126;  // acc is in units of 2^E of the value scales
+  int E = -126;  // acc holds sum p * scale_v * 2^-E * code; value scales <= 2^(E + 4)
+  float v_limit = 0.f;
 
-  Tile<BITS, D> cur[U], nxt[U];
+  const int num_steps = (sub_end - sub_begin + U - 1) / U;
   refresh_pages(sub_begin);
 #pragma unroll
-  for (int k = 0; k < U; ++k) load(cur[k], sub_begin + k);
-
-  for (int j0 = sub_begin; j0 < sub_end; j0 += U) {
+  for (int st = 0; st < STAGES - 1; ++st) {
 #pragma unroll
-    for (int k = 0; k < U; ++k) load(nxt[k], j0 + U + k);
+    for (int k = 0; k < U; ++k) issue(sub_begin + st * U + k, st * U + k);
+    cp_async_commit();
+  }
+  for (int it = 0; it < num_steps; ++it) {
+    {
+      const int st = it + STAGES - 1, slot = st % STAGES;
+#pragma unroll
+      for (int k = 0; k < U; ++k) issue(sub_begin + st * U + k, slot * U + k);
+      cp_async_commit();
+    }
+    cp_async_wait<STAGES - 1>();
+    __syncwarp();
+    const int j0 = sub_begin + it * U;
+    const uint8_t* slot_base = ring + (it % STAGES) * U * kGroupBytes;
 
     // scores S^T (tokens g, g+8 x queries 2t, 2t+1 of each n-tile), in log2 units
     float sc[U][NT][4];
     float vsc[U][2], vmn[U][2];
     float vmax = 0.f;
+    uint4 vcode[U][Geo::kVec];
 #pragma unroll
     for (int k = 0; k < U; ++k) {
+      const uint8_t* gb = slot_base + k * kGroupBytes;
+      uint4 kcode[Geo::kVec];
+#pragma unroll
+      for (int i = 0; i < Geo::kVec; ++i) {
+        kcode[i] = *reinterpret_cast<const uint4*>(gb + lane * Geo::kLaneBytes + 16 * i);
+        vcode[k][i] =
+            *reinterpret_cast<const uint4*>(gb + kCodeBytes + lane * Geo::kLaneBytes + 16 * i);
+      }
+      const uint32_t* meta = reinterpret_cast<const uint32_t*>(gb + 2 * kCodeBytes);
+      const uint32_t kmeta[2] = {meta[g], meta[g + 8]};
+      const uint32_t vmeta[2] = {meta[16 + g], meta[24 + g]};
+      // two accumulators per n-tile: the k-steps of the two halves of d are independent
+      // chains, so the mma latency overlaps
+      float sa[NT][4], sb[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sc[k][nt][i] = 0.f;
-      const uint32_t* kw = reinterpret_cast<const uint32_t*>(cur[k].k);
+        for (int i = 0; i < 4; ++i) sa[nt][i] = 0.f, sb[nt][i] = 0.f;
+      const uint32_t* kw = reinterpret_cast<const uint32_t*>(kcode);
       if constexpr (BITS == 4) {
 #pragma unroll
         for (int w = 0; w < HALF_STEPS; ++w) {
@@ -343,8 +385,8 @@ __global__ void __launch_bounds__(detail::kThreads)
           unpack_int4(kw[2 * w + 1], x1);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            mma16816(sc[k][nt], x0[0], x0[2], x1[0], x1[2], qf[w][nt][0], qf[w][nt][1]);
-            mma16816(sc[k][nt], x0[1], x0[3], x1[1], x1[3], qf[w + HALF_STEPS][nt][0],
+            mma16816(sa[nt], x0[0], x0[2], x1[0], x1[2], qf[w][nt][0], qf[w][nt][1]);
+            mma16816(sb[nt], x0[1], x0[3], x1[1], x1[3], qf[w + HALF_STEPS][nt][0],
                      qf[w + HALF_STEPS][nt][1]);
           }
         }
@@ -355,8 +397,12 @@ __global__ void __launch_bounds__(detail::kThreads)
           unpack_int8(kw[2 * w], x0);
           unpack_int8(kw[2 * w + 1], x1);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            mma16816(sc[k][nt], x0[0], x0[1], x1[0], x1[1], qf[w][nt][0], qf[w][nt][1]);
+          for (int nt = 0; nt < NT; ++nt) {
+            if (w % 2 == 0)
+              mma16816(sa[nt], x0[0], x0[1], x1[0], x1[1], qf[w][nt][0], qf[w][nt][1]);
+            else
+              mma16816(sb[nt], x0[0], x0[1], x1[0], x1[1], qf[w][nt][0], qf[w][nt][1]);
+          }
         }
       }
       const int j = j0 + k;
@@ -364,8 +410,8 @@ __global__ void __launch_bounds__(detail::kThreads)
       for (int r = 0; r < 2; ++r) {
         const int tok = lo + 16 * j + g + 8 * r;
         const bool ok = j < sub_end && tok >= start && tok < hi;
-        const float2 km = half2_bits_to_float2(cur[k].km[r]);
-        const float2 vm = half2_bits_to_float2(cur[k].vm[r]);
+        const float2 km = half2_bits_to_float2(kmeta[r]);
+        const float2 vm = half2_bits_to_float2(vmeta[r]);
         // selects, not products: masked rows may hold NaN metadata from another sequence
         const float ks = ok ? km.x * finv : 0.f;
         const float kmin = ok ? km.y + Geo::kOff * km.x : 0.f;
@@ -376,21 +422,19 @@ __global__ void __launch_bounds__(detail::kThreads)
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float x = sc[k][nt][2 * r + c] * ks + kmin * qsum[nt][c];
-            sc[k][nt][2 * r + c] = ok ? x : -INFINITY;
+            const int i = 2 * r + c;
+            const float x = (sa[nt][i] + sb[nt][i]) * ks + kmin * qsum[nt][c];
+            sc[k][nt][i] = ok ? x : -INFINITY;
           }
       }
     }
+    __syncwarp();  // every lane has read this slot before the next issue may overwrite it
 
-    // online softmax: per query column, max over this step's tokens (lanes sharing t)
-    vmax = warp_max_rows(vmax);
-    int ev = -126;
-    if (vmax > 0.f) frexpf(vmax, &ev);
-    const int E_new = max(E, ev);
-    const float e_fac = fast_exp2((float)(E - E_new));
-    const float vnorm = ldexpf(1.f, -E_new);
-    float fac[NT][2];
-    bool all_one = e_fac == 1.f;
+    // online softmax with lazy rescaling: the running max only moves (three shuffles per
+    // column and a rescale of acc) when a score exceeds it by more than 8 (weights <= 256) or
+    // a value scale exceeds 2^(E+4); otherwise this step costs no cross-lane work
+    float lmax[NT][2];
+    bool grow = vmax > v_limit;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -398,11 +442,43 @@ __global__ void __launch_bounds__(detail::kThreads)
         float mx = -INFINITY;
 #pragma unroll
         for (int k = 0; k < U; ++k) mx = fmaxf(mx, fmaxf(sc[k][nt][c], sc[k][nt][2 + c]));
-        mx = warp_max_rows(mx);
-        const float m_new = fmaxf(m_run[nt][c], mx);
-        const float m_sub = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = fast_exp2(m_run[nt][c] - m_sub);  // 0 on the first tile, 1 if unchanged
-        m_run[nt][c] = m_new;
+        lmax[nt][c] = mx;
+        grow = grow || mx > m_run[nt][c] + 8.f;
+      }
+    if (__any_sync(kFull, grow)) {
+      const float vm_all = warp_max_rows(vmax);
+      int ev = -126;
+      if (vm_all > 0.f) frexpf(vm_all, &ev);  // vm_all <= 2^ev
+      const int E_new = max(E, ev);
+      const float e_fac = exp2f((float)(E - E_new));
+      E = E_new;
+      v_limit = ldexpf(1.f, E + 4);
+      float fac[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float m_new = fmaxf(m_run[nt][c], warp_max_rows(lmax[nt][c]));
+          const float alpha =
+              m_new == -INFINITY ? 1.f : fast_exp2(m_run[nt][c] - m_new);  // 0 the first time
+          m_run[nt][c] = m_new;
+          l_run[nt][c] *= alpha;
+          vm_run[nt][c] *= alpha;
+          fac[nt][c] = alpha * e_fac;
+        }
+#pragma unroll
+      for (int w = 0; w < STEPS; ++w)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[w][nt][i] *= fac[nt][i & 1];
+    }
+    const float vnorm = ldexpf(1.f, -E);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float m_sub = m_run[nt][c] == -INFINITY ? 0.f : m_run[nt][c];
         float lsum = 0.f, vsum = 0.f;
 #pragma unroll
         for (int k = 0; k < U; ++k)
@@ -411,22 +487,11 @@ __global__ void __launch_bounds__(detail::kThreads)
             const float pr = fast_exp2(sc[k][nt][2 * r + c] - m_sub);
             lsum += pr;
             vsum += pr * vmn[k][r];
-            sc[k][nt][2 * r + c] = pr * vsc[k][r] * vnorm;  // the P.V weight, in [0, 1]
+            sc[k][nt][2 * r + c] = pr * (vsc[k][r] * vnorm);  // the P.V weight, <= 4096
           }
-        l_run[nt][c] = l_run[nt][c] * alpha + lsum;
-        vm_run[nt][c] = vm_run[nt][c] * alpha + vsum;
-        fac[nt][c] = alpha * e_fac;
-        all_one = all_one && alpha == 1.f;
+        l_run[nt][c] += lsum;
+        vm_run[nt][c] += vsum;
       }
-    E = E_new;
-    if (!__all_sync(kFull, all_one)) {
-#pragma unroll
-      for (int w = 0; w < STEPS; ++w)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[w][nt][i] *= fac[nt][i & 1];
-    }
 
     // O^T += V^T P^T: P^T fragments are the transposed score fragments (movmatrix)
 #pragma unroll
@@ -437,7 +502,7 @@ __global__ void __launch_bounds__(detail::kThreads)
         pb[nt][0] = transpose8x8(pack_half2(sc[k][nt][0], sc[k][nt][1]));
         pb[nt][1] = transpose8x8(pack_half2(sc[k][nt][2], sc[k][nt][3]));
       }
-      const uint32_t* vw = reinterpret_cast<const uint32_t*>(cur[k].v);
+      const uint32_t* vw = reinterpret_cast<const uint32_t*>(vcode[k]);
       if constexpr (BITS == 4) {
 #pragma unroll
         for (int w = 0; w < HALF_STEPS; ++w) {
@@ -462,9 +527,11 @@ __global__ void __launch_bounds__(detail::kThreads)
         }
       }
     }
-#pragma unroll
-    for (int k = 0; k < U; ++k) cur[k] = nxt[k];
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring becomes the merge buffer
+  for (int i = tid; i < QROWS * D; i += kThreads) sbuf[i] = 0.f;
+  __syncthreads();
 
   // ---- merge the warps: common max per query, shared-memory sums ----------------------------
 #pragma unroll

@@ -10,7 +10,14 @@ namespace {
 
 template <int BITS, int D, int NT, int U>
 void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  sawkv::paged_decode_kernel<BITS, D, NT, U><<<grid, sawkv::detail::kThreads, 0, stream>>>(p);
+  constexpr int bytes = sawkv::detail::Smem<BITS, D, NT, U>::kBytes;
+  auto* kernel = sawkv::paged_decode_kernel<BITS, D, NT, U>;
+  static const bool ready = [&] {  // > 48 KB of dynamic shared memory needs an opt-in, once
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
+           cudaSuccess;
+  }();
+  TORCH_CHECK(ready, "paged decode: cannot reserve ", bytes, " bytes of shared memory");
+  kernel<<<grid, sawkv::detail::kThreads, bytes, stream>>>(p);
 }
 
 // U (16-token groups per warp step) by head dim: 2 keeps 12 warps per SM resident at d = 128
