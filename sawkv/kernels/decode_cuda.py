@@ -25,7 +25,7 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _TICKETS: dict[int, list[torch.Tensor]] = {}
 # Resident CTAs per SM by head dim (registers per thread of the default variant, 128 threads).
-_CTAS_PER_SM = {64: 6, 128: 4, 256: 3}
+_CTAS_PER_SM = {64: 5, 128: 5, 256: 3}
 MAX_SPLITS = 64
 
 

@@ -65,14 +65,25 @@ __device__ __forceinline__ uint32_t hsub2_bits(uint32_t a, uint32_t b) {
   return d;
 }
 
+__device__ __forceinline__ uint32_t hfma2_bits(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 // 8 nibbles -> 4 half2 registers of exact (code - 8); register j holds nibbles j and j + 4.
+// Odd nibbles are masked in place (1024 + 16 c) and scaled by 1/16 in the same fma that
+// removes the offset, so one shift serves all four (all steps exact in fp16).
 __device__ __forceinline__ void unpack_int4(uint32_t w, uint32_t (&r)[4]) {
-  constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024
-  constexpr uint32_t kBias = 0x64086408u;   // fp16 1032 = 1024 + 8
+  constexpr uint32_t kMagic = 0x64006400u;    // fp16 1024
+  constexpr uint32_t kBias = 0x64086408u;     // fp16 1032 = 1024 + 8
+  constexpr uint32_t kSixteenth = 0x2c002c00u;  // fp16 1/16
+  constexpr uint32_t kBiasHi = 0xd480d480u;     // fp16 -72 = -(1024 / 16 + 8)
+  const uint32_t top = w >> 8;
   r[0] = hsub2_bits(lop3_and_or(w, 0x000f000fu, kMagic), kBias);
-  r[1] = hsub2_bits(lop3_and_or(w >> 4, 0x000f000fu, kMagic), kBias);
-  r[2] = hsub2_bits(lop3_and_or(w >> 8, 0x000f000fu, kMagic), kBias);
-  r[3] = hsub2_bits(lop3_and_or(w >> 12, 0x000f000fu, kMagic), kBias);
+  r[1] = hfma2_bits(lop3_and_or(w, 0x00f000f0u, kMagic), kSixteenth, kBiasHi);
+  r[2] = hsub2_bits(lop3_and_or(top, 0x000f000fu, kMagic), kBias);
+  r[3] = hfma2_bits(lop3_and_or(top, 0x00f000f0u, kMagic), kSixteenth, kBiasHi);
 }
 
 // 4 bytes -> 2 half2 registers of exact (code - 128): bytes (0, 1) and (2, 3).
@@ -135,6 +146,20 @@ __device__ __forceinline__ float warp_max_rows(float x) {  // over lanes sharing
   return fmaxf(x, __shfl_xor_sync(kFull, x, 16));
 }
 
+__device__ __forceinline__ float warp_max_all(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFull, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(kFull, x, 2));
+  return warp_max_rows(x);
+}
+
+__device__ __forceinline__ float warp_sum_all(float x) {
+  x += __shfl_xor_sync(kFull, x, 1);
+  x += __shfl_xor_sync(kFull, x, 2);
+  x += __shfl_xor_sync(kFull, x, 4);
+  x += __shfl_xor_sync(kFull, x, 8);
+  return x + __shfl_xor_sync(kFull, x, 16);
+}
+
 __device__ __forceinline__ float warp_sum_rows(float x) {
   x += __shfl_xor_sync(kFull, x, 4);
   x += __shfl_xor_sync(kFull, x, 8);
@@ -181,13 +206,14 @@ struct Smem {
   static constexpr int kStages = kFit < 2 ? 2 : kFit > 4 ? 4 : kFit;
   static constexpr int kRing = kWarps * kStages * U * kGroupBytes;
   static constexpr int kStaging = 8 * NT * D * (4 + 2);  // fp32 query/merge rows + fp16 query
-  static constexpr int kBytes = kRing > kStaging ? kRing : kStaging;
+  // + [G][num_splits <= 64] merge weights after the staging area
+  static constexpr int kBytes = kRing > kStaging + 4096 ? kRing : kStaging + 4096;
 };
 
 }  // namespace detail
 
 template <int BITS, int D, int NT, int U>
-__global__ void __launch_bounds__(detail::kThreads)
+__global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 3)
     paged_decode_kernel(const DecodeParams p) {
   using namespace detail;
   using Geo = Geometry<BITS, D>;
@@ -601,30 +627,35 @@ __global__ void __launch_bounds__(detail::kThreads)
     __syncthreads();
     if (!s_ticket) return;
     __threadfence();
-    // last CTA of this (sequence, KV head): merge the splits' states
-    for (int q = tid; q < G; q += kThreads) {
-      const float* ml = p.part_ml + (head0 + q) * p.num_splits * 2;
+    // last CTA of this (sequence, KV head): merge the splits' states. Loads are spread over
+    // threads and unrolled, so the merge costs a few L2 round trips, not one per split.
+    const int ns = p.num_splits;
+    float* s_w = reinterpret_cast<float*>(smem + Mem::kStaging);  // [G][num_splits]
+    for (int i = tid; i < G * ns; i += kThreads)
+      s_w[i] = __ldcg(p.part_ml + ((head0 + i / ns) * ns + i % ns) * 2);
+    __syncthreads();
+    for (int q = warp; q < G; q += kWarps) {
+      const float* ml = p.part_ml + (head0 + q) * ns * 2;
       float M = -INFINITY;
-      for (int j = 0; j < p.num_splits; ++j) M = fmaxf(M, __ldcg(ml + 2 * j));
+      for (int j = lane; j < ns; j += 32) M = fmaxf(M, s_w[q * ns + j]);
+      M = warp_max_all(M);
       float L = 0.f;
-      for (int j = 0; j < p.num_splits; ++j) {
-        const float wt = M == -INFINITY ? 0.f : fast_exp2(__ldcg(ml + 2 * j) - M);
+      for (int j = lane; j < ns; j += 32) {
+        const float wt = M == -INFINITY ? 0.f : fast_exp2(s_w[q * ns + j] - M);
         L += wt * __ldcg(ml + 2 * j + 1);
+        s_w[q * ns + j] = wt;
       }
-      s_m[0][q] = M;
-      s_l[0][q] = L;
+      L = warp_sum_all(L);
+      if (lane == 0) s_l[0][q] = L;
     }
     __syncthreads();
     for (int i = tid; i < G * D; i += kThreads) {
       const int q = i / D, d = i % D;
-      const float* ml = p.part_ml + (head0 + q) * p.num_splits * 2;
-      const float* po = p.part_o + (head0 + q) * p.num_splits * D + d;
-      const float M = s_m[0][q];
+      const float* po = p.part_o + (head0 + q) * ns * D + d;
+      const float* wq = s_w + q * ns;
       float o = 0.f;
-      for (int j = 0; j < p.num_splits; ++j) {
-        const float wt = M == -INFINITY ? 0.f : fast_exp2(__ldcg(ml + 2 * j) - M);
-        o += wt * __ldcg(po + (int64_t)j * D);
-      }
+#pragma unroll 8
+      for (int j = 0; j < ns; ++j) o += wq[j] * __ldcg(po + (int64_t)j * D);
       const float L = s_l[0][q];
       sbuf[q * D + d] = L > 0.f ? o / L : 0.f;
     }

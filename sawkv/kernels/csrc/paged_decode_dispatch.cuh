@@ -20,12 +20,12 @@ void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
   kernel<<<grid, sawkv::detail::kThreads, bytes, stream>>>(p);
 }
 
-// U (16-token groups per warp step) by head dim: 2 keeps 12 warps per SM resident at d = 128
-// (168 registers), 4 fits at d = 64, d = 256 holds twice the accumulators and spills above 1.
+// U (16-token groups per warp step): 1 at d >= 128 keeps 5 CTAs (20 warps) per SM within 96
+// registers; 2 at d = 64. Larger U adds independent work per warp but costs occupancy.
 // `u` = 0 takes the default; only these combinations are compiled.
 template <int BITS, int D, int NT>
 void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
-  if (u == 0) u = D >= 256 ? 1 : 2;
+  if (u == 0) u = D >= 128 ? 1 : 2;
   if (u == 1) return launch<BITS, D, NT, 1>(p, grid, stream);
   if constexpr (D <= 128) {
     if (u == 2) return launch<BITS, D, NT, 2>(p, grid, stream);
