@@ -1,8 +1,9 @@
 """The CUDA decode kernel's arithmetic, emulated in torch at 131,072 tokens, vs an fp64 reference.
 
 The GPU benchmark checks the kernel itself against the fp32 reference up to 128K tokens; this
-CPU test pins the numerical scheme it implements (``csrc/paged_decode.cuh``): codes as exact small
-integers in fp16, the query scaled by a power of two before its fp16 rounding, fp32 scores and
+CPU test pins the numerical scheme it implements (``csrc/paged_decode.cuh``): codes as exact
+integers (fp16 subnormals c * 2^-24 on the GPU, no offset to cancel), the query scaled by a
+power of two before its fp16 rounding, fp32 scores and
 softmax state, and P.V weights ``p * scale_v * 2^-E`` rounded to fp16, accumulated tile by tile in
 fp32 as the kernel's online softmax does. The contrast case drops the 2^-E normalization: with
 small value scales the fp16 weights fall into subnormals and the error at long context exceeds
@@ -25,7 +26,7 @@ def _reference(q, kc, km, vc, vm, scale):
     return p @ v
 
 
-def _emulate(q, kc, km, vc, vm, scale, *, normalize_weights=True, tile=32, off=8.0):
+def _emulate(q, kc, km, vc, vm, scale, *, normalize_weights=True, tile=32, off=0.0):
     """Tile-by-tile emulation of one CTA of the kernel (one KV head, all its query heads)."""
     x = q.float() * (scale * LOG2E)
     e = math.frexp(float(x.abs().max()))[1]

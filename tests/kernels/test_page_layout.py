@@ -20,7 +20,7 @@ def _a_fragment(i: int, g: int, t: int, e: int) -> tuple[int, int]:
 
 
 def _unpack_int4_word(word: int) -> list[tuple[int, int]]:
-    """What the kernel's lop3/shift unpacking yields: register j = nibbles (j, j + 4)."""
+    """Which codes the kernel's mask/shift unpacking puts in register j: nibbles (j, j + 4)."""
     return [((word >> (4 * j)) & 0xF, (word >> (16 + 4 * j)) & 0xF) for j in range(4)]
 
 

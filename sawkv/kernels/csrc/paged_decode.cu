@@ -44,6 +44,8 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   p.num_q_heads = num_q_heads;
   p.G = num_q_heads / num_kv_heads;
   p.block_size = k_cache.size(2);
+  TORCH_CHECK((p.block_size & (p.block_size - 1)) == 0, "paged decode: block_size must be a power of two");
+  p.block_shift = __builtin_ctz(p.block_size);
   p.num_splits = num_splits;
   p.window = window;
   p.qscale = qscale;

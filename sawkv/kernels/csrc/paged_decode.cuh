@@ -8,7 +8,7 @@
 // bytes of a 16-token group are stored so that each lane's 16-byte loads unpack, with a shift,
 // one lop3 (INT4) or prmt (INT8) and one exact fp16 subtraction, into its A registers.
 //
-// Numerics: codes become exact small signed integers (c - 8, c - 128) in fp16; the query is
+// Numerics: codes become exact fp16 subnormals (c * 2^-24, no offset to cancel); the query is
 // rotated, scaled (softmax scale * log2 e) and multiplied by a power of two that puts its
 // largest element in [2^13, 2^14) before rounding to fp16, so any model's range keeps 11 bits;
 // scores and softmax state are fp32. Each token's weight enters the P.V product as
@@ -40,7 +40,7 @@ struct DecodeParams {
   int64_t stride_page_b, stride_page_h;                // bytes
   int64_t stride_meta_b, stride_meta_h;                // halves
   int64_t stride_bt;
-  int num_q_heads, G, block_size, num_splits, window;
+  int num_q_heads, G, block_size, block_shift, num_splits, window;
   float qscale;  // softmax scale * log2(e)
   int had_block;
   int rotate_v;
@@ -53,48 +53,25 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));  // (a&b)|c
-  return d;
-}
-
-__device__ __forceinline__ uint32_t hsub2_bits(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-
-__device__ __forceinline__ uint32_t hfma2_bits(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// 8 nibbles -> 4 half2 registers of exact (code - 8); register j holds nibbles j and j + 4.
-// Odd nibbles are masked in place (1024 + 16 c) and scaled by 1/16 in the same fma that
-// removes the offset, so one shift serves all four (all steps exact in fp16).
+// Codes become fp16 *subnormals* with no arithmetic: the bit pattern c (c < 1024) is exactly
+// c * 2^-24, and the tensor cores multiply subnormal fp16 exactly. One AND per half2 register
+// (no offset to cancel, which is what broke long-context accuracy with the 1024 magic number).
+//
+// 8 nibbles -> 4 half2 registers; register j holds nibbles j and j + 4. Registers 1 and 3 are
+// masked in place, so they hold 16 c * 2^-24: they feed the second half of the head dim, whose
+// query fragments (keys) are pre-scaled by 1/16 and whose accumulators (values) are scaled back.
 __device__ __forceinline__ void unpack_int4(uint32_t w, uint32_t (&r)[4]) {
-  constexpr uint32_t kMagic = 0x64006400u;    // fp16 1024
-  constexpr uint32_t kBias = 0x64086408u;     // fp16 1032 = 1024 + 8
-  constexpr uint32_t kSixteenth = 0x2c002c00u;  // fp16 1/16
-  constexpr uint32_t kBiasHi = 0xd480d480u;     // fp16 -72 = -(1024 / 16 + 8)
   const uint32_t top = w >> 8;
-  r[0] = hsub2_bits(lop3_and_or(w, 0x000f000fu, kMagic), kBias);
-  r[1] = hfma2_bits(lop3_and_or(w, 0x00f000f0u, kMagic), kSixteenth, kBiasHi);
-  r[2] = hsub2_bits(lop3_and_or(top, 0x000f000fu, kMagic), kBias);
-  r[3] = hfma2_bits(lop3_and_or(top, 0x00f000f0u, kMagic), kSixteenth, kBiasHi);
+  r[0] = w & 0x000f000fu;
+  r[1] = w & 0x00f000f0u;
+  r[2] = top & 0x000f000fu;
+  r[3] = top & 0x00f000f0u;
 }
 
-// 4 bytes -> 2 half2 registers of exact (code - 128): bytes (0, 1) and (2, 3).
+// 4 bytes -> 2 half2 registers of c * 2^-24: bytes (0, 1) and (2, 3), zero-extended by prmt.
 __device__ __forceinline__ void unpack_int8(uint32_t w, uint32_t (&r)[2]) {
-  constexpr uint32_t kHigh = 0x64646464u;
-  constexpr uint32_t kBias = 0x64806480u;  // fp16 1152 = 1024 + 128
-  uint32_t a, b;
-  asm("prmt.b32 %0, %1, %2, 0x4140;" : "=r"(a) : "r"(w), "r"(kHigh));
-  asm("prmt.b32 %0, %1, %2, 0x4342;" : "=r"(b) : "r"(w), "r"(kHigh));
-  r[0] = hsub2_bits(a, kBias);
-  r[1] = hsub2_bits(b, kBias);
+  asm("prmt.b32 %0, %1, 0, 0x4140;" : "=r"(r[0]) : "r"(w));
+  asm("prmt.b32 %0, %1, 0, 0x4342;" : "=r"(r[1]) : "r"(w));
 }
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -192,7 +169,6 @@ struct Geometry {
   static constexpr int kVec = kLaneBytes / 16;         // 16-byte loads per lane per group
   static constexpr int kWords = kLaneBytes / 4;
   static constexpr int kSteps = D / 16;                // k-steps (keys) = m-tiles (values)
-  static constexpr float kOff = BITS == 4 ? 8.f : 128.f;
 };
 
 // Dynamic shared memory: the per-warp ring of the main loop (STAGES steps of U groups, each
@@ -295,8 +271,14 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const __half* row = sq + (nt * 8 + g) * D + 16 * w + 2 * t;
-      qf[w][nt][0] = *reinterpret_cast<const uint32_t*>(row);
-      qf[w][nt][1] = *reinterpret_cast<const uint32_t*>(row + 8);
+      __half2 b0 = *reinterpret_cast<const __half2*>(row);
+      __half2 b1 = *reinterpret_cast<const __half2*>(row + 8);
+      if (BITS == 4 && w >= HALF_STEPS) {  // meets codes scaled by 16 (see unpack_int4)
+        b0 = __hmul2(b0, __float2half2_rn(0.0625f));
+        b1 = __hmul2(b1, __float2half2_rn(0.0625f));
+      }
+      qf[w][nt][0] = *reinterpret_cast<uint32_t*>(&b0);
+      qf[w][nt][1] = *reinterpret_cast<uint32_t*>(&b1);
     }
   float qsum[NT][2];
 #pragma unroll
@@ -323,13 +305,13 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
   auto refresh_pages = [&](int first) {
     pid_base = first;
     const int j = first + lane;
-    pid = j < sub_end ? __ldg(bt + (lo + 16 * j) / p.block_size) : 0;
+    pid = j < sub_end ? __ldg(bt + ((lo + 16 * j) >> p.block_shift)) : 0;
   };
   auto issue = [&](int j, int slot) {
     if (j >= sub_end) return;  // warp-uniform
     if (j - pid_base >= 32) refresh_pages(j);
     const int page = __shfl_sync(kFull, pid, j - pid_base);
-    const int in_page = (lo + 16 * j) % p.block_size;
+    const int in_page = (lo + 16 * j) & (p.block_size - 1);
     const int64_t code_off = (int64_t)page * p.stride_page_b + (int64_t)in_page * Geo::P;
     uint8_t* dst = ring + slot * kGroupBytes + lane * Geo::kLaneBytes;
 #pragma unroll
@@ -439,10 +421,10 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
         const float2 km = half2_bits_to_float2(kmeta[r]);
         const float2 vm = half2_bits_to_float2(vmeta[r]);
         // selects, not products: masked rows may hold NaN metadata from another sequence
-        const float ks = ok ? km.x * finv : 0.f;
-        const float kmin = ok ? km.y + Geo::kOff * km.x : 0.f;
+        const float ks = ok ? km.x * (finv * 16777216.f) : 0.f;  // codes carry 2^-24
+        const float kmin = ok ? km.y : 0.f;
         vsc[k][r] = ok ? vm.x : 0.f;
-        vmn[k][r] = ok ? vm.y + Geo::kOff * vm.x : 0.f;
+        vmn[k][r] = ok ? vm.y : 0.f;
         vmax = fmaxf(vmax, vsc[k][r]);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
@@ -574,7 +556,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
       }
     }
   __syncthreads();
-  const float e_scale = ldexpf(1.f, E);
+  const float e_scale = ldexpf(1.f, E + 24);  // weights carry 2^-E, codes 2^-24
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -583,10 +565,12 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
       float M = fmaxf(fmaxf(s_m[0][q], s_m[1][q]), fmaxf(s_m[2][q], s_m[3][q]));
       const float wgt = M == -INFINITY ? 0.f : fast_exp2(m_run[nt][c] - M) * e_scale;
 #pragma unroll
-      for (int w = 0; w < STEPS; ++w)
+      for (int w = 0; w < STEPS; ++w) {
+        const float ww = BITS == 4 && w >= HALF_STEPS ? wgt * 0.0625f : wgt;
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          atomicAdd(&sbuf[q * D + 16 * w + g + 8 * r], acc[w][nt][2 * r + c] * wgt);
+          atomicAdd(&sbuf[q * D + 16 * w + g + 8 * r], acc[w][nt][2 * r + c] * ww);
+      }
     }
   __syncthreads();
 
