@@ -47,6 +47,18 @@ class StepContext:
     # the decode kernel (split-K, one row per token) and the rest in the extend kernel.
     decode_part: StepContext | None = None
     extend_part: StepContext | None = None
+    # Host copies of seq_lens / query_start_loc for kernels that loop over sequences on the host
+    # (the SDPA extend path); filled by the planner, or once per step on first use.
+    seq_lens_host: list[int] | None = None
+    query_start_loc_host: list[int] | None = None
+
+    def host_lengths(self) -> tuple[list[int], list[int]]:
+        """(seq_lens, query_start_loc) as host lists, read from the device once per step."""
+        if self.seq_lens_host is None:
+            self.seq_lens_host = self.seq_lens.tolist()
+        if self.query_start_loc_host is None:
+            self.query_start_loc_host = self.query_start_loc.tolist()
+        return self.seq_lens_host, self.query_start_loc_host
 
 
 @dataclass

@@ -63,6 +63,10 @@ class TritonBackend(AttentionBackend):
         )
 
     def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
+        host = {}
+        if not kv.sliding_window:  # the SDPA path loops over sequences on the host
+            lens, qsl = ctx.host_lengths()
+            host = dict(seq_lens_host=lens, query_start_host=qsl)
         return self._extend(
             q,
             kv.k_cache,
@@ -76,5 +80,6 @@ class TritonBackend(AttentionBackend):
             sliding_window=kv.sliding_window,
             out=out,
             max_query_len=ctx.max_query_len,
+            **host,
             **self.quant_args,
         )

@@ -142,6 +142,9 @@ def paged_attention_extend(
     out=None,
     max_query_len: int | None = None,
     config: KernelConfig | None = None,
+    seq_lens_host: list[int] | None = None,
+    query_start_host: list[int] | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Attention of several new tokens per sequence over the paged cache (chunked prefill).
 
@@ -159,6 +162,11 @@ def paged_attention_extend(
         seq_lens: ``[num_seqs]`` int32 including the new tokens.
         query_start_loc: ``[num_seqs + 1]`` int32 cumulative query lengths.
         max_query_len: host-side bound on any q_len, to size the grid (default num_tokens).
+        seq_lens_host, query_start_host: host copies of ``seq_lens`` / ``query_start_loc``
+            (read from the device, one sync, if None and the SDPA path needs them).
+        impl: "auto" dequantizes each sequence once and runs FlashAttention (SDPA) when there
+            is no sliding window and q is bf16/fp16 on CUDA (``dequant.py``); "triton" forces
+            the fused paged kernel below; "sdpa" forces the former (CPU included).
         Other arguments as in :func:`paged_attention_decode`.
     Returns:
         ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -179,6 +187,21 @@ def paged_attention_extend(
     num_tokens = q.shape[0]
     if num_seqs == 0 or num_tokens == 0:
         return out
+    if impl not in ("auto", "triton", "sdpa"):
+        raise ValueError(f"impl must be auto, triton or sdpa, got {impl!r}")
+    fast = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+    if impl == "sdpa" or (impl == "auto" and fast and not sliding_window):
+        if sliding_window:
+            raise ValueError("the SDPA extend path has no sliding window; use impl='triton'")
+        from sawkv.kernels.dequant import extend_via_sdpa
+
+        lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
+        qsl = query_start_loc.tolist() if query_start_host is None else query_start_host
+        return extend_via_sdpa(
+            q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, query_start_loc, out,
+            scale=scale, bits=bits, had_block=had_block, rotate_v=rotate_v, seq_lens_host=lens,
+            query_start_host=qsl,
+        )  # fmt: skip
     rot_v = bool(rotate_v and had_block)
     # with rotated values the kernel writes fp32 un-rotated rows, rotated back into out below
     dest = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rot_v else out

@@ -87,6 +87,26 @@ def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_len
     torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
 
 
+@pytest.mark.parametrize(
+    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype",
+    [c for c in EXTEND_CASES if c[9] == 0],
+)
+def test_extend_via_dequant_and_sdpa_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens,
+                                                        q_lens, window, block_r, dtype):  # fmt: skip
+    # the prefill path on CUDA: pages dequantized once by a Triton kernel, then SDPA
+    pages, tables, seq_lens = paged_case(
+        lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
+        rotate_v=rot_v, dtype=dtype, seed=3,
+    )  # fmt: skip
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
+    kw = dict(scale=d**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
+    out = torch.full_like(q, float("nan"))
+    paged_attention_extend(q, *pages, tables, seq_lens, qsl, out=out, impl="sdpa", **kw)
+    ref = paged_attention_extend_ref(q, *pages, tables, seq_lens, qsl, **kw)
+    torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
+
+
 def test_decode_split_count_does_not_change_result():
     pages, tables, seq_lens = paged_case(
         [120, 7], head_dim=64, num_kv_heads=1, block_size=16, bits=4, had_block=32, rotate_v=True

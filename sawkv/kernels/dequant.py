@@ -1,0 +1,199 @@
+"""Dequantize sequences' pages into contiguous K/V rows (the prefill / extend path).
+
+Prefill is compute-bound: attention over a chunk of new tokens does ``2 * q_len`` FLOPs per
+cached byte, so decoding INT4 inside the attention loop (as the decode kernel does) only adds
+instructions where the tensor cores are the limit. Instead each sequence's K and V are
+dequantized once into a contiguous buffer (reading the pages once, writing bf16/fp16 rows, ~3%
+of a 2K-token chunk's attention time) and attention runs in torch's FlashAttention-2 SDPA.
+The chunk attends through the quantized pages (its own new tokens included, already written),
+so a request's numerics do not depend on how its prompt was chunked.
+
+One program dequantizes one 16-token group of one KV head: it reads the group's bytes (a
+contiguous run in the fragment order of ``page_layout.py``) through the ``[16, P]`` byte table
+and writes 16 whole rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sawkv.kernels.tiles import _interpreting, _perm_args
+
+
+@triton.jit
+def _dequant_kernel(
+    page_ptr,  # [num_blocks, H, block_size, P] uint8 codes or float rows
+    meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (scale, min); dummy for BITS=16
+    perm_ptr,  # [16, P] int32 byte order of a group (INT4/INT8)
+    bt_ptr,  # [S, max_blocks] int32
+    lens_ptr,  # [S] int32
+    start_ptr,  # [S + 1] int32 first output row of each sequence
+    out_ptr,  # [total_rows, H, D] output dtype
+    stride_bt,
+    stride_page_b,
+    stride_page_h,
+    stride_meta_b,
+    stride_meta_h,
+    stride_out_t,
+    stride_out_h,
+    BLOCK_SIZE: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    DH: tl.constexpr = D // 2
+    grp = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + s)
+    if grp * 16 >= seq_len:
+        return
+    pos = grp * 16 + tl.arange(0, 16)
+    ok = pos < seq_len
+    page = tl.load(bt_ptr + s.to(tl.int64) * stride_bt + (grp * 16) // BLOCK_SIZE).to(tl.int64)
+    in_page = (grp * 16) % BLOCK_SIZE
+    cols = tl.arange(0, DH)[None, :]
+    o = tl.arange(0, 16)[:, None]
+    base = page * stride_page_b + h * stride_page_h
+    if BITS == 16:
+        rows = page_ptr + base + (in_page + o) * D + cols
+        lo = tl.load(rows, mask=ok[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(rows + DH, mask=ok[:, None], other=0.0).to(tl.float32)
+    else:
+        group = page_ptr + base + in_page * (DH if BITS == 4 else D)
+        p_row: tl.constexpr = DH if BITS == 4 else D
+        if BITS == 4:
+            b = tl.load(group + tl.load(perm_ptr + o * p_row + cols), mask=ok[:, None], other=0)
+            lo, hi = (b & 0xF).to(tl.float32), (b >> 4).to(tl.float32)
+        else:
+            lo = tl.load(group + tl.load(perm_ptr + o * p_row + cols), mask=ok[:, None], other=0)
+            hi = tl.load(group + tl.load(perm_ptr + o * p_row + DH + cols), mask=ok[:, None],
+                         other=0)  # fmt: skip
+            lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+        meta = meta_ptr + page * stride_meta_b + h * stride_meta_h + (in_page + o) * 2
+        scale = tl.load(meta, mask=ok[:, None], other=0.0).to(tl.float32)
+        mn = tl.load(meta + 1, mask=ok[:, None], other=0.0).to(tl.float32)
+        lo = lo * scale + mn
+        hi = hi * scale + mn
+    start = tl.load(start_ptr + s)
+    dest = out_ptr + (start + pos).to(tl.int64)[:, None] * stride_out_t + h * stride_out_h + cols
+    ty = out_ptr.dtype.element_ty
+    tl.store(dest, lo.to(ty), mask=ok[:, None])
+    tl.store(dest + DH, hi.to(ty), mask=ok[:, None])
+
+
+def dequant_pages(
+    cache: torch.Tensor,
+    meta: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    row_starts: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    bits: int,
+    is_key: bool,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """K or V of every sequence's first ``seq_len`` positions as contiguous rows.
+
+    Args:
+        cache: ``[num_blocks, H, block_size, P]`` one layer's K or V pages; meta its
+            ``[num_blocks, H, block_size, 2]`` fp16 (scale, min), None for bits=16.
+        block_tables: ``[S, max_blocks]`` int32. seq_lens: ``[S]`` int32.
+        row_starts: ``[S + 1]`` int32, first row of each sequence in ``out``.
+        out: ``[total_rows, H, head_dim]`` bf16/fp16/fp32, written in place.
+        bits: 4, 8 or 16. is_key: which byte order (keys and values differ).
+        max_seq_len: host-side bound on ``seq_lens`` (sizes the grid).
+    Returns:
+        ``out``; rows hold ``code * scale + min`` (rotated/centered as stored).
+    """
+    if cache.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"dequant_pages needs CUDA tensors (or TRITON_INTERPRET=1), got {cache.device}"
+        )
+    num_seqs = block_tables.shape[0]
+    head_dim = out.shape[-1]
+    if num_seqs == 0 or max_seq_len == 0:
+        return out
+    k_perm, v_perm = _perm_args(bits, head_dim, cache.device)
+    meta_arg = cache if meta is None else meta
+    meta_strides = (0, 0) if meta is None else meta.stride()[:2]
+    grid = (triton.cdiv(max_seq_len, 16), cache.shape[1], num_seqs)
+    _dequant_kernel[grid](
+        cache, meta_arg, k_perm if is_key else v_perm, block_tables, seq_lens, row_starts, out,
+        block_tables.stride(0), *cache.stride()[:2], *meta_strides, out.stride(0), out.stride(1),
+        BLOCK_SIZE=cache.shape[2], D=head_dim, BITS=bits, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _hadamard(b: int, device: torch.device) -> torch.Tensor:
+    """Normalized Sylvester Hadamard ``[b, b]`` fp32 (symmetric, orthogonal)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / b**0.5).to(device)
+
+
+def _rotate(x: torch.Tensor, had_block: int) -> torch.Tensor:
+    """``x [..., d]`` times the block-diagonal Hadamard, in fp32, back in x's dtype."""
+    shape = x.shape
+    y = x.float().reshape(*shape[:-1], shape[-1] // had_block, had_block)
+    return (y @ _hadamard(had_block, x.device)).reshape(shape).to(x.dtype)
+
+
+def extend_via_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_meta: torch.Tensor | None,
+    v_meta: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    bits: int,
+    had_block: int,
+    rotate_v: bool,
+    seq_lens_host: list[int],
+    query_start_host: list[int],
+) -> torch.Tensor:
+    """Extend attention: dequantize each sequence's pages once, then FlashAttention (SDPA).
+
+    Same contract as :func:`sawkv.kernels.paged_attention_extend` without a sliding window
+    (checked by the caller), plus host copies of ``seq_lens`` and ``query_start_loc``: one
+    SDPA call per sequence with the bottom-right causal mask (query i sits at position
+    ``seq_len - q_len + i``). Keys are stored rotated and centered, so the query is rotated once
+    (softmax ignores the shared ``q.mu``); with rotated values the output is rotated back.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    num_seqs = len(seq_lens_host)
+    starts = [0]
+    for n in seq_lens_host:
+        starts.append(starts[-1] + n)
+    num_heads, head_dim = k_cache.shape[1], q.shape[-1]
+    kbuf = torch.empty((starts[-1], num_heads, head_dim), dtype=q.dtype, device=q.device)
+    vbuf = torch.empty_like(kbuf)
+    row_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
+    common = dict(bits=bits, max_seq_len=max(seq_lens_host, default=0))
+    dequant_pages(k_cache, k_meta, block_tables, seq_lens, row_starts, kbuf, is_key=True, **common)
+    dequant_pages(v_cache, v_meta, block_tables, seq_lens, row_starts, vbuf, is_key=False, **common)
+    qr = _rotate(q, had_block) if had_block else q
+    for s in range(num_seqs):
+        q0, q1 = query_start_host[s], query_start_host[s + 1]
+        if q1 == q0:
+            continue
+        k0, k1 = starts[s], starts[s + 1]
+        qs = qr[q0:q1].transpose(0, 1)[None]  # [1, Hq, q_len, d]
+        ks = kbuf[k0:k1].transpose(0, 1)[None]  # [1, H, seq_len, d]
+        vs = vbuf[k0:k1].transpose(0, 1)[None]
+        mask = causal_lower_right(q1 - q0, k1 - k0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        o = o[0].transpose(0, 1)  # [q_len, Hq, d]
+        out[q0:q1] = _rotate(o, had_block) if rotate_v and had_block else o
+    return out
