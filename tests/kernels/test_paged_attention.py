@@ -91,8 +91,9 @@ def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_len
     "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype",
     [c for c in EXTEND_CASES if c[9] == 0],
 )
-def test_extend_via_dequant_and_sdpa_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens,
-                                                        q_lens, window, block_r, dtype):  # fmt: skip
+def test_extend_via_dequant_and_sdpa_matches_reference(
+    d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype
+):
     # the prefill path on CUDA: pages dequantized once by a Triton kernel, then SDPA
     pages, tables, seq_lens = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
