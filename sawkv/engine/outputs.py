@@ -11,8 +11,9 @@ class RequestOutput:
 
     ``new_token_ids`` are the tokens produced by this step (for streaming); ``output_token_ids``
     all tokens generated so far: the sequence's own list, shared rather than copied every step
-    (it keeps growing while the request runs; copy it to keep a snapshot); ``finish_reason`` is "stop" (EOS, stop token or stop string),
-    "length" (max_tokens or max_model_len) or "abort", and None while running.
+    (it keeps growing while the request runs; copy it to keep a snapshot). ``finish_reason``
+    is "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len) or
+    "abort", and None while running.
     """
 
     request_id: str
