@@ -70,6 +70,16 @@ def _prompts(dataset: str, n: int, input_len: int, seed: int, token_range: str,
     raise typer.BadParameter(f"--dataset must be random or text, got {dataset!r}")
 
 
+def _fit_range(token_range: str, vocab_size: int) -> str:
+    """Random ids must exist in a small (test) vocabulary: clip ``[LOW, HIGH)`` to it."""
+    try:
+        low, high = (int(x) for x in token_range.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--token-range must be LOW,HIGH, got {token_range!r}") from None
+    high = min(high, vocab_size)
+    return f"{low if low < high else 0},{high}"
+
+
 def _finish(rows: list[dict], json_path: Path | None, append: bool, plot: Path | None,
             meta: dict) -> None:  # fmt: skip
     from sawkv.bench.report import plot_runs, print_table, save_runs
@@ -211,10 +221,11 @@ def throughput_cmd(
     try:
         engine = build_engine(model, kv_cache_dtype, load_format=load_format, device=device,
                               enforce_eager=enforce_eager, seed=seed, **kwargs)  # fmt: skip
-    except ValueError as e:
+    except ValueError as e:  # bad method, model or engine argument: say which
         raise typer.BadParameter(str(e)) from None
     label = method or engine.spec.method.name
     tokenizer = model if dataset == "text" else None
+    token_range = _fit_range(token_range, engine.model_config.vocab_size)
     rows = []
     with _progress() as progress:
         for i, c in enumerate(levels):
@@ -222,8 +233,28 @@ def throughput_cmd(
             prompts = _prompts(dataset, n, input_len, seed + 1000 * i, token_range, text,
                                tokenizer)  # fmt: skip
             task = progress.add_task(f"{label} D({input_len},{output_len}) c={c}", total=n)
-            row = run_offline(engine, prompts, output_len, c,
-                              on_done=lambda task=task: progress.advance(task))  # fmt: skip
-            row.update(mode="offline", method=label, model=model)
-            rows.append(row)
+            advance = lambda task=task: progress.advance(task)  # noqa: E731
+            rows.append(run_offline(engine, prompts, output_len, c, on_done=advance,
+                                    method=label, model=model))  # fmt: skip
+    for row in rows:
+        _print_breakdown(row)
     _finish(rows, json_path, append, plot, {"title": f"sawkv bench throughput {model}"})
+
+
+def _print_breakdown(row: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{row['method']} c={row['concurrency']}: time per step (ms)")
+    cols = ("kind", "steps", "seqs", "tokens", "wall", "device", "host", "host %", "schedule",
+            "plan", "execute", "post")  # fmt: skip
+    for c in cols:
+        table.add_column(c, justify="left" if c == "kind" else "right")
+    for kind, b in row["step_breakdown"].items():
+        table.add_row(
+            kind, str(b["steps"]), f"{b['seqs_per_step']:.1f}", f"{b['tokens_per_step']:.0f}",
+            f"{b['wall_ms']:.2f}", f"{b['device_ms']:.2f}", f"{b['host_ms']:.2f}",
+            f"{100 * b['host_frac']:.1f}", f"{b['schedule_ms']:.2f}", f"{b['plan_ms']:.2f}",
+            f"{b['execute_ms']:.2f}", f"{b['post_ms']:.2f}",
+        )  # fmt: skip
+    Console(width=160).print(table)
