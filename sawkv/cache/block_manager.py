@@ -11,8 +11,18 @@ holds depend only on the tokens and positions before its end.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
-from sawkv.engine.sequence import Sequence
+
+class Sequence(Protocol):
+    """What the allocator reads and writes of a request (``sawkv.engine.sequence.Sequence``
+    satisfies it; ``cache/`` does not import the engine)."""
+
+    token_ids: list[int]
+    num_tokens: int
+    num_computed_tokens: int
+    block_table: list[int]
+    num_hashed_blocks: int
 
 
 class Block:
