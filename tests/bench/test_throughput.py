@@ -18,7 +18,7 @@ TINY = {
     "vocab_size": 512, "max_position_embeddings": 512, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
 }  # fmt: skip
-ENGINE = dict(load_format="dummy", num_gpu_blocks=64, block_size=4, max_model_len=128,
+ENGINE = dict(load_format="dummy", num_gpu_blocks=16, block_size=16, max_model_len=128,
               max_num_batched_tokens=64, device="cpu")  # fmt: skip
 
 
@@ -39,7 +39,7 @@ def test_offline_row_and_step_breakdown(tiny_dir, concurrency):
         "offline", "m", concurrency, n)  # fmt: skip
     assert row["errors"] == 0 and row["num_completed"] == n
     assert row["total_output_tokens"] == n * ol and row["total_input_tokens"] == n * il
-    assert row["kv_capacity_tokens"] == 64 * 4 and row["max_concurrent_seqs"] == 256 // 46
+    assert row["kv_capacity_tokens"] == 16 * 16 and row["max_concurrent_seqs"] == 256 // 46
     steps = row["step_breakdown"]
     # every prompt token is prefilled once and every output token but the last is fed back
     tokens = sum(b["steps"] * b["tokens_per_step"] for b in steps.values())

@@ -14,7 +14,7 @@ from sawkv.attention.torch_backend import TorchBackend
 from sawkv.engine.device_step import BlockTable, upload
 from sawkv.engine.step_inputs import StepPlanner
 
-BS, HKV, HQ, D, NUM_BLOCKS = 4, 2, 4, 64, 20
+BS, HKV, HQ, D, NUM_BLOCKS = 16, 2, 4, 64, 20  # INT4 pages hold tokens in groups of 16
 
 
 def plan_and_upload(planner, table, tables, starts, q_lens):
@@ -43,8 +43,8 @@ def make_kv(bits, window):
 
 CASES = {
     # (block tables, seq_lens, q_lens): decode rows first (q_len <= 16), then extend
-    "mixed": ([[3, 1, 7], [2, 5], [0, 4, 6, 8, 9, 10, 11]], [9, 8, 26], [1, 3, 20]),
-    "all_small": ([[3, 1, 7], [2, 5]], [9, 8], [1, 5]),
+    "mixed": ([[3, 1, 7], [2, 5], [0, 4, 6, 8, 9, 10, 11]], [40, 30, 100], [1, 3, 20]),
+    "all_small": ([[3, 1, 7], [2, 5]], [40, 30], [1, 5]),
 }
 
 
