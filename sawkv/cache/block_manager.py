@@ -96,6 +96,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_hashed_blocks:  # most decode steps: no page filled up
+            return
         prev = (
             self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
             if seq.num_hashed_blocks

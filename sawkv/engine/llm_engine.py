@@ -128,10 +128,6 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        self.num_prompt_tokens_total += sum(
-            max(0, min(s.num_prompt_tokens - s.num_computed_tokens, n))
-            for s, n in zip(batch.seqs, batch.num_new_tokens)
-        )
         if prof is not None:
             prof.mark("schedule")
         inputs = self.runner.plan(batch)
@@ -143,6 +139,10 @@ class LLMEngine:
             prof.device_end()
             prof.mark("execute")
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:  # prefill (or recompute)
+                self.num_prompt_tokens_total += min(
+                    seq.num_prompt_tokens - seq.num_computed_tokens, n
+                )
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
         outs = []

@@ -2,16 +2,16 @@
 
 One step, as :meth:`sawkv.engine.llm_engine.LLMEngine.step` runs it::
 
-    |schedule|plan|-- execute (launch) --|-- sample + outputs --|
-                  ^ device start         ^ device end (event after the logits)
-    wall   = end - start of the step
+    |schedule|plan|-- execute: launch, then wait --|-- post: sample + outputs --|
+                  ^ device start (CUDA event)     ^ device end (event after the logits)
+    wall   = end - start of the step (host clock)
     device = time between the two CUDA events (CPU: the execute call itself)
-    host   = wall - device: time the GPU waits for the host (scheduling, planning, launch
-             gaps, sampling, detokenization)
+    host   = wall - device: time the device waits for the host (scheduling, planning, launch
+             gaps the forward does not hide, sampling, detokenization)
 
-Recording synchronizes once per step (on the end event), so profile separate runs from the
-ones whose throughput you report if the sync matters. Steps are grouped by kind: ``prefill``
-(no sequence decoding), ``decode`` (one token each) and ``mixed``.
+Phases are host wall-clock. Recording waits for the end event before sampling (sampling would
+wait for the logits anyway; it adds one kernel launch of latency per step). Steps are grouped
+by kind: ``prefill`` (no sequence decoding), ``decode`` (one token each) and ``mixed``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,11 @@ class StepProfiler:
             self._events = (start, torch.cuda.Event(enable_timing=True))
 
     def device_end(self) -> None:
+        """After the forward's launch: wait for it, so the ``execute`` phase holds the device
+        work and ``post`` only host work (sampling would wait for it anyway)."""
         if self.is_cuda:
             self._events[1].record()
+            self._events[1].synchronize()
 
     def end(self, kind: str, num_seqs: int, num_tokens: int) -> None:
         """Close the step begun by :meth:`begin` (after its last :meth:`mark`)."""
