@@ -116,6 +116,9 @@ def serve_cmd(
     token_range: Annotated[str, typer.Option(help="random ids in [LOW, HIGH)")] = "1000,30000",
     text: Annotated[str, typer.Option(help="sawkv text for --dataset text")] = "austen",
     tokenizer: Annotated[str | None, typer.Option(help="tokenizer for --dataset text")] = None,
+    request_rate: Annotated[
+        float, typer.Option(help="Poisson arrivals, requests/s (inf: all at once)")
+    ] = float("inf"),
     ignore_eos: Annotated[bool, typer.Option(help="ask for exactly --output-len tokens")] = True,
     warmup: Annotated[
         int, typer.Option(help="untimed requests first (also checks the server)")
@@ -130,12 +133,15 @@ def serve_cmd(
 ) -> None:
     """Load an OpenAI-compatible server with streamed completions; report tok/s, TTFT, TPOT."""
     import asyncio
+    import math
 
     from sawkv.bench.metrics import summarize
     from sawkv.bench.serve import run_load, server_info, wait_healthy
 
     _check_lens(input_len, output_len)
     levels = parse_concurrency(concurrency)
+    if not request_rate > 0:
+        raise typer.BadParameter(f"--request-rate must be positive, got {request_rate}")
 
     async def main() -> list[dict]:
         if wait_health > 0:
@@ -162,13 +168,15 @@ def serve_cmd(
                                    tokenizer)  # fmt: skip
                 task = progress.add_task(f"{label} D({input_len},{output_len}) c={c}", total=n)
                 results, duration = await run_load(
-                    base_url, served, prompts, output_len, c, ignore_eos=ignore_eos,
+                    base_url, served, prompts, output_len, c, request_rate=request_rate,
+                    ignore_eos=ignore_eos,
                     api_key=api_key, request_timeout_s=request_timeout,
                     on_done=lambda _r, task=task: progress.advance(task),
                 )  # fmt: skip
                 rows.append(summarize(
                     results, duration, mode="http", method=label, model=served,
                     input_len=input_len, output_len=output_len, concurrency=c, num_requests=n,
+                    request_rate=None if math.isinf(request_rate) else request_rate,
                     dataset=dataset, base_url=base_url,
                 ))  # fmt: skip
         return rows

@@ -2,8 +2,10 @@
 
 ``num_requests`` prompts are sent to ``POST {base_url}/completions`` with ``stream: true``, at
 most ``concurrency`` in flight at a time (a new request starts when one finishes, as
-``vllm bench serve --max-concurrency`` does). Each request asks for ``output_len`` tokens with
-``ignore_eos`` (vLLM, SGLang and sawkv honour it) so every request generates the same length.
+``vllm bench serve --max-concurrency`` does), optionally paced by a Poisson arrival process
+(``request_rate`` requests/s; the default sends them all at once). Each request asks for
+``output_len`` tokens with ``ignore_eos`` (vLLM, SGLang and sawkv honour it) so every request
+generates the same length.
 Timing is taken at the client, on the arrival of each SSE chunk that carries tokens.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import re
 import time
 from collections.abc import Callable
@@ -114,6 +118,21 @@ def completion_payload(model: str, prompt: list[int], output_len: int, ignore_eo
     return body
 
 
+def arrival_times(num_requests: int, request_rate: float, seed: int = 0) -> list[float]:
+    """Send times in seconds from the start: all 0 for an infinite rate, else a Poisson
+    process (exponential gaps of mean ``1 / request_rate``), the first request at 0."""
+    if request_rate <= 0:
+        raise ValueError(f"request_rate must be positive, got {request_rate}")
+    if math.isinf(request_rate):
+        return [0.0] * num_requests
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(num_requests):
+        times.append(t)
+        t += rng.expovariate(request_rate)
+    return times
+
+
 async def run_load(
     base_url: str,
     model: str,
@@ -121,21 +140,26 @@ async def run_load(
     output_len: int,
     concurrency: int,
     *,
+    request_rate: float = math.inf,
     ignore_eos: bool = True,
     api_key: str | None = None,
     request_timeout_s: float = 3600.0,
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Send every prompt, ``concurrency`` at a time. Returns (results in prompt order, wall
-    seconds from the first request sent to the last one finished)."""
+    """Send every prompt, at most ``concurrency`` in flight, request ``i`` no earlier than
+    :func:`arrival_times` says. Returns (results in prompt order, wall seconds from the first
+    request sent to the last one finished)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    arrivals = arrival_times(len(prompts), request_rate)
     url = base_url.rstrip("/") + "/completions"
     headers = _headers(api_key)
     gate = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
 
-    async def one(prompt: list[int]) -> RequestResult:
+    async def one(prompt: list[int], at: float) -> RequestResult:
+        if at > 0:
+            await asyncio.sleep(at - (time.perf_counter() - start))
         async with gate:
             payload = completion_payload(model, prompt, output_len, ignore_eos)
             result = await send_request(session, url, payload, len(prompt), headers)
@@ -147,7 +171,7 @@ async def run_load(
         connector=connector, timeout=_timeout(request_timeout_s)
     ) as session:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
+        results = await asyncio.gather(*(one(p, at) for p, at in zip(prompts, arrivals)))
         return list(results), time.perf_counter() - start
 
 

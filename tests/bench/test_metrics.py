@@ -7,7 +7,7 @@ import pytest
 from sawkv.bench.datasets import random_prompts, text_prompts
 from sawkv.bench.metrics import RequestResult, summarize
 from sawkv.bench.report import merge_runs
-from sawkv.bench.serve import _chunk_tokens
+from sawkv.bench.serve import _chunk_tokens, arrival_times
 
 
 def test_summarize_by_hand():
@@ -62,3 +62,13 @@ def test_merge_runs_replaces_same_key():
     new = [dict(old[0], x=1), dict(old[0], concurrency=4, x=2)]
     merged = merge_runs(old, new)
     assert [r["x"] for r in merged] == [1, 2]
+
+
+def test_arrival_times():
+    assert arrival_times(3, float("inf")) == [0.0, 0.0, 0.0]
+    times = arrival_times(4000, 50.0, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and min(gaps) >= 0
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.05)  # exponential, mean 1/rate
+    with pytest.raises(ValueError, match="positive"):
+        arrival_times(1, 0.0)

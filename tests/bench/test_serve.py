@@ -22,7 +22,8 @@ def test_bench_serve_row_matches_server_counters(smollm2_server, tmp_path):
     gen0 = metric(base, "sawkv_generation_tokens_total")
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
     args = ["bench", "serve", "--base-url", base, "--input-len", str(IN), "--output-len",
-            str(OUT), "--concurrency", f"1,{CONC}", "--num-requests", str(NUM), "--json",
+            str(OUT), "--concurrency", f"1,{CONC}", "--num-requests", str(NUM),
+            "--request-rate", "100", "--json",
             str(out_json), "--plot", str(out_png)]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
