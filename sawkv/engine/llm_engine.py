@@ -188,7 +188,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if self.tokenizer is not None:
+        # Text costs a tokenizer call per token: only for callers who read it or stop strings
+        if self.tokenizer is not None and (p.detokenize or p.stop):
             # incremental: O(window) per token instead of re-decoding the whole output each step
             if seq.detokenizer is None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
