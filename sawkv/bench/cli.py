@@ -179,6 +179,10 @@ def serve_cmd(
                     request_rate=None if math.isinf(request_rate) else request_rate,
                     dataset=dataset, base_url=base_url,
                 ))  # fmt: skip
+                if "kv_capacity_tokens" in info:  # sawkv: how many such requests fit at once
+                    cap = info["kv_capacity_tokens"]
+                    seqs = cap // (input_len + output_len)
+                    rows[-1].update(kv_capacity_tokens=cap, max_concurrent_seqs=seqs)
         return rows
 
     try:

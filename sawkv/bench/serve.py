@@ -176,8 +176,8 @@ async def run_load(
 
 
 async def server_info(base_url: str, api_key: str | None = None) -> dict:
-    """``{"model": served id, "kv_cache_dtype": ... (sawkv only)}`` from ``/v1/models`` and,
-    where the server has one, the ``sawkv_engine_info`` series of ``/metrics``. Raises
+    """``{"model": served id, "kv_cache_dtype", "kv_capacity_tokens" (sawkv only)}`` from
+    ``/v1/models`` and, where the server has them, sawkv's ``/metrics`` series. Raises
     ``ConnectionError`` naming the URL when the server cannot be reached."""
     info: dict = {}
     root = base_url.rstrip("/").removesuffix("/v1")
@@ -201,7 +201,19 @@ async def server_info(base_url: str, api_key: str | None = None) -> dict:
     m = _INFO_RE.search(text)
     if m:
         info.update(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group("labels")))
+    blocks, block_size = (
+        _gauge(text, "sawkv_kv_blocks_total"),
+        _gauge(text, "sawkv_engine_block_size"),
+    )
+    if blocks is not None and block_size is not None:
+        info["kv_capacity_tokens"] = int(blocks * block_size)
     return info
+
+
+def _gauge(text: str, name: str) -> float | None:
+    """The value of the first sample of ``name`` in Prometheus text, or None."""
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else None
 
 
 async def wait_healthy(base_url: str, timeout_s: float) -> None:

@@ -35,6 +35,9 @@ def test_bench_serve_row_matches_server_counters(smollm2_server, tmp_path):
     for r in runs:
         assert r["mode"] == "http" and r["method"] == KV_CACHE_DTYPE
         assert (r["input_len"], r["output_len"], r["num_requests"]) == (IN, OUT, NUM)
+        assert r["request_rate"] == 100
+        capacity = metric(base, "sawkv_kv_blocks_total") * metric(base, "sawkv_engine_block_size")
+        assert r["kv_capacity_tokens"] == capacity and r["max_concurrent_seqs"] == capacity // 29
         assert r["errors"] == 0 and r["num_completed"] == NUM
         # ignore_eos: every request produced exactly OUT tokens
         assert r["total_output_tokens"] == NUM * OUT and r["total_input_tokens"] == NUM * IN
