@@ -39,6 +39,10 @@ class ModelRunner:
         self.device, self.dtype = config.torch_device, config.torch_dtype
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // spec.block_size)
+        # one row per sequence of a step; rank 0 plans, every rank applies the edits
+        num_rows = config.scheduler.max_num_seqs
+        self.block_table = BlockTable(num_rows, self.max_blocks_per_seq, self.device)
+        self.planner = StepPlanner(num_rows, self.max_blocks_per_seq, spec.block_size)
         self.backend = get_backend(
             config.attention_backend,
             self.device,
@@ -50,9 +54,6 @@ class ModelRunner:
         if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
             use_compiled_ops(self.model)
         self.key_means = key_means
-        num_rows = config.scheduler.max_num_seqs
-        self.block_table = BlockTable(num_rows, self.max_blocks_per_seq, self.device)
-        self.planner = StepPlanner(num_rows, self.max_blocks_per_seq, spec.block_size)
         self.num_blocks = self._decide_num_blocks()
         self.kv = allocate_kv_cache(
             spec,
