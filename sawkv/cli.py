@@ -1,4 +1,4 @@
-"""Command line: ``sawkv eval``, ``generate`` (more commands register on the same ``app``).
+"""Command line: ``sawkv eval``, ``generate``, ``serve``, ``bench`` (commands share one ``app``).
 
 Imports of torch / transformers / fastapi stay inside the command functions, so ``sawkv --help``
 is fast and works without the serving extras. To add a command, define a function decorated
@@ -279,6 +279,16 @@ def _register_serve() -> None:
 
 
 _register_serve()
+
+
+def _register_bench() -> None:
+    # ``sawkv bench serve | throughput``; aiohttp and the engine load when a command runs.
+    from sawkv.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_register_bench()
 
 
 def main() -> None:

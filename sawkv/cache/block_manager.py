@@ -11,8 +11,18 @@ holds depend only on the tokens and positions before its end.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
-from sawkv.engine.sequence import Sequence
+
+class Sequence(Protocol):
+    """What the allocator reads and writes of a request (``sawkv.engine.sequence.Sequence``
+    satisfies it; ``cache/`` does not import the engine)."""
+
+    token_ids: list[int]
+    num_tokens: int
+    num_computed_tokens: int
+    block_table: list[int]
+    num_hashed_blocks: int
 
 
 class Block:
@@ -86,6 +96,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_hashed_blocks:  # most decode steps: no page filled up
+            return
         prev = (
             self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
             if seq.num_hashed_blocks

@@ -3,8 +3,8 @@
 ``start_tensor_parallel`` (called by :class:`sawkv.engine.llm_engine.LLMEngine` when
 ``tensor_parallel_size > 1``) either spawns ranks 1..tp-1 with ``multiprocessing`` (spawn) and
 a TCP rendezvous on 127.0.0.1, or, under ``torchrun`` (``RANK``/``WORLD_SIZE`` set, world size
-equal to tp), joins the group from the environment: there rank 0 returns the driver and the
-other ranks serve rank 0's commands inside the ``LLMEngine`` constructor, then exit.
+equal to tp), joins the group from the environment: there rank 0 returns its runner and the
+other ranks run rank 0's method calls inside the ``LLMEngine`` constructor, then exit.
 
 On CUDA rank r uses ``cuda:r``; on CPU the collectives run on gloo.
 """
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from sawkv.config import EngineConfig, ModelConfig
 from sawkv.distributed import parallel_state as ps
 from sawkv.distributed.layers import check_tensor_parallel_size
-from sawkv.distributed.runner import PlanEncoder, TPModelRunner, time_all_reduce, worker_loop
+from sawkv.distributed.runner import TPModelRunner, worker_loop
 
 
 def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
@@ -52,8 +52,8 @@ def _worker_main(rank: int, tp: int, init_method: str, runner_args: tuple) -> No
 
 
 class _Shutdown:
-    """Stops the workers and leaves the group; run once, when the driver is collected or at
-    exit (a ``weakref.finalize`` callback must not hold the driver itself)."""
+    """Stops the workers and leaves the group; run once, when rank 0's runner is collected or
+    at exit (a ``weakref.finalize`` callback must not hold the runner itself)."""
 
     def __init__(self, procs: list) -> None:
         self.procs, self.done = procs, False
@@ -66,7 +66,7 @@ class _Shutdown:
         if self.started is not None:
             self.started.set()
         try:
-            ps.broadcast_object(("stop", None))
+            ps.broadcast_object(("exit", ()))
         except Exception:  # noqa: BLE001 - a dead peer must not block shutdown
             pass
         # leave the group while the workers do the same, then wait for them to exit
@@ -77,59 +77,12 @@ class _Shutdown:
                 p.terminate()
 
 
-class _GraphProxy:
-    def __init__(self, bs: int, graph) -> None:
-        self.bs, self.graph = bs, graph
-
-    def replay(self) -> None:
-        ps.broadcast_object(("replay", self.bs))
-        self.graph.replay()
-
-
-class _GraphsProxy:
-    """``runner.graphs`` on rank 0: replaying a graph replays it on every rank (the captured
-    all-reduces need their peers), e.g. for timing the forward alone in the benchmark."""
-
-    def __init__(self, graphs) -> None:
-        self._graphs = graphs
-        self.sizes = graphs.sizes
-        self.graphs = {bs: _GraphProxy(bs, g) for bs, g in graphs.graphs.items()}
-
-    def __getattr__(self, name):
-        return getattr(self._graphs, name)
-
-
-class TPDriver:
-    """Rank 0's runner: broadcasts each step's plan, then runs its own shard. Other attributes
-    (``num_blocks``, ``device``, ``model``...) are rank 0's runner's."""
-
-    def __init__(self, runner: TPModelRunner, procs: list) -> None:
-        self.runner = runner
-        self.encoder = PlanEncoder()
-        self.graphs = None if runner.graphs is None else _GraphsProxy(runner.graphs)
-        self._shutdown = _Shutdown(procs)
-        self._finalizer = weakref.finalize(self, self._shutdown)
-
-    def __getattr__(self, name):
-        return getattr(self.runner, name)
-
-    @property
-    def tensor_parallel_size(self) -> int:
-        return self.runner.tp
-
-    def run(self, batch):
-        """Same contract as :meth:`ModelRunner.run`; every rank runs the step."""
-        ps.broadcast_object(("run", self.encoder.encode(batch)))
-        return self.runner.run(batch)
-
-    def measure_all_reduce(self, num_tokens: int, iters: int = 50) -> float:
-        """Seconds per all-reduce of a ``[num_tokens, hidden]`` activation in the model dtype."""
-        arg = (num_tokens, self.runner.model_config.hidden_size, self.runner.dtype, iters)
-        ps.broadcast_object(("all_reduce", arg))
-        return time_all_reduce(self.runner.device, *arg)
-
-    def shutdown(self) -> None:
-        self._finalizer()
+def _attach_shutdown(runner: TPModelRunner, procs: list) -> _Shutdown:
+    """Rank 0: stop the workers when ``runner.shutdown()`` is called, when the runner is
+    collected, or at exit."""
+    shutdown = _Shutdown(procs)
+    runner._finalizer = weakref.finalize(runner, shutdown)
+    return shutdown
 
 
 def start_tensor_parallel(
@@ -139,8 +92,9 @@ def start_tensor_parallel(
     spec,
     max_model_len: int,
     key_means: torch.Tensor | None,
-) -> TPDriver:
-    """Start ``config.tensor_parallel_size`` ranks and return rank 0's :class:`TPDriver`."""
+) -> TPModelRunner:
+    """Start ``config.tensor_parallel_size`` ranks and return rank 0's runner (its
+    :meth:`~TPModelRunner.call` runs a method on every rank; ``shutdown()`` stops them)."""
     tp = config.tensor_parallel_size
     check_tensor_parallel_size(model_config, tp)
     if config.torch_device.type == "cuda" and torch.cuda.device_count() < tp:
@@ -164,9 +118,8 @@ def start_tensor_parallel(
         threading.Thread(target=_watch, args=(r, p, shutdown_started), daemon=True).start()
     ps.init_tensor_parallel(0, tp, init_method, _rank_config(config, 0).torch_device)
     runner = TPModelRunner(_rank_config(config, 0), *args[1:])
-    driver = TPDriver(runner, procs)
-    driver._shutdown.started = shutdown_started
-    return driver
+    _attach_shutdown(runner, procs).started = shutdown_started
+    return runner
 
 
 def _watch(rank: int, proc, shutdown_started: threading.Event) -> None:
@@ -183,13 +136,14 @@ def _watch(rank: int, proc, shutdown_started: threading.Event) -> None:
         os._exit(1)
 
 
-def _join_torchrun(args: tuple, tp: int) -> TPDriver:
+def _join_torchrun(args: tuple, tp: int) -> TPModelRunner:
     rank = int(os.environ["RANK"])
     config = _rank_config(args[0], rank)
     ps.init_tensor_parallel(rank, tp, "env://", config.torch_device)
     runner = TPModelRunner(config, *args[1:])
     if rank == 0:
-        return TPDriver(runner, [])
+        _attach_shutdown(runner, [])
+        return runner
     try:
         worker_loop(runner)
     finally:

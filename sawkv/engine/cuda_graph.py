@@ -1,12 +1,13 @@
 """CUDA graphs for decode steps: one graph per padded batch size, replayed with static inputs.
 
-Padded rows write nowhere (slot -1) and attend over one position of page 0; their outputs are
-discarded. Graphs share one memory pool and are captured largest first.
+Graphs compute no inputs of their own: :meth:`DecodeGraphs.run` copies the device inputs the
+eager path built (:mod:`sawkv.engine.device_step`) into static buffers and replays. Padded rows
+write nowhere (slot -1) and attend over one position; their outputs are discarded. Graphs
+share one memory pool and are captured largest first.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from sawkv.attention.backend import StepContext
@@ -30,9 +31,6 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.hidden: dict[int, torch.Tensor] = {}
-        # request id -> (the block_table list it mirrors, int32 copy): rows are copied from
-        # numpy instead of converting ~1K-entry Python lists every step
-        self._tables: dict[str, tuple[list[int], np.ndarray]] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -62,43 +60,23 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
 
-    def _table_row(self, seq) -> np.ndarray:
-        """``seq.block_table`` as int32. Valid while the list object is the same (pages are only
-        appended to it; freeing replaces it), so only new entries are converted."""
-        table = seq.block_table
-        hit = self._tables.get(seq.request_id)
-        if hit is None or hit[0] is not table or len(hit[1]) > len(table):
-            return np.asarray(table, dtype=np.int32)
-        row = hit[1]
-        if len(row) < len(table):
-            row = np.concatenate([row, np.asarray(table[len(row) :], dtype=np.int32)])
-        return row
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext):
+        """Replay the graph of the smallest captured size >= ``n`` with the step's own device
+        inputs (``input_ids, positions [n]``, a decode ``ctx``) -> hidden ``[n, hidden]``.
 
-    @torch.inference_mode()
-    def run(self, batch) -> torch.Tensor:
-        """Decode ``batch`` (one new token per sequence) -> logits ``[len(batch), vocab]``."""
-        n = len(batch)
+        The inputs are copied into the static buffers; rows ``n..bs`` are reset to padding
+        (slot -1: nothing written; length 1). Block-table entries past a row's length may be
+        stale: lengths bound every read."""
+        n = input_ids.shape[0]
         bs = next(b for b in self.sizes if b >= n)
-        block_size = self.runner.spec.block_size
-        ids = np.zeros(bs, dtype=np.int64)
-        pos = np.zeros(bs, dtype=np.int64)
-        slots = np.full(bs, -1, dtype=np.int64)
-        lens = np.ones(bs, dtype=np.int32)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = np.zeros((bs, width), dtype=np.int32)
-        cache = {}
-        for i, seq in enumerate(batch.seqs):
-            p = seq.num_tokens - 1
-            ids[i], pos[i], lens[i] = seq.token_ids[-1], p, p + 1
-            row = self._table_row(seq)
-            cache[seq.request_id] = (seq.block_table, row)
-            tables[i, : len(row)] = row
-            slots[i] = seq.block_table[p // block_size] * block_size + p % block_size
-        self._tables = cache
-        self.input_ids[:bs].copy_(torch.from_numpy(ids), non_blocking=True)
-        self.positions[:bs].copy_(torch.from_numpy(pos), non_blocking=True)
-        self.slot_mapping[:bs].copy_(torch.from_numpy(slots), non_blocking=True)
-        self.seq_lens[:bs].copy_(torch.from_numpy(lens), non_blocking=True)
-        self.block_tables[:bs, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        width = ctx.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(ctx.slot_mapping)
+        self.seq_lens[:n].copy_(ctx.seq_lens)
+        self.block_tables[:n, :width].copy_(ctx.block_tables)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
         self.graphs[bs].replay()
-        return self.runner.model.compute_logits(self.hidden[bs][:n])
+        return self.hidden[bs][:n]

@@ -12,6 +12,7 @@ from sawkv.config import EngineConfig
 from sawkv.engine.detokenizer import IncrementalDetokenizer
 from sawkv.engine.model_runner import ModelRunner
 from sawkv.engine.outputs import RequestOutput
+from sawkv.engine.profiler import StepProfiler
 from sawkv.engine.sampler import Sampler
 from sawkv.engine.sampling_params import SamplingParams
 from sawkv.engine.scheduler import Scheduler
@@ -71,6 +72,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.profiler: StepProfiler | None = None
 
     @classmethod
     def from_args(cls, model: str, kv_cache_dtype: str = "auto", **kwargs) -> LLMEngine:
@@ -120,22 +122,51 @@ class LLMEngine:
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; return outputs of requests that advanced."""
+        prof = self.profiler
+        if prof is not None:
+            prof.begin()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        self.num_prompt_tokens_total += sum(
-            max(0, min(s.num_prompt_tokens - s.num_computed_tokens, n))
-            for s, n in zip(batch.seqs, batch.num_new_tokens)
-        )
-        logits, sample_idx = self.runner.run(batch)
+        if prof is not None:
+            prof.mark("schedule")
+        inputs = self.runner.plan(batch)
+        if prof is not None:
+            prof.mark("plan")
+            prof.device_begin()
+        logits = self.runner.call("execute", inputs)
+        if prof is not None:
+            prof.device_end()
+            prof.mark("execute")
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:  # prefill (or recompute)
+                self.num_prompt_tokens_total += min(
+                    seq.num_prompt_tokens - seq.num_computed_tokens, n
+                )
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        if logits is None:
-            return []
-        seqs = [batch.seqs[i] for i in sample_idx]
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
+        outs = []
+        if logits is not None:
+            seqs = [batch.seqs[i] for i in inputs.sampled_seqs.tolist()]
+            tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            outs = [self._append(seq, tok) for seq, tok in zip(seqs, tokens)]
+        if prof is not None:
+            prof.mark("post")
+            prof.end(inputs.kind, inputs.num_seqs, inputs.num_tokens)
+        return outs
+
+    # ---- profiling --------------------------------------------------------------------------
+    def start_profile(self) -> None:
+        """Record a host / device time breakdown of every following step (see
+        :mod:`sawkv.engine.profiler`; each step then synchronizes once more)."""
+        self.profiler = StepProfiler(self.runner.device)
+
+    def stop_profile(self) -> dict[str, dict]:
+        """Stop recording; the breakdown per step kind (prefill / decode / mixed)."""
+        if self.profiler is None:
+            raise RuntimeError("start_profile() was not called")
+        summary, self.profiler = self.profiler.summary(), None
+        return summary
 
     def _append(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)
@@ -149,7 +180,7 @@ class LLMEngine:
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             new_token_ids=[token],
-            output_token_ids=list(seq.output_ids),
+            output_token_ids=seq.output_ids,
             finished=reason is not None,
             finish_reason=reason,
             text=seq.text,
@@ -157,7 +188,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if self.tokenizer is not None:
+        # Text costs a tokenizer call per token: only for callers who read it or stop strings
+        if self.tokenizer is not None and (p.detokenize or p.stop):
             # incremental: O(window) per token instead of re-decoding the whole output each step
             if seq.detokenizer is None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)

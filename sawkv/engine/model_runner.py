@@ -1,21 +1,26 @@
-"""Model runner: owns the model, the page pool, per-step input preparation and CUDA graphs.
+"""Model runner: owns the model, the page pool, the device block table and CUDA graphs.
 
-Per step it builds one :class:`StepContext` on the host (slot mapping, block tables, sequence
-lengths, query start offsets), copies it to the device once, runs the model, and returns fp32
-logits of the last token of every sequence that has reached its end. Pure-decode steps on CUDA
-replay a captured graph for the smallest captured batch size >= the batch.
+A step is planned once on the host (:meth:`ModelRunner.plan` -> :class:`StepInputs`, rank 0
+only) and executed on every rank (:meth:`ModelRunner.execute`): upload the inputs, apply the
+block-table edits, run the model eagerly or replay a decode graph with the same inputs, and
+return fp32 logits of the last token of every sequence that reached its end. Under tensor
+parallelism :meth:`call` makes rank 0 broadcast ``(method, args)`` first
+(:mod:`sawkv.distributed.runner`).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from types import SimpleNamespace
+
 import torch
 
-from sawkv.attention.backend import DECODE_MAX_QUERY, StepContext, get_backend
+from sawkv.attention.backend import get_backend
 from sawkv.cache.kv_cache import KVCacheSpec, allocate_kv_cache
 from sawkv.config import EngineConfig, ModelConfig
 from sawkv.engine.cuda_graph import DecodeGraphs
+from sawkv.engine.device_step import BlockTable, DeviceStep, upload
 from sawkv.engine.scheduler import ScheduledBatch
+from sawkv.engine.step_inputs import StepInputs, StepPlanner
 from sawkv.models.layers import use_compiled_ops
 from sawkv.models.loader import build_model
 
@@ -34,6 +39,10 @@ class ModelRunner:
         self.device, self.dtype = config.torch_device, config.torch_dtype
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // spec.block_size)
+        # one row per sequence of a step; rank 0 plans, every rank applies the edits
+        num_rows = config.scheduler.max_num_seqs
+        self.block_table = BlockTable(num_rows, self.max_blocks_per_seq, self.device)
+        self.planner = StepPlanner(num_rows, self.max_blocks_per_seq, spec.block_size)
         self.backend = get_backend(
             config.attention_backend,
             self.device,
@@ -111,101 +120,55 @@ class ModelRunner:
         self._bind(scratch)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
-        pos = list(range(n))
-        ctx = self._context([pos], [list(range(blocks))], [n], [0, n], is_decode=False)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), ctx)
+        seq = SimpleNamespace(request_id="profile", token_ids=[0] * n, num_tokens=n,
+                              num_computed_tokens=0, block_table=list(range(blocks)))  # fmt: skip
+        planner = StepPlanner(1, self.max_blocks_per_seq, self.spec.block_size)
+        step = self.upload(planner.plan([seq], [n]))
+        hidden = self.model(step.input_ids, step.positions, step.ctx)
         self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs) :])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
-        del scratch, ctx, hidden
+        del scratch, step, hidden
         torch.cuda.empty_cache()
         return peak
 
     # ---- per step -------------------------------------------------------------------------
-    def _context(self, positions, block_tables, seq_lens, qsl, *, is_decode):
-        """Host lists -> one :class:`StepContext` on the device."""
-        bs = self.spec.block_size
-        slots = []
-        for pos, table in zip(positions, block_tables):
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-        width = max(len(t) for t in block_tables)
-        padded = np.zeros((len(block_tables), width), dtype=np.int32)
-        for row, table in zip(padded, block_tables):
-            row[: len(table)] = table
-        dev = self.device
-        ctx = StepContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(padded).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            is_decode=is_decode,
-            max_seq_len=max(seq_lens),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
-        )
-        q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
-        d = next((i for i, n in enumerate(q_lens) if n > DECODE_MAX_QUERY), len(q_lens))
-        if not is_decode and d:
-            ctx.decode_part, ctx.extend_part = self._split(ctx, d, padded, seq_lens, qsl)
-        return ctx
+    def call(self, method: str, *args):
+        """Run ``method`` on this runner (tensor parallelism runs it on every rank)."""
+        return getattr(self, method)(*args)
 
-    def _split(self, ctx: StepContext, d: int, padded, seq_lens: list[int], qsl: list[int]):
-        """Sub-contexts of a mixed step. Sequences [0, d) have at most DECODE_MAX_QUERY new
-        tokens each: every such token becomes one decode row (its sequence's block table, the
-        causal length up to itself), so they get the split-K decode kernel instead of an extend
-        program walking a long context alone. The rest go to the extend kernel."""
-        rows, lens = [], []
-        for s in range(d):
-            n, q_len = seq_lens[s], qsl[s + 1] - qsl[s]
-            rows.extend([s] * q_len)
-            lens.extend(range(n - q_len + 1, n + 1))
-        num_rows, dev = len(rows), self.device
-        decode = StepContext(
-            ctx.slot_mapping[:num_rows],
-            torch.from_numpy(padded[rows]).to(dev, non_blocking=True),
-            torch.tensor(lens, dtype=torch.int32).to(dev, non_blocking=True),
-            torch.arange(num_rows + 1, dtype=torch.int32, device=dev),
-            True, max(lens), 1,
-        )  # fmt: skip
-        if d == len(seq_lens):
-            return decode, None
-        extend = StepContext(
-            ctx.slot_mapping[num_rows:], ctx.block_tables[d:], ctx.seq_lens[d:],
-            ctx.query_start_loc[d:] - num_rows, False, max(seq_lens[d:]),
-            max(b - a for a, b in zip(qsl[d:], qsl[d + 1 :])),
-        )  # fmt: skip
-        return decode, extend
+    def plan(self, batch: ScheduledBatch) -> StepInputs:
+        """Host side of a step (rank 0 only): the batch as :class:`StepInputs`."""
+        return self.planner.plan(batch.seqs, batch.num_new_tokens)
 
-    def prepare(self, batch: ScheduledBatch):
-        """-> (input_ids, positions, ctx, logits_indices, sampled seq indices)."""
-        ids, positions, seq_lens, qsl, tables = [], [], [], [0], []
-        logits_idx, sample_seqs = [], []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            positions.append(range(start, start + n))
-            seq_lens.append(start + n)
-            qsl.append(qsl[-1] + n)
-            tables.append(seq.block_table)
-            if start + n == seq.num_tokens:
-                logits_idx.append(qsl[-1] - 1)
-                sample_seqs.append(i)
-        ctx = self._context(positions, tables, seq_lens, qsl, is_decode=batch.is_decode)
-        flat_pos = [p for r in positions for p in r]
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos = torch.tensor(flat_pos, dtype=torch.int64).to(dev, non_blocking=True)
-        return input_ids, pos, ctx, logits_idx, sample_seqs
+    def upload(self, inputs: StepInputs) -> DeviceStep:
+        """Apply the step's block-table edits and put its inputs on the device."""
+        return upload(inputs, self.block_table, self.spec.block_size)
 
     @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Run one planned step on this rank -> fp32 logits ``[num_sampled, vocab]`` (None if
+        no sequence reaches its end). Pure-decode steps replay a CUDA graph when one fits;
+        the graph copies the same :class:`DeviceStep` into its static buffers."""
+        step = self.upload(inputs)
+        if self.graphs is not None and step.ctx.is_decode and self.graphs.can_run(inputs.num_seqs):
+            hidden = self.graphs.run(step.input_ids, step.positions, step.ctx)
+        else:
+            hidden = self.model(step.input_ids, step.positions, step.ctx)
+        if not len(inputs.logits_indices):
+            return None
+        return self.model.compute_logits(hidden[step.logits_indices])
+
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one step. Returns (logits ``[n_sample, vocab]`` fp32 or None, indices into
-        ``batch.seqs`` of the sequences those rows belong to)."""
-        if self.graphs is not None and batch.is_decode and self.graphs.can_run(len(batch)):
-            return self.graphs.run(batch), list(range(len(batch)))
-        input_ids, positions, ctx, logits_idx, sample_seqs = self.prepare(batch)
-        hidden = self.model(input_ids, positions, ctx)
-        if not sample_seqs:
-            return None, []
-        idx = torch.tensor(logits_idx, device=self.device)
-        return self.model.compute_logits(hidden[idx]), sample_seqs
+        """Plan and run one step on every rank. Returns (logits ``[n_sample, vocab]`` fp32 or
+        None, indices into ``batch.seqs`` of the sequences those rows belong to)."""
+        inputs = self.plan(batch)
+        return self.call("execute", inputs), inputs.sampled_seqs.tolist()
+
+    def prepare(self, batch: ScheduledBatch):
+        """-> (input_ids, positions, ctx, logits_indices, sampled seq indices) on the device,
+        for running ``self.model`` directly (teacher-forced scoring in tests)."""
+        inputs = self.plan(batch)
+        step = self.upload(inputs)
+        return (step.input_ids, step.positions, step.ctx, inputs.logits_indices.tolist(),
+                inputs.sampled_seqs.tolist())  # fmt: skip

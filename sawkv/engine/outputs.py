@@ -10,8 +10,10 @@ class RequestOutput:
     """One request's progress after an engine step.
 
     ``new_token_ids`` are the tokens produced by this step (for streaming); ``output_token_ids``
-    all tokens generated so far; ``finish_reason`` is "stop" (EOS, stop token or stop string),
-    "length" (max_tokens or max_model_len) or "abort", and None while running.
+    all tokens generated so far: the sequence's own list, shared rather than copied every step
+    (it keeps growing while the request runs; copy it to keep a snapshot). ``finish_reason``
+    is "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len) or
+    "abort", and None while running.
     """
 
     request_id: str

@@ -13,6 +13,9 @@ class SamplingParams:
     sampling; ``seed`` makes sampling reproducible per request; generation stops at
     ``max_tokens``, at any of ``stop`` (strings, checked on the detokenized text; the stop string
     is not included in the output), at ``stop_token_ids``, or at EOS unless ``ignore_eos``.
+    ``detokenize=False``: the engine leaves ``RequestOutput.text`` empty unless ``stop`` needs
+    the text (for callers that detokenize the token ids themselves, such as the server's
+    streams: one tokenizer call per token instead of two).
     """
 
     temperature: float = 1.0
@@ -23,6 +26,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

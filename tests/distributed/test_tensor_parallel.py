@@ -32,7 +32,7 @@ COMMON = dict(
 )
 PROMPTS = [[5, 17, 3, 99, 42, 8, 11, 60, 7, 1, 2, 70, 33, 4], [9, 9, 4], [100, 3, 55, 21, 130, 8]]
 ENGINE = dict(
-    dtype="float32", block_size=4, num_gpu_blocks=12, max_num_batched_tokens=8, max_model_len=32
+    dtype="float32", block_size=16, num_gpu_blocks=3, max_num_batched_tokens=8, max_model_len=32
 )
 
 

@@ -168,3 +168,16 @@ def test_errors(auto_llm):
         make_llm("int5")
     with pytest.raises(ValueError, match="evaluation-only"):
         make_llm("int4-g32")
+
+
+def test_detokenize_off_keeps_tokens_and_stop_strings(auto_llm, hf_greedy):
+    """``detokenize=False`` (the server detokenizes its own streams): no text, same tokens; stop
+    strings still end the request (the engine detokenizes those requests anyway)."""
+    quiet = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, detokenize=False)
+    out = auto_llm.generate(PROMPTS[0], quiet, use_tqdm=False)[0]
+    assert out.text == "" and out.token_ids == hf_greedy[0][:6]
+    full = auto_llm.tokenizer.decode(hf_greedy[0], skip_special_tokens=True)
+    stop = full.strip()[:3]
+    params = SamplingParams(temperature=0, max_tokens=10, stop=[stop], detokenize=False)
+    out = auto_llm.generate(PROMPTS[0], params, use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) < 10 and stop not in out.text

@@ -11,15 +11,21 @@ import torch
 from sawkv.attention.backend import LayerKV
 from sawkv.attention.reference import paged_attention_extend_ref
 from sawkv.attention.torch_backend import TorchBackend
-from sawkv.engine.model_runner import ModelRunner
+from sawkv.engine.device_step import BlockTable, upload
+from sawkv.engine.step_inputs import StepPlanner
 
-BS, HKV, HQ, D, NUM_BLOCKS = 4, 2, 4, 64, 20
+BS, HKV, HQ, D, NUM_BLOCKS = 16, 2, 4, 64, 20  # INT4 pages hold tokens in groups of 16
 
 
-def fake_runner():
-    fake = SimpleNamespace(spec=SimpleNamespace(block_size=BS), device=torch.device("cpu"))
-    fake._split = lambda *a: ModelRunner._split(fake, *a)
-    return fake
+def plan_and_upload(planner, table, tables, starts, q_lens):
+    """One step of sequences with page tables ``tables`` computing ``q_lens`` tokens from
+    ``starts``, planned on the host and uploaded as the runner does it."""
+    seqs = [
+        SimpleNamespace(request_id=f"s{i}", token_ids=[0] * (a + q), num_tokens=a + q,
+                        num_computed_tokens=a, block_table=t)
+        for i, (t, a, q) in enumerate(zip(tables, starts, q_lens))
+    ]  # fmt: skip
+    return upload(planner.plan(seqs, list(q_lens)), table, BS).ctx
 
 
 def make_kv(bits, window):
@@ -37,8 +43,8 @@ def make_kv(bits, window):
 
 CASES = {
     # (block tables, seq_lens, q_lens): decode rows first (q_len <= 16), then extend
-    "mixed": ([[3, 1, 7], [2, 5], [0, 4, 6, 8, 9, 10, 11]], [9, 8, 26], [1, 3, 20]),
-    "all_small": ([[3, 1, 7], [2, 5]], [9, 8], [1, 5]),
+    "mixed": ([[3, 1, 7], [2, 5], [0, 4, 6, 8, 9, 10, 11]], [40, 30, 100], [1, 3, 20]),
+    "all_small": ([[3, 1, 7], [2, 5]], [40, 30], [1, 5]),
 }
 
 
@@ -49,15 +55,15 @@ def test_split_step_equals_single_extend(case, bits, had_block, window):
     tables, seq_lens, q_lens = CASES[case]
     kv = make_kv(bits, window)
     backend = TorchBackend(bits=bits, had_block=had_block, rotate_v=False)
-    fake = fake_runner()
-    old = [list(range(n - q)) for n, q in zip(seq_lens, q_lens)]  # context already cached
-    old_qsl = [0, *torch.tensor([len(p) for p in old]).cumsum(0).tolist()]
-    pre = ModelRunner._context(fake, old, tables, [len(p) for p in old], old_qsl, is_decode=False)
+    planner, table = StepPlanner(4, 8, BS), BlockTable(4, 8, torch.device("cpu"))
+    old = [n - q for n, q in zip(seq_lens, q_lens)]  # context already cached
+    pre = plan_and_upload(planner, table, tables, [0] * len(old), old)
     n_old = pre.slot_mapping.shape[0]
     backend.write(torch.randn(n_old, HKV, D), torch.randn(n_old, HKV, D), kv, pre)
-    new = [list(range(n - q, n)) for n, q in zip(seq_lens, q_lens)]
     qsl = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
-    ctx = ModelRunner._context(fake, new, tables, seq_lens, qsl, is_decode=False)
+    ctx = plan_and_upload(planner, table, tables, old, q_lens)
+    # the device block table holds every page of every sequence (sent once, in the first step)
+    assert [row[: len(t)] for row, t in zip(ctx.block_tables.tolist(), tables)] == tables
     assert ctx.decode_part is not None
     small = [(n, q) for n, q in zip(seq_lens, q_lens) if q <= 16]
     rows = [n - q + i + 1 for n, q in small for i in range(q)]  # one causal row per token
