@@ -13,6 +13,7 @@ ends before the evaluation region starts) and are stored under ``model_cache_dir
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +117,16 @@ def query_hessians(model, windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _cached(path: Path, compute, log=print):
-    """Load ``path`` if present, else compute, save and return."""
+    """Load ``path`` if present, else compute, save and return.
+
+    Artifacts are tensors and lists/dicts of tensors, so they load with ``weights_only=True``:
+    a cache file never runs code. A file that is not plain tensors is recomputed.
+    """
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        try:
+            return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as e:
+            log(f"[calib] {path.name} is not a plain tensor file ({e}); recomputing")
     t0 = time.perf_counter()
     obj = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
