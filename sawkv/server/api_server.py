@@ -81,25 +81,40 @@ def _error_response(status_code: int, body: dict[str, Any]) -> JSONResponse:
     return _ASCIIJSONResponse(body, status_code=status_code)
 
 
+def _field_path(loc: Any) -> str:
+    """``("body", "messages", 0, "content", "function-after[...]")`` -> ``messages.0.content``:
+    the field, without pydantic's union-member tags (not identifiers)."""
+    parts = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if not (isinstance(p, int) or str(p).isidentifier()):
+            break
+        parts.append(str(p))
+    return ".".join(parts)
+
+
 def _validation_body(e: RequestValidationError) -> dict[str, Any]:
-    """pydantic's errors as one OpenAI error naming the first bad field (``messages.0.role``)."""
+    """pydantic's errors as one OpenAI error naming the first bad field (``messages.0.role``);
+    one message per field (a union field reports each member's complaint: keep the first)."""
     errors = e.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":  # loc is ("body", <char offset>), not a field
         detail = (first.get("ctx") or {}).get("error", "invalid JSON")
         message = f"the request body is not valid JSON: {detail} at character {first['loc'][-1]}"
         return error_body(message, "invalid_request_error")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body')}: {err.get('msg')}"
-        for err in errors
-    )
-    return error_body(message or "invalid request", "invalid_request_error", ".".join(loc) or None)
+    by_field: dict[str, str] = {}
+    for err in errors:
+        by_field.setdefault(_field_path(err.get("loc", ())), str(err.get("msg")))
+    message = "; ".join(f"{path or 'request body'}: {msg}" for path, msg in by_field.items())
+    param = _field_path(first.get("loc", ())) or None
+    return error_body(message or "invalid request", "invalid_request_error", param)
 
 
 class _BodyLimit:
-    """ASGI middleware: answer 413 to bodies over ``max_bytes`` without reading them (declared
-    ``Content-Length``) or as soon as a chunked body passes the limit."""
+    """ASGI middleware: answer 413 to bodies over ``max_bytes``, from a declared
+    ``Content-Length`` without reading the body, or, for a chunked body, as soon as what has
+    arrived passes the limit (such a body is buffered here, at most ``max_bytes``, and replayed)."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -111,24 +126,25 @@ class _BodyLimit:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(declared.decode())(scope, receive, send)
-        received = 0
-
-        async def counting_receive() -> Any:
-            nonlocal received
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._too_large(declared.decode())(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, received = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise APIError(
-                    f"request body is over {self.max_bytes} bytes, the most this server accepts",
-                    status_code=413,
-                    code="too_large",
-                )
-            return message
+                return await self._too_large(f"over {received}")(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
