@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sawkv.hf.cache import attention_shape
+from sawkv.hf.cache import attention_shape, cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def capture_kv(model, windows: torch.Tensor) -> list[tuple[torch.Tensor, torch.T
     vs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     for w in windows:
         cache = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
-        model(w[None].to(_device(model)), past_key_values=cache, use_cache=True)
+        model(w[None].to(_device(model)), **cache_kwargs(model, cache), use_cache=True)
         for i, layer in enumerate(cache.layers):
             ks[i].append(layer.keys[0].transpose(0, 1).float().cpu())
             vs[i].append(layer.values[0].transpose(0, 1).float().cpu())

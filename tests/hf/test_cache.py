@@ -228,3 +228,20 @@ def test_bad_inputs(llama64):
         SawKVCache(llama64, "int4-bdr-kc", k_means=torch.zeros(2, 2, 32))
     with pytest.raises(ValueError, match="kc_mode"):
         SawKVCache(llama64, "int4-bdr-kc", kc_mode="dynamic")
+
+
+def test_cache_kwargs_fills_the_cache_without_deprecation_warning(llama64):
+    """transformers 5.23 renamed ``past_key_values`` to ``cache`` (the old name raises a
+    FutureWarning); 5.17 takes only ``past_key_values`` and would drop ``cache``. Either way the
+    cache must fill, without the warning."""
+    import warnings
+
+    from sawkv.hf.cache import cache_kwargs
+
+    cache = SawKVCache(llama64, "int4-bdr64")
+    ids = torch.arange(1, 9)[None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llama64(ids, **cache_kwargs(llama64, cache), use_cache=True)
+    assert cache.get_seq_length() == 8
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
