@@ -8,6 +8,7 @@ with ``@app.command("name")`` below and import what it needs inside it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -20,6 +21,8 @@ app = typer.Typer(
     help="sawkv: a 4-bit KV cache (INT4 + block-diagonal Hadamard rotation) for LLM serving.",
     no_args_is_help=True,
     add_completion=False,
+    # Without a terminal, rich renders help 80 columns wide and cuts long option names.
+    context_settings={"max_content_width": 120},
 )
 
 DEFAULT_METHODS = "bf16,int8,int4,int4-bdr64"
@@ -99,7 +102,7 @@ def _check_methods(methods: str, model: str) -> list[str]:
 @app.command("eval")
 def eval_cmd(
     model: Annotated[
-        str, typer.Option(help="model name (see MODELS.md) or HF directory")
+        str, typer.Option(help="registry name (smollm2-135m...) or HF directory")
     ] = "smollm2-135m",
     methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHODS,
     text: Annotated[
@@ -292,8 +295,26 @@ _register_bench()
 
 
 def main() -> None:
-    """Console-script entry point (``sawkv``)."""
-    app(args=sys.argv[1:])
+    """Console-script entry point (``sawkv``).
+
+    Known errors (a ValueError: bad method, unknown or uninstalled model, bad setting) print
+    one line and exit 1; ``SAWKV_TRACEBACK=1`` shows the traceback instead.
+    """
+    _widen_help()
+    try:
+        app(args=sys.argv[1:])
+    except ValueError as e:
+        if os.environ.get("SAWKV_TRACEBACK"):
+            raise
+        print(f"sawkv: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _widen_help() -> None:
+    """Rich sizes help tables to the terminal, or 80 columns without one (pipes, CI), which
+    cuts option names such as ``--max-num-batched-tokens``; give it room when not a tty."""
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        os.environ["COLUMNS"] = "120"
 
 
 if __name__ == "__main__":

@@ -244,6 +244,10 @@ class EngineConfig:
 
     ``load_format`` "auto" reads safetensors; "dummy" fills random weights (speed runs).
     ``attention_backend`` "auto" picks triton on CUDA and torch elsewhere.
+    ``batch_invariant``: run every linear as fixed-size GEMM tiles so a request's greedy output
+    does not depend on what else is in the batch (:mod:`sawkv.models.batch_invariant`); None
+    means on for a CPU engine without tensor parallelism, off elsewhere. CPU only: the Triton
+    kernels and cuBLAS pick their split from the batch.
     """
 
     model: str
@@ -255,6 +259,7 @@ class EngineConfig:
     enable_compile: bool = True  # fuse norms / RoPE / SiLU with torch.compile on CUDA
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks sharing heads, MLP and vocabulary (sawkv.distributed)
+    batch_invariant: bool | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -269,6 +274,20 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.batch_invariant and (
+            self.torch_device.type != "cpu" or self.tensor_parallel_size > 1
+        ):
+            raise ValueError(
+                "batch_invariant needs a CPU engine without tensor parallelism (got device "
+                f"{self.torch_device}, tensor_parallel_size={self.tensor_parallel_size})"
+            )
+
+    @property
+    def is_batch_invariant(self) -> bool:
+        """``batch_invariant`` with None resolved (on for CPU and one rank)."""
+        if self.batch_invariant is not None:
+            return self.batch_invariant
+        return self.torch_device.type == "cpu" and self.tensor_parallel_size == 1
 
     @property
     def torch_device(self) -> torch.device:

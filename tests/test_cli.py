@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,42 @@ def test_eval_end_to_end(tmp_path, monkeypatch):
 def test_eval_rejects_bad_method():
     res = CliRunner().invoke(app, ["eval", "--methods", "int5", "--kc-mode", "static"])
     assert res.exit_code != 0
+
+
+def _sawkv(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess (stdout a pipe, as in CI logs)."""
+    code = "from sawkv.cli import main; main()"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # test runners may set 80
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_known_errors_are_one_line_not_a_traceback():
+    for args, expected in [
+        (["generate", "--model", "smollm2-13m", "hi"], "unknown model 'smollm2-13m'"),
+        (["generate", "--kv-cache-dtype", "int4-bogus", "hi"], "unknown KV cache method"),
+        (["serve", "smollm2-135m", "--kv-cache-dtype", "kivi2"], "kivi2"),
+    ]:
+        out = _sawkv(*args)
+        assert out.returncode == 1, out
+        assert out.stderr.startswith("sawkv: error: ") and expected in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_is_not_cut_and_names_no_missing_file():
+    out = _sawkv("serve", "--help")
+    assert out.returncode == 0
+    for option in ("--max-num-batched-tokens", "--gpu-memory-utilization", "--drain-timeout"):
+        assert option in out.stdout
+    assert "MODELS.md" not in out.stdout and "…" not in out.stdout
+
+
+def test_llm_docstring_example_names_a_real_model():
+    import re
+
+    import sawkv
+    from sawkv.models.hub import KNOWN_MODELS
+
+    names = re.findall(r'LLM\("([^"]+)"', sawkv.LLM.__doc__)
+    assert names and all(name in KNOWN_MODELS for name in names)

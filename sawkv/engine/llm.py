@@ -20,7 +20,7 @@ class LLM:
     other keyword arguments go to :class:`sawkv.config.EngineConfig` and its sub-configs
     (``max_model_len``, ``num_gpu_blocks``, ``max_num_seqs``, ``load_format``...).
 
-    >>> llm = LLM("SmolLM2-135M", kv_cache_dtype="int4-bdr64")  # doctest: +SKIP
+    >>> llm = LLM("smollm2-135m", kv_cache_dtype="int4-bdr64")  # doctest: +SKIP
     >>> params = SamplingParams(temperature=0)
     >>> llm.generate("The capital of France is", params)[0].text  # doctest: +SKIP
     """

@@ -21,7 +21,7 @@ from sawkv.engine.cuda_graph import DecodeGraphs
 from sawkv.engine.device_step import BlockTable, DeviceStep, upload
 from sawkv.engine.scheduler import ScheduledBatch
 from sawkv.engine.step_inputs import StepInputs, StepPlanner
-from sawkv.models.layers import use_compiled_ops
+from sawkv.models.layers import use_batch_invariant_ops, use_compiled_ops
 from sawkv.models.loader import build_model
 
 
@@ -53,6 +53,8 @@ class ModelRunner:
         self.model = self._build_model(model_config, model_dir)
         if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
             use_compiled_ops(self.model)
+        if config.is_batch_invariant:
+            use_batch_invariant_ops(self.model)
         self.key_means = key_means
         self.num_blocks = self._decide_num_blocks()
         self.kv = allocate_kv_cache(

@@ -13,6 +13,7 @@ ends before the evaluation region starts) and are stored under ``model_cache_dir
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sawkv.hf.cache import attention_shape
+from sawkv.hf.cache import attention_shape, cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def capture_kv(model, windows: torch.Tensor) -> list[tuple[torch.Tensor, torch.T
     vs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
     for w in windows:
         cache = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
-        model(w[None].to(_device(model)), past_key_values=cache, use_cache=True)
+        model(w[None].to(_device(model)), **cache_kwargs(model, cache), use_cache=True)
         for i, layer in enumerate(cache.layers):
             ks[i].append(layer.keys[0].transpose(0, 1).float().cpu())
             vs[i].append(layer.values[0].transpose(0, 1).float().cpu())
@@ -116,9 +117,16 @@ def query_hessians(model, windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _cached(path: Path, compute, log=print):
-    """Load ``path`` if present, else compute, save and return."""
+    """Load ``path`` if present, else compute, save and return.
+
+    Artifacts are tensors and lists/dicts of tensors, so they load with ``weights_only=True``:
+    a cache file never runs code. A file that is not plain tensors is recomputed.
+    """
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        try:
+            return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as e:
+            log(f"[calib] {path.name} is not a plain tensor file ({e}); recomputing")
     t0 = time.perf_counter()
     obj = compute()
     path.parent.mkdir(parents=True, exist_ok=True)

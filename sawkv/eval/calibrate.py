@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
-from sawkv.hf.cache import attention_shape
+from sawkv.hf.cache import attention_shape, cache_kwargs
 
 KEY_MEANS_FILE = "k_means.safetensors"
 
@@ -54,7 +54,7 @@ def keys_mean(model, windows: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
     for w in windows:
         cache = DynamicCache(config=model.config)
-        model(w[None].to(device), past_key_values=cache, use_cache=True)
+        model(w[None].to(device), **cache_kwargs(model, cache), use_cache=True)
         for i, layer in enumerate(cache.layers):
             # keys [1, H, S, D]; a sliding-window layer keeps only its window: its mean is over
             # the tokens it holds, weighted like the full layers (a small bias we accept).

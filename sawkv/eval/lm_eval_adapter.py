@@ -25,6 +25,7 @@ from lm_eval.api.registry import register_model
 
 from sawkv.eval.sim_cache import build_cache
 from sawkv.eval.tasks import encode_pair, prefix_ids
+from sawkv.hf.cache import cache_kwargs
 
 
 @register_model("sawkv")
@@ -60,7 +61,7 @@ class SawKVLM(LM):
         x = torch.tensor([ids[-self.max_length :]], device=self._device)
         cache = build_cache(self.model, self.method, self.k_means)
         with torch.no_grad():
-            logits = self.model(x, past_key_values=cache, use_cache=True).logits[0]
+            logits = self.model(x, **cache_kwargs(self.model, cache), use_cache=True).logits[0]
         return F.log_softmax(logits.float(), -1)
 
     def _score(self, ids: list[int], n: int) -> tuple[float, bool]:
@@ -106,7 +107,7 @@ class SawKVLM(LM):
                 context, add_special_tokens=False)["input_ids"]  # fmt: skip
             x = torch.tensor([ids[-(self.max_length - max_new) :]], device=self._device)
             gen = self.model.generate(
-                x, past_key_values=build_cache(self.model, self.method, self.k_means),
+                x, **cache_kwargs(self.model, build_cache(self.model, self.method, self.k_means)),
                 max_new_tokens=max_new, do_sample=False,
                 stop_strings=until or None, tokenizer=self.tokenizer,
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,

@@ -22,6 +22,7 @@ import torch
 
 from sawkv.eval.sim_cache import build_cache
 from sawkv.eval.tasks import binomial_se, prefix_ids
+from sawkv.hf.cache import cache_kwargs
 
 NEEDLE = (" The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on"
           " a sunny day.")  # fmt: skip
@@ -81,7 +82,7 @@ def run_needle(
             ids = torch.tensor([build_prompt(tokenizer, hay, n, d)], device=device)
             gen = model.generate(
                 ids,
-                past_key_values=build_cache(model, method, k_means),
+                **cache_kwargs(model, build_cache(model, method, k_means)),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sawkv.hf.cache import SawKVCache, attention_shape
+from sawkv.hf.cache import SawKVCache, attention_shape, cache_kwargs
 from sawkv.quant.methods import KVMethod, parse_method
 
 
@@ -24,7 +24,7 @@ def window_nll(model, window: torch.Tensor, cache: SawKVCache) -> tuple[float, i
     """Summed NLL and token count of one ``[window_len]`` window read through ``cache``."""
     device = next(model.parameters()).device
     ids = window[None].to(device)
-    logits = model(ids, past_key_values=cache, use_cache=True).logits[0, :-1]
+    logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0, :-1]
     nll = F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum")
     return float(nll), ids.shape[1] - 1
 

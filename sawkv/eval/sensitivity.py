@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from sawkv.eval.sim_cache import SimKVCache
-from sawkv.hf.cache import attention_shape
+from sawkv.hf.cache import attention_shape, cache_kwargs
 from sawkv.quant.methods import KVMethod
 
 
@@ -83,11 +83,11 @@ def sensitivity_profile(
     for w in windows:
         ids = w[None].to(device)
         plain = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
-        ref = model(ids, past_key_values=plain, use_cache=True).logits[0]
+        ref = model(ids, **cache_kwargs(model, plain), use_cache=True).logits[0]
         for layer in range(num_layers):
             for head in range(num_kv_heads):
                 cache = SimKVCache(model, HeadProbe(method, layer, head), k_means)
-                logits = model(ids, past_key_values=cache, use_cache=True).logits[0]
+                logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0]
                 out[layer, head] += kl_per_token(ref, logits).mean().item() / len(windows)
                 done += 1
                 if progress is not None:

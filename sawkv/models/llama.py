@@ -11,7 +11,7 @@ from torch import nn
 
 from sawkv.attention.backend import AttentionBackend, StepContext
 from sawkv.config import ModelConfig
-from sawkv.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding
+from sawkv.models.layers import EAGER_OPS, MLP, Attention, Linear, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -52,7 +52,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.norm_offset)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ops = EAGER_OPS
 
     @staticmethod
     def make_ropes(cfg: ModelConfig, max_len: int) -> dict[str, RotaryEmbedding]:
@@ -74,4 +75,4 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()
+        return self.ops.linear(hidden, weight).float()

@@ -101,7 +101,9 @@ class AsyncEngine:
         self.model_name = str(engine.model_name)
         self.max_model_len = int(engine.max_model_len)
         self.vocab_size = _vocab_size(engine)
+        self.max_chars_per_token = _max_chars_per_token(self.tokenizer)
         self.num_in_flight = 0  # event-loop side only
+        self._stopping: BaseException | None = None  # set by stop_requests (shutdown drain)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._thread: threading.Thread | None = None
@@ -126,6 +128,22 @@ class AsyncEngine:
             self._thread = None
 
     @property
+    def max_prompt_chars(self) -> int | None:
+        """Longest text that can still fit ``max_model_len`` tokens (None: no tokenizer)."""
+        if self.max_chars_per_token is None:
+            return None
+        return self.max_model_len * self.max_chars_per_token
+
+    def stop_requests(self, error: BaseException) -> None:
+        """Refuse new requests and end every admitted one with ``error`` (frees their pages).
+
+        The end of a shutdown drain: streams get ``error`` in-band, waiting clients an error
+        response, so connections close and the server can exit.
+        """
+        self._stopping = error
+        self._commands.put(("fail_all", error))
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._error is None
 
@@ -140,6 +158,8 @@ class AsyncEngine:
         prompt too long) before anything is streamed, so callers can answer with a status code.
         The caller must ``close()`` the returned stream (it aborts an unfinished request).
         """
+        if self._stopping is not None:
+            raise EngineDeadError(str(self._stopping))
         if not self.is_alive:
             raise EngineDeadError(f"engine is not running: {self._error!r}")
         if self.max_queue is not None and self.num_in_flight >= self.max_queue:
@@ -193,6 +213,10 @@ class AsyncEngine:
     def _execute(self, command: tuple) -> None:
         if command[0] == "abort":
             self._abort(command[1])
+            return
+        if command[0] == "fail_all":
+            self._fail_all(command[1])
+            self._fail_pending(command[1])
             return
         _, request_id, prompt_token_ids, params, stream, admitted = command
         try:
@@ -265,6 +289,20 @@ def _set_result(future: asyncio.Future) -> None:
 def _set_exception(future: asyncio.Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _max_chars_per_token(tokenizer: Any) -> int | None:
+    """Most characters one token of ``tokenizer`` can spell, from its vocabulary's strings.
+
+    A vocabulary string is never shorter than the text it decodes to (byte-level BPE spells one
+    byte per character, byte-fallback tokens are ``<0x..>``), so this bounds the characters per
+    token of any prompt; None when unknown (no tokenizer, or one without ``get_vocab``).
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 - no tokenizer, or an exotic one: no bound
+        return None
+    return max((len(token) for token in vocab), default=None)
 
 
 def _vocab_size(engine: Any) -> int | None:

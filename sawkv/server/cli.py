@@ -12,7 +12,9 @@ import typer
 
 
 def serve_cmd(
-    model: Annotated[str, typer.Argument(help="model name (MODELS.md), preset or HF directory")],
+    model: Annotated[
+        str, typer.Argument(help="registry name (smollm2-135m...), preset or HF directory")
+    ],
     kv_cache_dtype: Annotated[
         str, typer.Option(help="KV cache: auto, bf16, fp16, int8, int4, int4-bdr{b}[-kv|-kc]")
     ] = "auto",
@@ -42,6 +44,13 @@ def serve_cmd(
         int, typer.Option("--tensor-parallel-size", "-tp", help="GPUs sharing the model")
     ] = 1,
     enable_prefix_caching: Annotated[bool, typer.Option(help="share full prompt pages")] = True,
+    batch_invariant: Annotated[
+        bool | None,
+        typer.Option(help="greedy output independent of the batch (default: on for CPU)"),
+    ] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="seconds requests may run after SIGTERM before being ended")
+    ] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, SSE, /metrics)."""
@@ -68,6 +77,10 @@ def serve_cmd(
         engine_kwargs["tensor_parallel_size"] = tensor_parallel_size
     if not enable_prefix_caching:
         engine_kwargs["enable_prefix_caching"] = False
+    if batch_invariant is not None:
+        engine_kwargs["batch_invariant"] = batch_invariant
+    if drain_timeout < 0:
+        raise typer.BadParameter(f"must be >= 0, got {drain_timeout}", param_hint="--drain-timeout")
     serve(
         model,
         kv_cache_dtype=kv_cache_dtype,
@@ -77,5 +90,6 @@ def serve_cmd(
         max_queue=max_queue,
         served_model_name=served_model_name,
         log_level=log_level,
+        drain_timeout_s=drain_timeout,
         **engine_kwargs,
     )

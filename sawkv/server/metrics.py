@@ -2,8 +2,8 @@
 
 No prometheus_client dependency: the set of series is small and fixed. Every series carries a
 ``model_name`` label. Numeric engine stats without a dedicated series are exported as
-``sawkv_engine_<key>`` gauges so new engine counters (prefix-cache hits, preemptions) show up
-without touching this file.
+``sawkv_engine_<key>`` gauges (``sawkv_engine_<key>_total`` counters for the monotonic ones:
+preemptions, prefix-cache hit tokens) so new engine stats show up without touching this file.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ _COVERED_KEYS = {
     "prompt_tokens_per_s",
     "generation_tokens_per_s",
 }  # fmt: skip
+# Engine stats without a dedicated series that only ever grow: exported as counters.
+_COUNTER_KEYS = {"num_preemptions", "prefix_cache_hit_tokens"}
 
 
 def _sub(a: Any, b: Any) -> Any:
@@ -87,7 +89,10 @@ def render_metrics(stats: dict[str, Any], model_name: str) -> str:
         if key in _COVERED_KEYS or not _is_number(value):
             continue
         name = "sawkv_engine_" + "".join(c if c.isalnum() else "_" for c in key)
-        lines += [f"# TYPE {name} gauge", f"{name}{labels} {value}"]
+        kind = "gauge"
+        if key in _COUNTER_KEYS:  # Prometheus counters end in _total
+            kind, name = "counter", name + "_total"
+        lines += [f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,10 @@
 Framework-free (no fastapi import): handlers in ``api_server`` call ``prepare_*`` to validate
 and tokenize (raising ``APIError``), then ``collect`` for a JSON body or ``sse_events`` for a
 stream. Both paths share ``OutputTextStream``, so streamed text equals non-streamed text.
+
+``prepare_*`` tokenize, which takes seconds for a large prompt, so handlers run them in a worker
+thread; before tokenizing they refuse text longer than ``max_model_len`` tokens could possibly
+spell (:func:`check_text_size`), so a huge prompt costs a length check, not a tokenization.
 """
 
 from __future__ import annotations
@@ -76,13 +80,30 @@ def check_model(requested: str | None, served_names: set[str]) -> None:
         )
 
 
-def _check_prompt(engine: AsyncEngine, prompt_token_ids: list[int]) -> None:
+def check_text_size(engine: AsyncEngine, num_chars: int, param: str) -> None:
+    """Refuse text that cannot fit in ``max_model_len`` tokens, without tokenizing it.
+
+    No token of the vocabulary spells more than ``engine.max_chars_per_token`` characters, so
+    text longer than ``max_model_len`` times that has more than ``max_model_len`` tokens.
+    """
+    limit = engine.max_prompt_chars
+    if limit is not None and num_chars > limit:
+        raise APIError(
+            f"This model's maximum context length is {engine.max_model_len} tokens; the "
+            f"{param} has {num_chars} characters, more than {engine.max_model_len} tokens "
+            f"can hold (at most {engine.max_chars_per_token} characters per token).",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _check_prompt(engine: AsyncEngine, prompt_token_ids: list[int], param: str) -> None:
     num_prompt = len(prompt_token_ids)
     if num_prompt >= engine.max_model_len:
         raise APIError(
             f"This model's maximum context length is {engine.max_model_len} tokens, but the "
             f"prompt has {num_prompt} tokens (at least one must be left for the completion).",
-            param="prompt",
+            param=param,
             code="context_length_exceeded",
         )
     vocab_size = engine.vocab_size
@@ -90,11 +111,25 @@ def _check_prompt(engine: AsyncEngine, prompt_token_ids: list[int]) -> None:
         raise APIError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
 
 
+def _check_total_len(engine: AsyncEngine, num_prompt: int, max_tokens: int, param: str) -> None:
+    """vLLM's rule and wording: prompt + requested completion must fit the context."""
+    total = num_prompt + max_tokens
+    if total > engine.max_model_len:
+        raise APIError(
+            f"This model's maximum context length is {engine.max_model_len} tokens. However, "
+            f"you requested {total} tokens ({num_prompt} in the prompt, {max_tokens} in the "
+            f"completion). Please reduce the length of the prompt or {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def _tokenize(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
     if not isinstance(prompt, str):
         return list(prompt)
     if engine.tokenizer is None:
         raise APIError("this model has no tokenizer: send the prompt as token ids", param="prompt")
+    check_text_size(engine, len(prompt), "prompt")
     return list(engine.tokenizer(prompt).input_ids)
 
 
@@ -102,6 +137,7 @@ def _apply_chat_template(engine: AsyncEngine, body: ChatCompletionRequest) -> li
     tokenizer = engine.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise APIError("this model has no chat template: use /v1/completions", param="messages")
+    check_text_size(engine, body.num_chars, "messages")
     messages = [m.to_template_dict() for m in body.messages]
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -117,8 +153,9 @@ def prepare_completion(
     check_model(body.model, served_names)
     body.check_unsupported()
     prompt_token_ids = _tokenize(engine, body.single_prompt())
-    _check_prompt(engine, prompt_token_ids)
+    _check_prompt(engine, prompt_token_ids, "prompt")
     max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    _check_total_len(engine, len(prompt_token_ids), max_tokens, "max_tokens")
     return Job(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         is_chat=False,
@@ -137,10 +174,12 @@ def prepare_chat(
     check_model(body.model, served_names)
     body.check_unsupported()
     prompt_token_ids = _apply_chat_template(engine, body)
-    _check_prompt(engine, prompt_token_ids)
+    _check_prompt(engine, prompt_token_ids, "messages")
     max_tokens = body.requested_max_tokens
     if max_tokens is None:  # chat default: up to the context length
         max_tokens = engine.max_model_len - len(prompt_token_ids)
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    _check_total_len(engine, len(prompt_token_ids), max_tokens, param)
     return Job(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         is_chat=True,
@@ -202,7 +241,9 @@ async def collect(
                 task.cancel()
                 raise ClientDisconnected(job.request_id)
         text, last = task.result()
-    except (EngineDeadError, RuntimeError) as e:
+    except EngineDeadError as e:  # stopped (shutdown drain) or failed: not this request's fault
+        raise APIError(str(e), status_code=503, type="server_error", code="engine_dead") from e
+    except RuntimeError as e:
         raise APIError(str(e), status_code=500, type="server_error", code="engine_error") from e
     finally:
         stream.close()

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from sawkv.hf import SawKVCache, attention_shape
+from sawkv.hf.cache import cache_kwargs
 from sawkv.quant import (
     dequantize_fp8,
     dequantize_int,
@@ -93,7 +94,7 @@ def run_chunks(model, ids, cache, chunks):
     logits, start = [], 0
     with torch.no_grad():
         for n in chunks:
-            out = model(ids[:, start : start + n], past_key_values=cache, use_cache=True)
+            out = model(ids[:, start : start + n], **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits)
             start += n
     return torch.cat(logits, dim=1)
@@ -197,10 +198,12 @@ def test_greedy_generate_through_cache(llama64):
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         plain = llama64.generate(ids, **gen)
-        same = llama64.generate(ids, past_key_values=SawKVCache(llama64, "auto"), **gen)
+        same = llama64.generate(ids, **cache_kwargs(llama64, SawKVCache(llama64, "auto")), **gen)
         cache = SawKVCache(llama64, "int4-bdr64")
-        q = llama64.generate(ids, past_key_values=cache, **gen)
-        ref = llama64.generate(ids, past_key_values=ref_cache(llama64, "int4-bdr64"), **gen)
+        q = llama64.generate(ids, **cache_kwargs(llama64, cache), **gen)
+        ref = llama64.generate(
+            ids, **cache_kwargs(llama64, ref_cache(llama64, "int4-bdr64")), **gen
+        )
     assert torch.equal(plain, same)
     assert torch.equal(q, ref) and q.shape == (1, 20)
     assert cache.get_seq_length() == 19  # the last generated token is never fed back
@@ -228,3 +231,18 @@ def test_bad_inputs(llama64):
         SawKVCache(llama64, "int4-bdr-kc", k_means=torch.zeros(2, 2, 32))
     with pytest.raises(ValueError, match="kc_mode"):
         SawKVCache(llama64, "int4-bdr-kc", kc_mode="dynamic")
+
+
+def test_cache_kwargs_fills_the_cache_without_deprecation_warning(llama64):
+    """transformers 5.23 renamed ``past_key_values`` to ``cache`` (the old name raises a
+    FutureWarning); 5.17 takes only ``past_key_values`` and would drop ``cache``. Either way the
+    cache must fill, without the warning."""
+    import warnings
+
+    cache = SawKVCache(llama64, "int4-bdr64")
+    ids = torch.arange(1, 9)[None]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llama64(ids, **cache_kwargs(llama64, cache), use_cache=True)
+    assert cache.get_seq_length() == 8
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

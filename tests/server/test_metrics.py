@@ -15,6 +15,8 @@ def test_render_parse_round_trip():
         "num_generation_tokens_total": 70,
         "generation_tokens_per_s": 12.5,
         "num_preemptions": 2,
+        "prefix_cache_hit_tokens": 48,
+        "kv_bytes_per_token": 4608,
         "kv_cache_dtype": "int4-bdr64",
     }
     text = render_metrics(stats, 'my"model')
@@ -25,7 +27,13 @@ def test_render_parse_round_trip():
     assert values["sawkv_num_requests_running"] == 3 and values["sawkv_num_requests_waiting"] == 1
     assert values["sawkv_prompt_tokens_total"] == 500
     assert values["sawkv_generation_tokens_per_second"] == 12.5
-    assert values["sawkv_engine_num_preemptions"] == 2  # unknown numeric stats pass through
+    assert values["sawkv_engine_kv_bytes_per_token"] == 4608  # other numeric stats pass through
+    assert "# TYPE sawkv_engine_kv_bytes_per_token gauge" in text
+    # monotonic engine stats are counters, named *_total as Prometheus expects
+    assert values["sawkv_engine_num_preemptions_total"] == 2
+    assert values["sawkv_engine_prefix_cache_hit_tokens_total"] == 48
+    assert "# TYPE sawkv_engine_num_preemptions_total counter" in text
+    assert "# TYPE sawkv_engine_prefix_cache_hit_tokens_total counter" in text
     assert 'model_name="my\\"model"' in text  # label values escaped
     assert 'kv_cache_dtype="int4-bdr64"' in text
     assert "# TYPE sawkv_prompt_tokens_total counter" in text
