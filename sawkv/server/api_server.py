@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sawkv.defaults import DEFAULT_KV_METHOD
 from sawkv.server.async_engine import AsyncEngine, RequestStream
 from sawkv.server.metrics import CONTENT_TYPE, render_metrics
 from sawkv.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -174,7 +175,7 @@ async def _respond(engine: AsyncEngine, job: Any, stream: bool, request: Request
 def serve(
     model: str,
     *,
-    kv_cache_dtype: str = "auto",
+    kv_cache_dtype: str = DEFAULT_KV_METHOD,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,

@@ -1,0 +1,352 @@
+"""``sawkv calibrate``: build a model's ``saw-int4`` recipe from a sensitivity profile.
+
+The recipe gives every layer one servable page format (see :mod:`sawkv.quant.recipe`). Steps,
+all on calibration windows (``split="calib"`` of several texts, so no evaluation token is ever
+seen, and no single corpus decides):
+
+1. **Capture** post-RoPE Q, K, V of every layer (one plain forward per window) and the key
+   means mu (per layer and KV head, over every token but each window's first, which is an
+   attention sink / BOS whose key is atypical).
+2. **Format per layer** (local, cheap): for every candidate INT4 format (Hadamard block b in
+   {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize the
+   layer's K and V and measure the relative error of its causal attention output
+   ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries. The lowest error
+   wins; the INT8 format of each layer is chosen the same way.
+3. **Sensitivity** (end to end): with every layer at its INT4 format, the KL divergence of the
+   next-token distributions to full precision; then, for each layer, the KL with only that
+   layer raised to INT8. The drop is the layer's sensitivity.
+4. **Budget**: the layers with the largest drops go to INT8 while the average bits per element
+   (metadata included) stays within the budget; by default 0.25 above plain per-token INT4
+   (4.75 at d=64, 4.5 at d=128, 4.375 at d=256), i.e. one layer in sixteen.
+
+Group sizes are not candidates (the paged kernels do not serve them), nor are full-precision
+sink tokens (they would need their own page format in the kernels). K and V share one format
+per layer because the attention backend takes one ``bits`` per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+from sawkv.hf.cache import SawKVCache, attention_shape
+from sawkv.quant.methods import KVMethod
+from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
+
+CALIB_TEXTS = ("austen", "paulgraham", "wikipedia", "owt")
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Calibration settings of a recipe.
+
+    ``tokens_per_text`` tokens of each of ``texts`` (calibration split) in windows of
+    ``window_len`` drive the key means and the per-layer format choice; the first
+    ``sens_len`` tokens of the first window of each text drive the KL sensitivity (one forward
+    per layer and text). ``budget`` None means :func:`~sawkv.quant.recipe.default_budget`.
+    """
+
+    texts: tuple[str, ...] = CALIB_TEXTS
+    tokens_per_text: int = 512
+    window_len: int = 512
+    sens_len: int = 256
+    budget: float | None = None
+    min_had_block: int = 16
+    high_bits: int = 8
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise ValueError("calibration needs at least one text")
+        if self.window_len < 16 or self.tokens_per_text < self.window_len:
+            raise ValueError(
+                f"need window_len >= 16 and tokens_per_text >= window_len, got "
+                f"{self.window_len}, {self.tokens_per_text}"
+            )
+        if not 2 <= self.sens_len <= self.window_len:
+            raise ValueError(f"sens_len must be in [2, window_len], got {self.sens_len}")
+        if self.budget is not None and not 4 <= self.budget <= 16:
+            raise ValueError(f"budget must be in [4, 16] bits per element, got {self.budget}")
+        if self.high_bits not in (8,):
+            raise ValueError(f"high_bits must be 8 (what the kernels serve), got {self.high_bits}")
+
+
+def candidate_formats(head_dim: int, bits: int, min_had_block: int = 16) -> list[KVMethod]:
+    """Every servable token-wise format of ``bits``: Hadamard block none or a power of two in
+    [min_had_block, head_dim], K-only or K+V rotation, key centering on or off."""
+    blocks: list[int | None] = [None]
+    b = min_had_block
+    while b <= head_dim:
+        if head_dim % b == 0:
+            blocks.append(b)
+        b *= 2
+    out = []
+    for hb in blocks:
+        for rotate_v in (False, True) if hb is not None else (False,):
+            for center_k in (False, True):
+                m = KVMethod(kind="int", bits=bits, had_block=hb, rotate_v=rotate_v,
+                             center_k=center_k)  # fmt: skip
+                out.append(m.resolve(head_dim))
+    return out
+
+
+def calib_windows(tokenizer, cfg: RecipeConfig) -> list[torch.Tensor]:
+    """Per text, ``[num_windows, window_len (+1 with BOS)]`` calibration token ids."""
+    from sawkv.eval.tasks import cached_windows, prefix_ids
+
+    bos = bool(prefix_ids(tokenizer))  # a model that uses a BOS sees one, as in evaluation
+    return [
+        cached_windows(tokenizer, t, cfg.tokens_per_text, cfg.window_len, "calib", bos)
+        for t in cfg.texts
+    ]
+
+
+# ---- 1. capture ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _capture_qkv(sink: dict):
+    """Wrap transformers' SDPA attention to record post-RoPE q, k, v of each layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def wrapper(module, query, key, value, attention_mask, **kwargs):
+        # query [1, Hq, S, d]; key, value [1, Hkv, S, d] (GQA not yet repeated)
+        scale = kwargs.get("scaling") or getattr(module, "scaling", None)
+        sink.setdefault(module.layer_idx, []).append(
+            (query[0].detach().float().cpu(), key[0].detach().float().cpu(),
+             value[0].detach().float().cpu(), scale, kwargs.get("sliding_window"))
+        )  # fmt: skip
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    old = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapper
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = old
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+@torch.no_grad()
+def capture_qkv(model, windows: torch.Tensor, progress: Progress | None = None) -> dict:
+    """Per layer, a list over windows of ``(q [Hq, S, d], k [Hkv, S, d], v, scale, window)``."""
+    if model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    sink: dict = {}
+    device = next(model.parameters()).device
+    with _capture_qkv(sink):
+        for i, w in enumerate(windows):
+            model(w[None].to(device), use_cache=False)
+            if progress is not None:
+                progress("capture", i + 1, len(windows))
+    num_layers = attention_shape(model.config)[0]
+    if sorted(sink) != list(range(num_layers)):
+        raise ValueError(f"captured layers {sorted(sink)}, expected 0..{num_layers - 1}")
+    return sink
+
+
+def key_means_of(captured: dict) -> torch.Tensor:
+    """``[num_layers, num_kv_heads, head_dim]`` mean key, skipping each window's first token."""
+    means = []
+    for layer in sorted(captured):
+        ks = torch.cat([k[:, 1:] for _, k, _, _, _ in captured[layer]], dim=1)  # [H, N, d]
+        means.append(ks.double().mean(dim=1).float())
+    return torch.stack(means)
+
+
+# ---- 2. local format choice ----------------------------------------------------------------
+def causal_attention(q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
+    """Exact causal GQA attention: ``q [Hq, S, d]``, ``k, v [Hkv, S, d]`` -> ``[Hq, S, d]``."""
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    s = q.shape[1]
+    pos = torch.arange(s)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[:, None] - pos[None, :] < window
+    logits = (q @ k.transpose(1, 2)) * scale
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def format_error(
+    method: KVMethod, layer_data: list, k_mean: torch.Tensor, refs: list | None = None
+) -> float:
+    """Relative error of one layer's attention output with K/V stored by ``method``.
+
+    Args:
+        layer_data: the layer's captured windows (see :func:`capture_qkv`).
+        k_mean: ``[num_kv_heads, head_dim]`` key mean (used if ``method`` centers keys).
+        refs: the exact outputs per window (computed if None).
+    """
+    num = den = 0.0
+    for i, (q, k, v, scale, window) in enumerate(layer_data):
+        ref = causal_attention(q, k, v, scale, window) if refs is None else refs[i]
+        # methods take [..., H, d]: move heads next to d
+        kq = method.fake_quant(k.transpose(0, 1), is_key=True, k_mean=k_mean).transpose(0, 1)
+        vq = method.fake_quant(v.transpose(0, 1), is_key=False).transpose(0, 1)
+        out = causal_attention(q, kq, vq, scale, window)
+        num += float((out - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def best_formats(
+    captured: dict,
+    k_means: torch.Tensor,
+    candidates: list[KVMethod],
+    progress: Progress | None = None,
+    stage: str = "formats",
+) -> tuple[list[KVMethod], list[dict[str, float]]]:
+    """Per layer, the candidate with the lowest :func:`format_error`, and all errors."""
+    chosen, errors = [], []
+    layers = sorted(captured)
+    for i, layer in enumerate(layers):
+        data = captured[layer]
+        refs = [causal_attention(q, k, v, scale, w) for q, k, v, scale, w in data]
+        errs = {m.name: format_error(m, data, k_means[layer], refs) for m in candidates}
+        best = min(candidates, key=lambda m: (errs[m.name], m.name))
+        chosen.append(best)
+        errors.append(errs)
+        if progress is not None:
+            progress(stage, i + 1, len(layers))
+    return chosen, errors
+
+
+# ---- 3. end-to-end sensitivity ---------------------------------------------------------------
+def kl_per_token(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(ref) || softmax(logits))`` per position: ``[..., V]`` -> ``[...]``."""
+    lp_ref = F.log_softmax(ref_logits.float(), -1)
+    return (lp_ref.exp() * (lp_ref - F.log_softmax(logits.float(), -1))).sum(-1)
+
+
+@torch.no_grad()
+def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], k_means,
+             progress: Progress | None = None) -> list[float]:  # fmt: skip
+    """Mean per-token KL to full precision for each config (``config[i]``: layer i's format).
+
+    Windows are the outer loop so only one window's reference logits (``[S, vocab]``) are
+    alive at a time (Gemma's vocabulary is 262K).
+    """
+    num_layers = attention_shape(model.config)[0]
+    device = next(model.parameters()).device
+    totals, count, done = [0.0] * len(configs), 0, 0
+    for w in windows:
+        ids = w[None].to(device)
+        plain = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
+        ref = model(ids, past_key_values=plain, use_cache=True).logits[0]
+        for j, layers in enumerate(configs):
+            cache = SawKVCache(model, list(layers), k_means=k_means)
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[0]
+            totals[j] += float(kl_per_token(ref, logits).sum())
+            done += 1
+            if progress is not None:
+                progress("sensitivity", done, len(windows) * len(configs))
+        count += ids.shape[1]
+    return [t / count for t in totals]
+
+
+def num_high_layers(num_layers: int, low_bits: float, high_bits: float, budget: float) -> int:
+    """Most layers that can take the high format with the average within ``budget``."""
+    if budget < low_bits - 1e-9:
+        raise ValueError(
+            f"budget {budget:.4f} bits per element is below the low format's {low_bits:.4f}"
+        )
+    n = math.floor(num_layers * (budget - low_bits) / (high_bits - low_bits) + 1e-9)
+    return max(0, min(num_layers, n))
+
+
+def calibrate_recipe(
+    model, tokenizer, cfg: RecipeConfig | None = None, progress: Progress | None = None
+) -> Recipe:
+    """Build a :class:`Recipe` for ``model`` (steps in the module docstring).
+
+    Args:
+        model, tokenizer: a transformers causal LM (fp32 recommended) and its tokenizer.
+        cfg: :class:`RecipeConfig`.
+        progress: optional callable ``(stage, done, total)``.
+    Returns:
+        the recipe, with its key means and calibration facts in ``info``.
+    """
+    cfg = cfg or RecipeConfig()
+    t0 = time.perf_counter()
+    num_layers, num_kv_heads, head_dim = attention_shape(model.config)
+    budget = cfg.budget if cfg.budget is not None else default_budget(head_dim)
+    if budget < plain_int4_bits(head_dim) - 1e-9:
+        raise ValueError(
+            f"budget {budget} is below plain per-token INT4 at head_dim {head_dim} "
+            f"({plain_int4_bits(head_dim)} bits per element): no servable recipe fits"
+        )
+    per_text = calib_windows(tokenizer, cfg)
+    windows = torch.cat(per_text)
+    captured = capture_qkv(model, windows, progress)
+    k_means = key_means_of(captured)
+    low, low_err = best_formats(
+        captured, k_means, candidate_formats(head_dim, 4, cfg.min_had_block), progress, "int4"
+    )
+    high, _ = best_formats(
+        captured, k_means, candidate_formats(head_dim, cfg.high_bits, cfg.min_had_block),
+        progress, "int8",
+    )  # fmt: skip
+    del captured
+    sens_windows = [w[0, : cfg.sens_len + (w.shape[1] - cfg.window_len)] for w in per_text]
+    configs = [low] + [low[:i] + [high[i]] + low[i + 1 :] for i in range(num_layers)]
+    kls = mean_kls(model, sens_windows, configs, k_means, progress)
+    kl_low, drops = kls[0], [kls[0] - kl for kl in kls[1:]]
+    n_high = num_high_layers(
+        num_layers, plain_int4_bits(head_dim), cfg.high_bits + 32 / head_dim, budget
+    )
+    order = sorted(range(num_layers), key=lambda i: (-drops[i], i))
+    promoted = sorted(order[:n_high])
+    layers = [high[i] if i in promoted else low[i] for i in range(num_layers)]
+    # the recipe itself differs from the single-layer probes only when n_high > 1
+    kl_recipe = (
+        kls[1 + promoted[0]]
+        if n_high == 1
+        else (kl_low if n_high == 0 else mean_kls(model, sens_windows, [layers], k_means)[0])
+    )
+    info = {
+        "texts": list(cfg.texts),
+        "tokens_per_text": cfg.tokens_per_text,
+        "window_len": cfg.window_len,
+        "sens_len": cfg.sens_len,
+        "int8_layers": promoted,
+        "kl_all_int4": kl_low,
+        "kl_recipe": kl_recipe,
+        "kl_drop_int8": drops,
+        "int4_attn_error": [e[m.name] for e, m in zip(low_err, low)],
+        "int8_formats": [m.name for m in high],
+        "seconds": round(time.perf_counter() - t0, 1),
+        **cfg.extra,
+    }
+    use_means = any(m.center_k for m in layers)
+    return Recipe(tuple(layers), head_dim, num_kv_heads, k_means if use_means else None,
+                  budget, info)  # fmt: skip
+
+
+@contextlib.contextmanager
+def rich_progress(title: str):
+    """A rich progress bar, one row per stage; yields the ``(stage, done, total)`` callable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    cols = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn())  # fmt: skip
+    with Progress(*cols) as bar:
+        bar.console.log(title)
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
