@@ -10,8 +10,9 @@ seen, and no single corpus decides):
 2. **Format per layer** (local, cheap): for every candidate INT4 format (Hadamard block b in
    {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize the
    layer's K and V and measure the relative error of its causal attention output
-   ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries. The lowest error
-   wins; the INT8 format of each layer is chosen the same way.
+   ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries (64 query
+   positions per window, all keys). The lowest error wins; the layer's INT8 format keeps the
+   same transform.
 3. **Sensitivity** (end to end): with every layer at its INT4 format, the KL divergence of the
    next-token distributions to full precision; then, for each layer, the KL with only that
    layer raised to INT8. The drop is the layer's sensitivity.
@@ -30,7 +31,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ class RecipeConfig:
     tokens_per_text: int = 512
     window_len: int = 512
     sens_len: int = 256
+    num_queries: int = 64
     budget: float | None = None
     min_had_block: int = 16
     high_bits: int = 8
@@ -71,6 +73,8 @@ class RecipeConfig:
                 f"need window_len >= 16 and tokens_per_text >= window_len, got "
                 f"{self.window_len}, {self.tokens_per_text}"
             )
+        if self.num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
         if not 2 <= self.sens_len <= self.window_len:
             raise ValueError(f"sens_len must be in [2, window_len], got {self.sens_len}")
         if self.budget is not None and not 4 <= self.budget <= 16:
@@ -110,8 +114,16 @@ def calib_windows(tokenizer, cfg: RecipeConfig) -> list[torch.Tensor]:
 
 
 # ---- 1. capture ---------------------------------------------------------------------------
+def query_positions(seq_len: int, num_queries: int) -> torch.Tensor:
+    """``num_queries`` positions spread evenly over ``[1, seq_len)`` (the last one included):
+    the queries whose attention output scores a format. Every key is still quantized and
+    read; fewer query rows only make the error estimate cheaper (attention is O(queries))."""
+    n = min(num_queries, seq_len - 1)
+    return torch.linspace(seq_len - 1, 1, n).round().long().flip(0).unique()
+
+
 @contextlib.contextmanager
-def _capture_qkv(sink: dict):
+def _capture_qkv(sink: dict, num_queries: int):
     """Wrap transformers' SDPA attention to record post-RoPE q, k, v of each layer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -119,9 +131,10 @@ def _capture_qkv(sink: dict):
     def wrapper(module, query, key, value, attention_mask, **kwargs):
         # query [1, Hq, S, d]; key, value [1, Hkv, S, d] (GQA not yet repeated)
         scale = kwargs.get("scaling") or getattr(module, "scaling", None)
+        pos = query_positions(query.shape[2], num_queries)
         sink.setdefault(module.layer_idx, []).append(
-            (query[0].detach().float().cpu(), key[0].detach().float().cpu(),
-             value[0].detach().float().cpu(), scale, kwargs.get("sliding_window"))
+            (query[0, :, pos].detach().float().cpu(), key[0].detach().float().cpu(),
+             value[0].detach().float().cpu(), scale, kwargs.get("sliding_window"), pos)
         )  # fmt: skip
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -138,13 +151,16 @@ def _capture_qkv(sink: dict):
 
 
 @torch.no_grad()
-def capture_qkv(model, windows: torch.Tensor, progress: Progress | None = None) -> dict:
-    """Per layer, a list over windows of ``(q [Hq, S, d], k [Hkv, S, d], v, scale, window)``."""
+def capture_qkv(
+    model, windows: torch.Tensor, num_queries: int = 64, progress: Progress | None = None
+) -> dict:
+    """Per layer, a list over windows of ``(q [Hq, Q, d], k [Hkv, S, d], v, scale, window,
+    q_pos [Q])``: the queries at ``Q = num_queries`` sampled positions, every key and value."""
     if model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
     sink: dict = {}
     device = next(model.parameters()).device
-    with _capture_qkv(sink):
+    with _capture_qkv(sink, num_queries):
         for i, w in enumerate(windows):
             model(w[None].to(device), use_cache=False)
             if progress is not None:
@@ -159,45 +175,80 @@ def key_means_of(captured: dict) -> torch.Tensor:
     """``[num_layers, num_kv_heads, head_dim]`` mean key, skipping each window's first token."""
     means = []
     for layer in sorted(captured):
-        ks = torch.cat([k[:, 1:] for _, k, _, _, _ in captured[layer]], dim=1)  # [H, N, d]
+        ks = torch.cat([data[1][:, 1:] for data in captured[layer]], dim=1)  # [H, N, d]
         means.append(ks.double().mean(dim=1).float())
     return torch.stack(means)
 
 
 # ---- 2. local format choice ----------------------------------------------------------------
-def causal_attention(q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
-    """Exact causal GQA attention: ``q [Hq, S, d]``, ``k, v [Hkv, S, d]`` -> ``[Hq, S, d]``."""
+def causal_attention(
+    q, k, v, scale: float, window: int | None = None, q_pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact causal GQA attention of queries at positions ``q_pos`` (default: all).
+
+    Shapes: ``q [Hq, Q, d]``, ``k, v [Hkv, S, d]``, ``q_pos [Q]`` -> ``[Hq, Q, d]``.
+    """
     rep = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
-    s = q.shape[1]
-    pos = torch.arange(s)
-    mask = pos[None, :] <= pos[:, None]
+    kpos = torch.arange(k.shape[1])
+    qpos = kpos if q_pos is None else q_pos
+    mask = kpos[None, :] <= qpos[:, None]
     if window:
-        mask &= pos[:, None] - pos[None, :] < window
+        mask &= qpos[:, None] - kpos[None, :] < window
     logits = (q @ k.transpose(1, 2)) * scale
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
-def format_error(
-    method: KVMethod, layer_data: list, k_mean: torch.Tensor, refs: list | None = None
-) -> float:
-    """Relative error of one layer's attention output with K/V stored by ``method``.
+def fake_quant_heads(
+    x: torch.Tensor, bits: int, had_block: int | None, mean: torch.Tensor | None
+) -> torch.Tensor:
+    """``x [H, S, d]`` -> what a token-wise ``int{bits}`` page returns, in model space.
+
+    The same numerics as :meth:`KVMethod.fake_quant` (center, rotate, per-token min/max
+    quantize, dequantize, rotate back, add the mean), with the rotation as one matmul and no
+    INT4 packing (lossless), so the many candidates of a calibration stay cheap.
+    """
+    from sawkv.quant.hadamard import rotate_matmul
+    from sawkv.quant.int4 import dequantize_int, quantize_int
+
+    y = x if mean is None else x - mean[:, None, :]
+    if had_block is not None:
+        y = rotate_matmul(y, had_block)
+    y = dequantize_int(*quantize_int(y, bits))
+    if had_block is not None:
+        y = rotate_matmul(y, had_block)
+    return y if mean is None else y + mean[:, None, :]
+
+
+def format_errors(
+    methods: list[KVMethod], layer_data: list, k_mean: torch.Tensor
+) -> dict[str, float]:
+    """Relative error ``sum |o_hat - o|^2 / sum |o|^2`` of one layer's attention output with
+    K/V stored by each of ``methods`` (queries, keys and values of every captured window).
 
     Args:
+        methods: resolved token-wise methods (no group size).
         layer_data: the layer's captured windows (see :func:`capture_qkv`).
-        k_mean: ``[num_kv_heads, head_dim]`` key mean (used if ``method`` centers keys).
-        refs: the exact outputs per window (computed if None).
+        k_mean: ``[num_kv_heads, head_dim]`` key mean (used by methods that center keys).
     """
-    num = den = 0.0
-    for i, (q, k, v, scale, window) in enumerate(layer_data):
-        ref = causal_attention(q, k, v, scale, window) if refs is None else refs[i]
-        # methods take [..., H, d]: move heads next to d
-        kq = method.fake_quant(k.transpose(0, 1), is_key=True, k_mean=k_mean).transpose(0, 1)
-        vq = method.fake_quant(v.transpose(0, 1), is_key=False).transpose(0, 1)
-        out = causal_attention(q, kq, vq, scale, window)
-        num += float((out - ref).pow(2).sum())
+    num = dict.fromkeys((m.name for m in methods), 0.0)
+    den = 0.0
+    for q, k, v, scale, window, pos in layer_data:
+        ref = causal_attention(q, k, v, scale, window, pos)
         den += float(ref.pow(2).sum())
-    return num / max(den, 1e-30)
+        # a key format is (bits, block, centering), a value format (bits, block if -kv)
+        keys: dict[tuple, torch.Tensor] = {}
+        values: dict[tuple, torch.Tensor] = {}
+        for m in methods:
+            kf = (m.bits, m.had_block, m.center_k)
+            vf = (m.bits, m.had_block if m.rotate_v else None)
+            if kf not in keys:
+                keys[kf] = fake_quant_heads(k, m.bits, m.had_block, k_mean if m.center_k else None)
+            if vf not in values:
+                values[vf] = fake_quant_heads(v, *vf, None)
+            out = causal_attention(q, keys[kf], values[vf], scale, window, pos)
+            num[m.name] += float((out - ref).pow(2).sum())
+    return {name: n / max(den, 1e-30) for name, n in num.items()}
 
 
 def best_formats(
@@ -207,15 +258,12 @@ def best_formats(
     progress: Progress | None = None,
     stage: str = "formats",
 ) -> tuple[list[KVMethod], list[dict[str, float]]]:
-    """Per layer, the candidate with the lowest :func:`format_error`, and all errors."""
+    """Per layer, the candidate with the lowest attention-output error, and all errors."""
     chosen, errors = [], []
     layers = sorted(captured)
     for i, layer in enumerate(layers):
-        data = captured[layer]
-        refs = [causal_attention(q, k, v, scale, w) for q, k, v, scale, w in data]
-        errs = {m.name: format_error(m, data, k_means[layer], refs) for m in candidates}
-        best = min(candidates, key=lambda m: (errs[m.name], m.name))
-        chosen.append(best)
+        errs = format_errors(candidates, captured[layer], k_means[layer])
+        chosen.append(min(candidates, key=lambda m: (errs[m.name], m.name)))
         errors.append(errs)
         if progress is not None:
             progress(stage, i + 1, len(layers))
@@ -288,15 +336,14 @@ def calibrate_recipe(
         )
     per_text = calib_windows(tokenizer, cfg)
     windows = torch.cat(per_text)
-    captured = capture_qkv(model, windows, progress)
+    captured = capture_qkv(model, windows, cfg.num_queries, progress)
     k_means = key_means_of(captured)
     low, low_err = best_formats(
         captured, k_means, candidate_formats(head_dim, 4, cfg.min_had_block), progress, "int4"
     )
-    high, _ = best_formats(
-        captured, k_means, candidate_formats(head_dim, cfg.high_bits, cfg.min_had_block),
-        progress, "int8",
-    )  # fmt: skip
+    # INT8 errors are ~256x smaller and barely depend on the transform: a layer's INT8 format
+    # keeps its INT4 transform (Hadamard block, -kv, -kc).
+    high = [replace(m, bits=cfg.high_bits) for m in low]
     del captured
     sens_windows = [w[0, : cfg.sens_len + (w.shape[1] - cfg.window_len)] for w in per_text]
     configs = [low] + [low[:i] + [high[i]] + low[i + 1 :] for i in range(num_layers)]
