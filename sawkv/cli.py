@@ -263,6 +263,7 @@ def calibrate_cmd(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="also write the recipe as JSON here")
     ] = None,
+    device: Annotated[str, typer.Option(help="torch device for the model's forwards")] = "cpu",
 ) -> None:
     """Build the model's saw-int4 recipe (per-layer KV format under a bit budget) and store it."""
     from sawkv.eval.calibrate import get_recipe, recipe_path
@@ -281,7 +282,7 @@ def calibrate_cmd(
     path = recipe_path(model)
     if force and path.is_file():
         path.unlink()
-    lm, tok = load_hf_model(model)
+    lm, tok = load_hf_model(model, device=device)
     try:
         recipe = get_recipe(lm, tok, model, cfg)
     except ValueError as e:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sawkv.hf.cache import SawKVCache, attention_shape
+from sawkv.hf.cache import attention_shape
 from sawkv.quant.methods import KVMethod
 from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
 
@@ -211,13 +211,15 @@ def fake_quant_heads(
     from sawkv.quant.hadamard import rotate_matmul
     from sawkv.quant.int4 import dequantize_int, quantize_int
 
-    y = x if mean is None else x - mean[:, None, :]
+    if mean is not None:
+        mean = mean.to(device=x.device, dtype=x.dtype)[:, None, :]
+    y = x if mean is None else x - mean
     if had_block is not None:
         y = rotate_matmul(y, had_block)
     y = dequantize_int(*quantize_int(y, bits))
     if had_block is not None:
         y = rotate_matmul(y, had_block)
-    return y if mean is None else y + mean[:, None, :]
+    return y if mean is None else y + mean
 
 
 def format_errors(
@@ -277,6 +279,30 @@ def kl_per_token(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (lp_ref.exp() * (lp_ref - F.log_softmax(logits.float(), -1))).sum(-1)
 
 
+class _FakeQuantLayer(DynamicLayer):
+    """A plain layer that stores K/V as :func:`fake_quant_heads` returns them (calibration
+    only: the same numerics as :class:`~sawkv.hf.SawKVLayer` without its byte bookkeeping,
+    which would cost more than the model on a CPU)."""
+
+    def __init__(self, method: KVMethod, k_mean: torch.Tensor | None):
+        super().__init__()
+        self.method, self.k_mean = method, k_mean
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        m, mu = self.method, self.k_mean if self.method.center_k else None
+        hb_v = m.had_block if m.rotate_v else None
+        k = torch.stack([fake_quant_heads(x.float(), m.bits, m.had_block, mu) for x in key_states])
+        v = torch.stack([fake_quant_heads(x.float(), m.bits, hb_v, None) for x in value_states])
+        k, v = k.to(key_states.dtype), v.to(value_states.dtype)
+        return super().update(k, v, *args, **kwargs)
+
+
+def fake_quant_cache(layers: list[KVMethod], k_means: torch.Tensor | None) -> Cache:
+    """A transformers cache whose layer ``i`` reads K/V quantized by ``layers[i]``."""
+    means = [None if k_means is None else k_means[i].float() for i in range(len(layers))]
+    return Cache(layers=[_FakeQuantLayer(m, mu) for m, mu in zip(layers, means)])
+
+
 @torch.no_grad()
 def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], k_means,
              progress: Progress | None = None) -> list[float]:  # fmt: skip
@@ -293,7 +319,7 @@ def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], 
         plain = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
         ref = model(ids, past_key_values=plain, use_cache=True).logits[0]
         for j, layers in enumerate(configs):
-            cache = SawKVCache(model, list(layers), k_means=k_means)
+            cache = fake_quant_cache(list(layers), k_means)
             logits = model(ids, past_key_values=cache, use_cache=True).logits[0]
             totals[j] += float(kl_per_token(ref, logits).sum())
             done += 1
