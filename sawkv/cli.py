@@ -302,10 +302,11 @@ def _print_recipe(recipe, model: str, path: Path) -> None:
                   f"(budget {recipe.budget:.4f})")  # fmt: skip
     table.add_column("layer", justify="right")
     table.add_column("format")
-    table.add_column("KL drop with INT8", justify="right")
-    drops = info.get("kl_drop_int8") or [float("nan")] * recipe.num_layers
+    table.add_column("KL drop with INT8 (probed layers)", justify="right")
+    drops = info.get("kl_drop_int8") or {}
     for i, m in enumerate(recipe.layers):
-        table.add_row(str(i), m.name, f"{drops[i]:.2e}")
+        drop = drops.get(str(i))
+        table.add_row(str(i), m.name, "-" if drop is None else f"{drop:.2e}")
     console = Console()
     console.print(table)
     if "kl_all_int4" in info:

@@ -158,8 +158,12 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     assert sum(n.startswith("int8") for n in names) == 1
     # the promoted layer is the one whose INT8 lowered the KL most, and each INT4 layer the
     # lowest-error candidate
-    drops = recipe.info["kl_drop_int8"]
-    assert recipe.info["int8_layers"] == [max(range(16), key=lambda i: drops[i])]
+    drops = {int(i): d for i, d in recipe.info["kl_drop_int8"].items()}
+    errs = recipe.info["int4_attn_error"]
+    assert len(drops) == 8 and min(errs[i] for i in drops) >= max(
+        e for i, e in enumerate(errs) if i not in drops
+    )  # the probed layers are those with the largest INT4 error
+    assert recipe.info["int8_layers"] == [max(drops, key=lambda i: drops[i])]
     assert recipe.info["kl_recipe"] <= recipe.info["kl_all_int4"]
     # the KLs it reports are the ones an independent cache sees
     wins = [torch.cat([w[:48] for w in [torch.arange(100, 148)]])]
