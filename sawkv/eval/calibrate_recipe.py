@@ -434,5 +434,7 @@ def rich_progress(title: str):
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
+            if done == total:  # one line per stage: bars do not render in logs (nohup runs)
+                bar.console.log(f"{stage}: {total}/{total}")
 
         yield update

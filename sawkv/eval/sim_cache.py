@@ -38,6 +38,9 @@ class TokenWise:
         self.method = method
         self.name = method.name
 
+    def resolve(self, head_dim: int) -> TokenWise:
+        return TokenWise(self.method.resolve(head_dim))
+
     def bits_per_element(self, head_dim: int) -> float:
         return self.method.bits_per_element(head_dim)
 

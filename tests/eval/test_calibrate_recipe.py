@@ -187,3 +187,50 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
         a = model(ids, past_key_values=SawKVCache(model, recipe)).logits
         b = model(ids, past_key_values=SawKVCache(model, "saw-int4", model_name=model_dir)).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sawkvcache_loads_the_models_key_means_by_itself(tiny, tmp_path, monkeypatch):
+    """``SawKVCache(model, "...-kc")`` of a known model uses its calibrated means (it used to
+    warn and use mu = 0)."""
+    import warnings
+
+    from sawkv.models.calibration import key_means_path
+    from sawkv.models.hub import cache_dir
+
+    model, _ = tiny
+    real = cache_dir()
+    (tmp_path / "data").symlink_to(real / "data")
+    monkeypatch.setenv("SAWKV_CACHE", str(tmp_path))
+    model_dir = tmp_path / "tiny-model"
+    monkeypatch.setattr(model.config, "_name_or_path", str(model_dir))
+    from safetensors.torch import save_file
+
+    means = torch.randn(16, 1, 32) * 4
+    path = key_means_path(str(model_dir))
+    save_file({"k_means": means}, str(path))
+    ids = torch.arange(300, 340)[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "using mu = 0" warning
+        auto = SawKVCache(model, "int4-bdr32-kc")
+    explicit = SawKVCache(model, "int4-bdr32-kc", k_means=means)
+    assert torch.equal(auto.layers[3].k_mean, means[3])
+    with torch.no_grad():
+        a = model(ids, past_key_values=auto).logits
+        b = model(ids, past_key_values=explicit).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    path.unlink()
+    with pytest.warns(UserWarning, match="mu = 0"):
+        SawKVCache(model, "int4-bdr32-kc")
+
+
+def test_method_protocol_is_declared_by_every_sequence_method():
+    import sawkv.eval  # noqa: F401  registers the baselines
+    from sawkv.eval.sim_cache import TokenWise
+    from sawkv.quant.protocol import SeqMethod
+
+    methods = [parse_method(n, 64) for n in ("kivi4", "kmeans4-d2", "gptq4-bdr-kc", "mixed4.5")]
+    methods += [TokenWise(parse_method("int4-bdr64", 64))]
+    methods += [Recipe((parse_method("int4", 64),), 64, 1)]
+    for m in methods:
+        assert isinstance(m, SeqMethod), m
+    assert not isinstance(parse_method("int4", 64), SeqMethod)  # KVMethod: encode/decode
