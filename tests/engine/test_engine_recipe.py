@@ -113,17 +113,29 @@ def test_mixed_recipe_matches_hf_with_the_same_recipe(mixed_llm):
         "The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp "
         "and a small notebook in which he wrote the color of the sea and the names of ships."
     )
-    ids = tok.encode(text)
-    with torch.no_grad():
-        hf = model(torch.tensor([ids]), past_key_values=SawKVCache(model, recipe)).logits[0]
-        full = model(torch.tensor([ids])).logits[0]
-    lp_hf, lp_full = hf.log_softmax(-1), full.log_softmax(-1)
-    lp = _engine_logprobs(llm, ids)
-    kl_paths = (lp_hf.exp() * (lp_hf - lp)).sum(-1).mean().item()
-    kl_quant = (lp_full.exp() * (lp_full - lp_hf)).sum(-1).mean().item()
-    # the two code paths differ by float rounding (codes flip rarely); quantization itself
-    # moves the distribution far more
-    assert kl_paths < 0.05 * kl_quant, (kl_paths, kl_quant)
+    ids = torch.tensor([tok.encode(text)])
+
+    def hf_logprobs(method):
+        with torch.no_grad():
+            cache = None if method is None else SawKVCache(model, method)
+            return model(ids, past_key_values=cache).logits[0].log_softmax(-1)
+
+    def kl(p, q):
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    lp = _engine_logprobs(llm, ids[0].tolist())
+    lp_hf, lp_full = hf_logprobs(recipe), hf_logprobs(None)
+    kl_paths, kl_quant = kl(lp_hf, lp), kl(lp_full, lp_hf)
+    # The two code paths differ by float rounding: a code at a rounding boundary can flip
+    # (measured: KL 6e-4 for int4-bdr64, 8e-3 for int4-bdr16, against 5e-2 / 7e-2 of
+    # quantization itself). A layer served in the wrong format, or without its mean, moves
+    # the distribution as far as quantization does.
+    assert kl_paths < 0.5 * kl_quant, (kl_paths, kl_quant)
+    for name in sorted(set(MIXED)):  # the recipe, not any one of its formats, is served
+        recipe_one = make_recipe([name])
+        if recipe_one.k_means is not None:
+            recipe_one = Recipe(recipe_one.layers, D, H, recipe.k_means)
+        assert kl_paths < 0.5 * kl(hf_logprobs(recipe_one), lp), name
 
 
 def _engine_logprobs(llm, ids):
@@ -143,12 +155,14 @@ def _engine_logprobs(llm, ids):
 def test_mixed_recipe_under_preemption_and_prefix_caching(mixed_llm):
     llm, _ = mixed_llm
     expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    # 9 pages of 4 tokens: the three sequences cannot all run to the end
-    small = make_llm("saw-int4", num_gpu_blocks=9, block_size=4, max_model_len=32)
+    # 7 pages of 4 tokens; the three sequences need 3 each at the end: one is preempted
+    small = make_llm("saw-int4", num_gpu_blocks=7, block_size=4, max_model_len=28)
     assert [o.token_ids for o in small.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
     assert small.engine.stats()["num_preemptions"] > 0
-    again = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    assert again == expected and llm.engine.stats()["prefix_cache_hit_tokens"] > 0
+    cached = make_llm("saw-int4", block_size=4)  # pages of 4: the prompts fill some
+    for _ in range(2):
+        assert [o.token_ids for o in cached.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+    assert cached.engine.stats()["prefix_cache_hit_tokens"] > 0
 
 
 def test_dummy_weights_use_the_documented_fallback(private_cache):
