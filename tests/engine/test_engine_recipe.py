@@ -154,15 +154,19 @@ def _engine_logprobs(llm, ids):
 
 def test_mixed_recipe_under_preemption_and_prefix_caching(mixed_llm):
     llm, _ = mixed_llm
-    expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-    # 7 pages of 4 tokens; the three sequences need 3 each at the end: one is preempted
-    small = make_llm("saw-int4", num_gpu_blocks=7, block_size=4, max_model_len=28)
-    assert [o.token_ids for o in small.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
+    longer = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(PROMPTS, longer, use_tqdm=False)]
+    # 3 pages of 16 tokens: each prompt takes one, each sequence needs a second one at its
+    # 17th token, so sequences are preempted and recomputed
+    small = make_llm("saw-int4", num_gpu_blocks=3, max_model_len=48)
+    assert [o.token_ids for o in small.generate(PROMPTS, longer, use_tqdm=False)] == expected
     assert small.engine.stats()["num_preemptions"] > 0
-    cached = make_llm("saw-int4", block_size=4)  # pages of 4: the prompts fill some
-    for _ in range(2):
-        assert [o.token_ids for o in cached.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
-    assert cached.engine.stats()["prefix_cache_hit_tokens"] > 0
+    shared = "Answer briefly and precisely, in simple words, and never make things up. " * 3
+    prompts = [shared + q for q in ("Name a fruit.", "Why is the sky blue?")]
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    cached = make_llm("saw-int4")
+    got = [cached.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
+    assert got == want and cached.engine.stats()["prefix_cache_hit_tokens"] >= 32
 
 
 def test_dummy_weights_use_the_documented_fallback(private_cache):
