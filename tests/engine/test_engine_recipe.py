@@ -163,7 +163,9 @@ def test_mixed_recipe_under_preemption_and_prefix_caching(mixed_llm):
     assert small.engine.stats()["num_preemptions"] > 0
     shared = "Answer briefly and precisely, in simple words, and never make things up. " * 3
     prompts = [shared + q for q in ("Name a fruit.", "Why is the sky blue?")]
-    want = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    # same order and batching; only the reuse of the shared pages differs
+    plain = make_llm("saw-int4", enable_prefix_caching=False)
+    want = [plain.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
     cached = make_llm("saw-int4")
     got = [cached.generate([p], GREEDY, use_tqdm=False)[0].token_ids for p in prompts]
     assert got == want and cached.engine.stats()["prefix_cache_hit_tokens"] >= 32
