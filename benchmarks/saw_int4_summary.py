@@ -39,8 +39,13 @@ def cell(res: dict | None, ref: dict | None) -> dict | None:
     if res is None or ref is None:
         return None
     pct, se = paired_delta(res, ref)
-    return {"ppl": res["ppl"], "delta_pct": pct, "delta_se_pct": se,
-            "bits_per_element": res.get("bits_per_element"), "device": res.get("device")}  # fmt: skip
+    return {
+        "ppl": res["ppl"],
+        "delta_pct": pct,
+        "delta_se_pct": se,
+        "bits_per_element": res.get("bits_per_element"),
+        "device": res.get("device"),
+    }
 
 
 def summarize() -> dict:
@@ -62,10 +67,13 @@ def summarize() -> dict:
                 "auto_ppl": None if ref is None else ref["ppl"],
                 "auto_device": None if ref is None else ref.get("device"),
                 "saw-int4": cell(ours, ref),
-                "int4-bdr64-kv-kc": cell(load(H100, model, "int4-bdr64-kv-kc", text),
-                                         load(H100, model, "auto", text)),
-                "mixed4.5-s4": cell(load(H100, model, mixed, text), load(H100, model, "auto", text)),
-            }  # fmt: skip
+                "int4-bdr64-kv-kc": cell(
+                    load(H100, model, "int4-bdr64-kv-kc", text), load(H100, model, "auto", text)
+                ),
+                "mixed4.5-s4": cell(
+                    load(H100, model, mixed, text), load(H100, model, "auto", text)
+                ),
+            }
             if ours is not None:
                 row["saw_int4_commit"], row["saw_int4_date"] = ours.get("commit"), ours.get("date")
             entry["texts"][text] = row
@@ -78,24 +86,33 @@ def fmt(c: dict | None) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| model | text | `auto` ppl | **saw-int4** | int4-bdr64-kv-kc | mixed4.5-s4 |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model | text | `auto` ppl | **saw-int4** | int4-bdr64-kv-kc | mixed4.5-s4 |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, entry in summary.items():
         for text, row in entry["texts"].items():
             if row["saw-int4"] is None and row["int4-bdr64-kv-kc"] is None:
                 continue
             auto = "–" if row["auto_ppl"] is None else f"{row['auto_ppl']:.2f}"
-            lines.append(f"| {model} | {text} | {auto} | **{fmt(row['saw-int4'])}** | "
-                         f"{fmt(row['int4-bdr64-kv-kc'])} | {fmt(row['mixed4.5-s4'])} |")  # fmt: skip
+            lines.append(
+                f"| {model} | {text} | {auto} | **{fmt(row['saw-int4'])}** | "
+                f"{fmt(row['int4-bdr64-kv-kc'])} | {fmt(row['mixed4.5-s4'])} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     summary = summarize()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()  # fmt: skip
-    doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-           "windows": "8 x 1024 tokens per text, evaluation split", "models": summary}  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "windows": "8 x 1024 tokens per text, evaluation split",
+        "models": summary,
+    }
     (OURS / "summary.json").write_text(json.dumps(doc, indent=1))
     print(markdown(summary))
 
