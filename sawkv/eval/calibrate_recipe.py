@@ -5,8 +5,7 @@ all on calibration windows (``split="calib"`` of several texts, so no evaluation
 seen, and no single corpus decides):
 
 1. **Capture** post-RoPE Q, K, V of every layer (one plain forward per window) and the key
-   means mu (per layer and KV head, over every token but each window's first, which is an
-   attention sink / BOS whose key is atypical).
+   means mu (per layer and KV head, over every token, attention sinks included).
 2. **Format per layer** (local, cheap): for every candidate INT4 format (Hadamard block b in
    {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize the
    layer's K and V and measure the relative error of its causal attention output
@@ -178,10 +177,15 @@ def capture_qkv(
 
 
 def key_means_of(captured: dict) -> torch.Tensor:
-    """``[num_layers, num_kv_heads, head_dim]`` mean key, skipping each window's first token."""
+    """``[num_layers, num_kv_heads, head_dim]`` mean key over every captured token.
+
+    The first token of each window (BOS or an attention sink) is kept: its key is an outlier
+    that draws much of the attention, and a mean that leans towards it quantizes it better
+    (measured on SmolLM2: KL 0.0307 with such means vs 0.0338 without the first tokens).
+    """
     means = []
     for layer in sorted(captured):
-        ks = torch.cat([data[1][:, 1:] for data in captured[layer]], dim=1)  # [H, N, d]
+        ks = torch.cat([data[1] for data in captured[layer]], dim=1)  # [H, N, d]
         means.append(ks.double().mean(dim=1).float())
     return torch.stack(means)
 
