@@ -48,10 +48,10 @@ def cell(res: dict | None, ref: dict | None) -> dict | None:
     }
 
 
-def summarize() -> dict:
+def summarize(ours: Path = OURS) -> dict:
     out: dict = {}
     for model in MODELS:
-        recipe_file = OURS / f"recipe_{model}.json"
+        recipe_file = ours / f"recipe_{model}.json"
         entry: dict = {"texts": {}}
         if recipe_file.is_file():
             rec = json.loads(recipe_file.read_text())
@@ -61,12 +61,12 @@ def summarize() -> dict:
             entry["recipe"]["kl_recipe"] = rec["info"]["kl_recipe"]
         mixed = MIXED.get(model, "mixed4.5-bdr128-s4")
         for text in TEXTS:
-            ref = load(OURS, model, "auto", text) or load(H100, model, "auto", text)
-            ours = load(OURS, model, "saw-int4", text)
+            ref = load(ours, model, "auto", text) or load(H100, model, "auto", text)
+            res = load(ours, model, "saw-int4", text)
             row = {
                 "auto_ppl": None if ref is None else ref["ppl"],
                 "auto_device": None if ref is None else ref.get("device"),
-                "saw-int4": cell(ours, ref),
+                "saw-int4": cell(res, ref),
                 "int4-bdr64-kv-kc": cell(
                     load(H100, model, "int4-bdr64-kv-kc", text), load(H100, model, "auto", text)
                 ),
@@ -74,8 +74,8 @@ def summarize() -> dict:
                     load(H100, model, mixed, text), load(H100, model, "auto", text)
                 ),
             }
-            if ours is not None:
-                row["saw_int4_commit"], row["saw_int4_date"] = ours.get("commit"), ours.get("date")
+            if res is not None:
+                row["saw_int4_commit"], row["saw_int4_date"] = res.get("commit"), res.get("date")
             entry["texts"][text] = row
         out[model] = entry
     return out
@@ -103,7 +103,12 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
-    summary = summarize()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ours", type=Path, default=OURS, help="saw-int4 results directory")
+    args = ap.parse_args()
+    summary = summarize(args.ours)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
@@ -113,7 +118,7 @@ def main() -> None:
         "windows": "8 x 1024 tokens per text, evaluation split",
         "models": summary,
     }
-    (OURS / "summary.json").write_text(json.dumps(doc, indent=1))
+    (args.ours / "summary.json").write_text(json.dumps(doc, indent=1))
     print(markdown(summary))
 
 
