@@ -26,10 +26,10 @@ data-all: install
 demo: data
 	mkdir -p $(DEMO_OUT)
 	$(VENV)/bin/sawkv eval --model smollm2-135m \
-		--methods auto,bf16,int8,int4,int4-bdr64,int4-bdr64-kc,int4-bdr64-kv-kc \
+		--methods auto,bf16,int8,int4,int4-bdr64,int4-bdr64-kc,int4-bdr64-kv-kc,saw-int4 \
 		--text austen --tokens 4096 --window 1024 \
 		--json $(DEMO_OUT)/demo_eval.json --plot $(DEMO_OUT)/demo_eval.png
-	$(VENV)/bin/sawkv generate --model smollm2-135m --kv-cache-dtype int4-bdr64-kc --max-tokens 32 \
+	$(VENV)/bin/sawkv generate --model smollm2-135m --max-tokens 32 \
 		--temperature 0 \
 		"The capital of France is" "Mr. Darcy walked into the room and"
 

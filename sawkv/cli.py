@@ -17,6 +17,8 @@ from typing import Annotated
 
 import typer
 
+from sawkv.defaults import DEFAULT_KV_METHOD
+
 app = typer.Typer(
     help="sawkv: a 4-bit KV cache (INT4 + block-diagonal Hadamard rotation) for LLM serving.",
     no_args_is_help=True,
@@ -25,7 +27,7 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},
 )
 
-DEFAULT_METHODS = "bf16,int8,int4,int4-bdr64"
+DEFAULT_METHODS = "bf16,int8,int4,int4-bdr64,saw-int4"
 METHODS_HELP = (
     "comma-separated KV methods, e.g. auto,bf16,int4-bdr64-kc; append @prefill to a -kc method "
     "to center keys on the window's own prefill mean instead of the calibrated mean, @sink4 to "
@@ -106,7 +108,11 @@ def eval_cmd(
     ] = "smollm2-135m",
     methods: Annotated[str, typer.Option(help=METHODS_HELP)] = DEFAULT_METHODS,
     text: Annotated[
-        str, typer.Option(help="evaluation text: austen | paulgraham | wikipedia")
+        str,
+        typer.Option(
+            help="evaluation text: austen | paulgraham | wikipedia | owt, or a UTF-8 text file, "
+            "or a JSONL file with a 'text' field per line"
+        ),
     ] = "austen",
     tokens: Annotated[int, typer.Option(help="evaluation tokens (windows x window length)")] = 8192,
     window: Annotated[int, typer.Option(help="window length in tokens")] = 1024,
@@ -132,7 +138,7 @@ def eval_cmd(
     import torch
 
     from sawkv.eval.calibrate import get_key_means
-    from sawkv.eval.data import token_windows
+    from sawkv.eval.data import load_text, token_windows
     from sawkv.eval.perplexity import compare_methods
     from sawkv.eval.table import plot_results, print_table
     from sawkv.models.hub import load_hf_model
@@ -155,9 +161,16 @@ def eval_cmd(
         "bos": False,
     }
     done = _load_done(json_path, header) if resume else {}
+    try:  # a bad --text fails before minutes of model loading
+        load_text(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--text") from None
     lm, tokenizer = load_hf_model(model, torch_dtype, device)
     lm.eval()
-    windows = torch.as_tensor(token_windows(tokenizer, text, tokens, window, split="eval"))
+    try:
+        windows = torch.as_tensor(token_windows(tokenizer, text, tokens, window, split="eval"))
+    except ValueError as e:  # e.g. a short file: fewer windows than --tokens asks for
+        raise typer.BadParameter(str(e), param_hint="--text/--tokens") from None
 
     def key_means():
         # Calibration windows do not follow --window: mu is a property of the model, cached once.
@@ -238,6 +251,74 @@ def profile_cmd(
         print(f"heatmap: {plot}")
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: Annotated[str, typer.Option(help="model name (see MODELS.md) or HF directory")],
+    budget: Annotated[
+        float | None,
+        typer.Option(help="bits per element incl. metadata (default: plain INT4 + 0.25)"),
+    ] = None,
+    texts: Annotated[
+        str, typer.Option(help="calibration texts (their calibration split only)")
+    ] = "austen,paulgraham,wikipedia,owt",
+    tokens_per_text: Annotated[int, typer.Option(help="calibration tokens per text")] = 512,
+    force: Annotated[bool, typer.Option(help="recalibrate even if a recipe is stored")] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="also write the recipe as JSON here")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device for the model's forwards")] = "cpu",
+) -> None:
+    """Build the model's saw-int4 recipe (per-layer KV format under a bit budget) and store it."""
+    from sawkv.eval.calibrate import get_recipe, recipe_path
+    from sawkv.eval.calibrate_recipe import RecipeConfig
+    from sawkv.eval.data import TEXT_NAMES
+    from sawkv.models.hub import load_hf_model
+
+    text_list = tuple(t.strip() for t in texts.split(",") if t.strip())
+    bad = [t for t in text_list if t not in TEXT_NAMES]
+    if bad or not text_list:
+        raise typer.BadParameter(f"--texts: unknown {bad}; valid: {', '.join(TEXT_NAMES)}")
+    try:
+        cfg = RecipeConfig(texts=text_list, tokens_per_text=tokens_per_text, budget=budget)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    path = recipe_path(model)
+    if force and path.is_file():
+        path.unlink()
+    lm, tok = load_hf_model(model, device=device)
+    try:
+        recipe = get_recipe(lm, tok, model, cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _print_recipe(recipe, model, path)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"model": model, **recipe.to_json()}, indent=1))
+
+
+def _print_recipe(recipe, model: str, path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    info = recipe.info
+    table = Table(title=f"saw-int4 recipe of {model}: {recipe.bits_per_element():.4f} bits/element "
+                  f"(budget {recipe.budget:.4f})")  # fmt: skip
+    table.add_column("layer", justify="right")
+    table.add_column("format")
+    table.add_column("KL drop with INT8 (probed layers)", justify="right")
+    drops = info.get("kl_drop_int8") or {}
+    for i, m in enumerate(recipe.layers):
+        drop = drops.get(str(i))
+        table.add_row(str(i), m.name, "-" if drop is None else f"{drop:.2e}")
+    console = Console()
+    console.print(table)
+    if "kl_all_int4" in info:
+        kl4, kl = info["kl_all_int4"], info["kl_recipe"]
+        console.print(f"KL to full precision (calibration windows): all-INT4 {kl4:.4f}, "
+                      f"recipe {kl:.4f} nats/token")  # fmt: skip
+    console.print(f"stored: {path}")
+
+
 @app.command("generate")
 def generate_cmd(
     prompts: Annotated[
@@ -247,8 +328,8 @@ def generate_cmd(
         "smollm2-135m"
     ),
     kv_cache_dtype: Annotated[
-        str, typer.Option(help="auto, bf16, fp16, int8, int4[-bdr{b}][-kv][-kc]")
-    ] = "int4-bdr64",
+        str, typer.Option(help="saw-int4 (calibrated), auto, bf16, fp16, int8, int4[-bdr{b}]...")
+    ] = DEFAULT_KV_METHOD,
     max_tokens: Annotated[int, typer.Option(help="tokens to generate per prompt")] = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option()] = 1.0,

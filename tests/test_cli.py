@@ -106,3 +106,35 @@ def test_llm_docstring_example_names_a_real_model():
 
     names = re.findall(r'LLM\("([^"]+)"', sawkv.LLM.__doc__)
     assert names and all(name in KNOWN_MODELS for name in names)
+
+
+def test_one_default_kv_method_everywhere():
+    import inspect
+
+    from sawkv.defaults import DEFAULT_KV_METHOD
+    from sawkv.server.cli import serve_cmd
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    from sawkv.cli import generate_cmd
+
+    assert DEFAULT_KV_METHOD == "saw-int4"
+    assert default(generate_cmd, "kv_cache_dtype") == DEFAULT_KV_METHOD
+    assert default(serve_cmd, "kv_cache_dtype") == DEFAULT_KV_METHOD
+    from sawkv.hf.cache import SawKVCache
+    from sawkv.server.api_server import serve
+
+    assert default(serve, "kv_cache_dtype") == DEFAULT_KV_METHOD
+    assert default(SawKVCache.__init__, "method") == DEFAULT_KV_METHOD
+
+
+def test_calibrate_and_eval_reject_bad_input(tmp_path):
+    res = CliRunner().invoke(app, ["calibrate", "--model", "smollm2-135m", "--budget", "3"])
+    assert res.exit_code != 0 and "budget" in res.output
+    res = CliRunner().invoke(app, ["calibrate", "--model", "smollm2-135m", "--texts", "pg19"])
+    assert res.exit_code != 0 and "pg19" in res.output
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    res = CliRunner().invoke(app, ["eval", "--methods", "auto", "--text", str(latin)])
+    assert res.exit_code != 0 and "not UTF-8" in res.output

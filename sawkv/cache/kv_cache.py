@@ -6,6 +6,11 @@ Per layer (heads outside tokens, so one head's page is one contiguous run for th
         P = head_dim // 2 uint8 (INT4, two codes per byte), head_dim uint8 (INT8),
             head_dim in the float dtype (bits 16: auto/bf16/fp16)
     k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min); None for 16
+
+Layers may differ (a ``saw-int4`` :class:`~sawkv.quant.recipe.Recipe`: INT4 with its own
+Hadamard block per layer, INT8 for a few): every layer then has its own page format and size
+(:meth:`KVCacheSpec.layer`), and one page index costs the sum of the layers' page sizes
+(:attr:`KVCacheSpec.bytes_per_block`), which is what the pool is sized by.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from sawkv.attention.backend import LayerKV
 from sawkv.quant.methods import FLOAT_DTYPES, KVMethod, parse_method
+from sawkv.quant.recipe import Recipe
 
 
 def parse_servable_method(name: str, head_dim: int) -> KVMethod:
@@ -25,7 +31,7 @@ def parse_servable_method(name: str, head_dim: int) -> KVMethod:
     if not method.is_servable:
         raise ValueError(
             f"kv_cache_dtype {name!r} is an evaluation-only method (simulated or unsupported by "
-            f"the paged kernels); the engine serves auto, bf16, fp16, int8 and "
+            f"the paged kernels); the engine serves saw-int4, auto, bf16, fp16, int8 and "
             f"int4[-bdr{{b}}][-kv][-kc]"
         )
     return method
@@ -33,9 +39,16 @@ def parse_servable_method(name: str, head_dim: int) -> KVMethod:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """Shape and dtype of the pages of one model under one method."""
+    """Shape and dtype of the pages of one model under one method.
 
-    method: KVMethod
+    ``method`` is one :class:`KVMethod` for every layer, or a :class:`Recipe` giving each layer
+    its own format. The page properties (``bits``, ``page_dim``, ``page_dtype``,
+    ``had_block``, ``page_size_bytes``) describe the pages of a uniform spec; under a recipe
+    ask :meth:`layer` for one layer's. Sizes that count the whole pool
+    (``bytes_per_block``, ``bytes_per_token``, ``num_blocks_for``) hold for both.
+    """
+
+    method: KVMethod | Recipe
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -43,22 +56,51 @@ class KVCacheSpec:
     model_dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        if self.bits < 16 and self.block_size % 16:
+        if isinstance(self.method, Recipe) and self.method.num_layers != self.num_layers:
+            raise ValueError(
+                f"the recipe has {self.method.num_layers} layers, the model {self.num_layers}"
+            )
+        quantized = not self.is_uniform or self.bits < 16  # a recipe's layers are INT4/INT8
+        if quantized and self.block_size % 16:
             raise ValueError(
                 f"kv_cache_dtype {self.method.name!r} stores tokens in groups of 16 per page, so "
                 f"block_size must be a multiple of 16, got {self.block_size}"
             )
 
     @property
+    def is_uniform(self) -> bool:
+        """Every layer has the same page format."""
+        return not isinstance(self.method, Recipe)
+
+    def layer_method(self, layer_idx: int) -> KVMethod:
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"layer {layer_idx} of a {self.num_layers}-layer spec")
+        return self.method if self.is_uniform else self.method.layer_method(layer_idx)
+
+    def layer(self, layer_idx: int) -> KVCacheSpec:
+        """The pages of one layer, as a uniform one-layer spec."""
+        return KVCacheSpec(self.layer_method(layer_idx), 1, self.num_kv_heads, self.head_dim,
+                           self.block_size, self.model_dtype)  # fmt: skip
+
+    def _uniform(self, what: str) -> KVMethod:
+        if not self.is_uniform:
+            raise ValueError(
+                f"{what} differs per layer under {self.method.name}: use spec.layer(i).{what}"
+            )
+        return self.method
+
+    @property
     def bits(self) -> int:
-        return self.method.bits if self.method.kind == "int" else 16
+        method = self._uniform("bits")
+        return method.bits if method.kind == "int" else 16
 
     @property
     def page_dtype(self) -> torch.dtype:
+        method = self._uniform("page_dtype")
         if self.bits < 16:
             return torch.uint8
-        if self.method.kind == "float":
-            return FLOAT_DTYPES[self.method.dtype_name]
+        if method.kind == "float":
+            return FLOAT_DTYPES[method.dtype_name]
         return self.model_dtype
 
     @property
@@ -74,8 +116,10 @@ class KVCacheSpec:
 
     @property
     def bytes_per_block(self) -> int:
-        """Bytes one page index costs across all layers."""
-        return self.page_size_bytes * self.num_layers
+        """Bytes one page index costs across all layers (each layer at its own format)."""
+        if self.is_uniform:
+            return self.page_size_bytes * self.num_layers
+        return sum(self.layer(i).page_size_bytes for i in range(self.num_layers))
 
     @property
     def bytes_per_token(self) -> float:
@@ -83,7 +127,12 @@ class KVCacheSpec:
 
     @property
     def had_block(self) -> int:
-        return self.method.had_block or 0
+        return self._uniform("had_block").had_block or 0
+
+    def backend_args(self, layer_idx: int) -> dict:
+        """``bits, had_block, rotate_v`` of a layer: the attention backend's constructor args."""
+        lspec = self.layer(layer_idx)
+        return dict(bits=lspec.bits, had_block=lspec.had_block, rotate_v=lspec.method.rotate_v)
 
     def num_blocks_for(self, memory_bytes: int) -> int:
         return int(memory_bytes // self.bytes_per_block)
@@ -96,25 +145,24 @@ def allocate_kv_cache(
     key_means: torch.Tensor | None,
     layer_windows: list[int],
 ) -> list[LayerKV]:
-    """Allocate every layer's pages; ``key_means [num_layers, num_kv_heads, head_dim]`` (-kc)."""
-    shape = (num_blocks, spec.num_kv_heads, spec.block_size, spec.page_dim)
-    meta_shape = (num_blocks, spec.num_kv_heads, spec.block_size, 2)
-    quant = spec.bits < 16
+    """Allocate every layer's pages, each in its own format; ``key_means [num_layers,
+    num_kv_heads, head_dim]`` are handed to the layers whose format centers keys (-kc)."""
     layers = []
     for i in range(spec.num_layers):
+        lspec = spec.layer(i)
+        shape = (num_blocks, spec.num_kv_heads, spec.block_size, lspec.page_dim)
+        meta_shape = (num_blocks, spec.num_kv_heads, spec.block_size, 2)
+        quant = lspec.bits < 16
         k_mean = None
-        if spec.method.center_k and key_means is not None:
+        if lspec.method.center_k and key_means is not None:
             k_mean = key_means[i].to(device=device, dtype=torch.float32).contiguous()
+
         layers.append(
             LayerKV(
-                k_cache=torch.zeros(shape, dtype=spec.page_dtype, device=device),
-                v_cache=torch.zeros(shape, dtype=spec.page_dtype, device=device),
-                k_meta=torch.zeros(meta_shape, dtype=torch.float16, device=device)
-                if quant
-                else None,
-                v_meta=torch.zeros(meta_shape, dtype=torch.float16, device=device)
-                if quant
-                else None,
+                k_cache=torch.zeros(shape, dtype=lspec.page_dtype, device=device),
+                v_cache=torch.zeros(shape, dtype=lspec.page_dtype, device=device),
+                k_meta=_meta(meta_shape, device) if quant else None,
+                v_meta=_meta(meta_shape, device) if quant else None,
                 k_mean=k_mean,
                 sliding_window=layer_windows[i],
             )
@@ -122,14 +170,23 @@ def allocate_kv_cache(
     return layers
 
 
+def _meta(shape: tuple, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float16, device=device)
+
+
 def load_key_means(model_name: str, spec: KVCacheSpec) -> torch.Tensor | None:
     """Calibrated key means for ``-kc`` (``[num_layers, num_kv_heads, head_dim]``); zeros with a
-    warning when none are available (e.g. dummy weights)."""
+    warning when none are available (e.g. dummy weights). A recipe brings its own."""
+    if not spec.is_uniform:
+        if spec.method.k_means is not None or not spec.method.center_k:
+            return spec.method.k_means
+        warnings.warn(f"recipe of {model_name!r} has no key means; -kc uses zeros", stacklevel=2)
+        return torch.zeros(spec.num_layers, spec.num_kv_heads, spec.head_dim)
     if not spec.method.center_k:
         return None
     means = None
     try:
-        from sawkv.eval.calibrate import load_key_means as _load
+        from sawkv.models.calibration import load_key_means as _load
 
         means = _load(model_name)
     except (ImportError, FileNotFoundError, ValueError) as e:

@@ -14,6 +14,7 @@ gathered on rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -33,15 +34,9 @@ from sawkv.models.loader import MODEL_CLASSES, _default_dtype, init_dummy
 
 
 def local_spec(spec: KVCacheSpec, tp: int) -> KVCacheSpec:
-    """The pages one rank allocates: its own ``num_kv_heads / tp`` heads."""
-    return KVCacheSpec(
-        spec.method,
-        spec.num_layers,
-        spec.num_kv_heads // tp,
-        spec.head_dim,
-        spec.block_size,
-        spec.model_dtype,
-    )
+    """The pages one rank allocates: its own ``num_kv_heads / tp`` heads (every layer keeps
+    its format)."""
+    return dataclasses.replace(spec, num_kv_heads=spec.num_kv_heads // tp)
 
 
 class TPModelRunner(ModelRunner):

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 
 from sawkv.cache.block_manager import BlockManager
-from sawkv.cache.kv_cache import KVCacheSpec, load_key_means, parse_servable_method
+from sawkv.cache.kv_cache import KVCacheSpec, load_key_means
 from sawkv.config import EngineConfig
 from sawkv.engine.detokenizer import IncrementalDetokenizer
+from sawkv.engine.kv_method import resolve_kv_method
 from sawkv.engine.model_runner import ModelRunner
 from sawkv.engine.outputs import RequestOutput
 from sawkv.engine.profiler import StepProfiler
@@ -39,7 +40,11 @@ class LLMEngine:
         self.model_name = config.model
         sc = config.scheduler
         self.max_model_len = sc.max_model_len or model_config.max_position_embeddings
-        method = parse_servable_method(config.cache.kv_cache_dtype, model_config.head_dim)
+        weights_dir = None if config.load_format == "dummy" else model_dir
+        # saw-int4 -> the model's per-layer recipe (each layer its own page format)
+        method = resolve_kv_method(
+            config.cache.kv_cache_dtype, config.model, model_config, weights_dir
+        )
         self.spec = KVCacheSpec(
             method,
             model_config.num_layers,
@@ -49,7 +54,6 @@ class LLMEngine:
             config.torch_dtype,
         )
         key_means = load_key_means(config.model, self.spec)
-        weights_dir = None if config.load_format == "dummy" else model_dir
         if config.tensor_parallel_size > 1:
             from sawkv.distributed.launch import start_tensor_parallel
 

@@ -43,13 +43,8 @@ class ModelRunner:
         num_rows = config.scheduler.max_num_seqs
         self.block_table = BlockTable(num_rows, self.max_blocks_per_seq, self.device)
         self.planner = StepPlanner(num_rows, self.max_blocks_per_seq, spec.block_size)
-        self.backend = get_backend(
-            config.attention_backend,
-            self.device,
-            bits=spec.bits,
-            had_block=spec.had_block,
-            rotate_v=spec.method.rotate_v,
-        )
+        self.backends = self._make_backends(spec)
+        self.backend = self.backends[0]  # handed to the model; _bind sets each layer's own
         self.model = self._build_model(model_config, model_dir)
         if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
             use_compiled_ops(self.model)
@@ -81,10 +76,25 @@ class ModelRunner:
             seed=self.config.seed,
         )
 
+    def _make_backends(self, spec: KVCacheSpec) -> list:
+        """One attention backend per layer, built for that layer's page format (a recipe mixes
+        formats); layers of equal format share an instance."""
+        by_format: dict[tuple, object] = {}
+        out = []
+        for i in range(spec.num_layers):
+            args = spec.backend_args(i)
+            key = tuple(sorted(args.items()))
+            if key not in by_format:
+                by_format[key] = get_backend(self.config.attention_backend, self.device, **args)
+            out.append(by_format[key])
+        return out
+
     # ---- memory ---------------------------------------------------------------------------
     def _bind(self, kv) -> None:
         for layer in self.model.layers:
-            layer.self_attn.kv = kv[layer.self_attn.layer_idx]
+            idx = layer.self_attn.layer_idx
+            layer.self_attn.kv = kv[idx]
+            layer.self_attn.backend = self.backends[idx]
 
     def _decide_num_blocks(self) -> int:
         cc = self.config.cache

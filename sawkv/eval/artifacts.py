@@ -153,7 +153,12 @@ def prepare_method(method, model, tokenizer, model_name: str, k_means=None, cfg=
     from sawkv.quant.hessian import GPTQMethod
     from sawkv.quant.kmeans import KMeansMethod
     from sawkv.quant.mixed import MixedMethod
+    from sawkv.quant.recipe import is_saw_int4
 
+    if is_saw_int4(method):  # the model's saw-int4 recipe (built on first use)
+        from sawkv.eval.calibrate import get_recipe
+
+        return get_recipe(model, tokenizer, model_name)
     cfg = cfg or CalibConfig()
     root = Path(model_cache_dir(model_name))
     if isinstance(method, KMeansMethod) and method.needs_calibration:

@@ -15,22 +15,24 @@ not exact once pages are shared between sequences (prefix caching), the static m
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from sawkv.hf.cache import attention_shape, cache_kwargs
+from sawkv.models.calibration import KEY_MEANS_FILE, key_means_path, load_key_means, recipe_path
 
-KEY_MEANS_FILE = "k_means.safetensors"
-
-
-def key_means_path(model_name: str) -> Path:
-    """Where the key means of ``model_name`` live (inside its sawkv cache directory)."""
-    from sawkv.models.hub import model_cache_dir
-
-    return Path(model_cache_dir(model_name)) / KEY_MEANS_FILE
+__all__ = [
+    "KEY_MEANS_FILE",
+    "calibrate_key_means",
+    "get_key_means",
+    "get_recipe",
+    "key_means_path",
+    "keys_mean",
+    "load_key_means",
+    "recipe_path",
+]
 
 
 @torch.no_grad()
@@ -95,17 +97,6 @@ def calibrate_key_means(
     return mu
 
 
-def load_key_means(model_name: str) -> torch.Tensor | None:
-    """Stored key means ``[num_layers, num_kv_heads, head_dim]`` of ``model_name``, or None."""
-    try:
-        path = key_means_path(model_name)
-    except (ValueError, FileNotFoundError, ImportError):
-        return None
-    if not path.is_file():
-        return None
-    return load_file(str(path))["k_means"]
-
-
 def get_key_means(model, tokenizer, model_name: str | None, **calib_kwargs) -> torch.Tensor:
     """Stored key means, calibrating them on first use; zeros with a warning if impossible.
 
@@ -121,3 +112,31 @@ def get_key_means(model, tokenizer, model_name: str | None, **calib_kwargs) -> t
         stacklevel=2,
     )
     return torch.zeros(attention_shape(model.config))
+
+
+def get_recipe(model, tokenizer, model_name: str, cfg=None, progress=None, save: bool = True):
+    """The stored ``saw-int4`` recipe of ``model_name``, calibrating it on first use.
+
+    Args:
+        model, tokenizer: the loaded transformers model (fp32 recommended) and tokenizer.
+        model_name: name or path (selects the cache directory, see
+            :func:`sawkv.models.calibration.model_key`).
+        cfg: :class:`sawkv.eval.calibrate_recipe.RecipeConfig` for a new calibration.
+        progress: ``(stage, done, total)`` callable; None prints a rich progress bar.
+    Returns:
+        :class:`sawkv.quant.recipe.Recipe`.
+    """
+    from sawkv.eval.calibrate_recipe import calibrate_recipe, rich_progress
+    from sawkv.models.calibration import load_recipe
+
+    recipe = load_recipe(model_name)
+    if recipe is not None:
+        return recipe
+    if progress is None:
+        with rich_progress(f"calibrating saw-int4 for {model_name}") as bar:
+            recipe = calibrate_recipe(model, tokenizer, cfg, bar)
+    else:
+        recipe = calibrate_recipe(model, tokenizer, cfg, progress)
+    if save:
+        recipe.save(recipe_path(model_name))
+    return recipe

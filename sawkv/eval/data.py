@@ -64,12 +64,18 @@ def _missing(name: str, path: Path) -> DataNotInstalledError:
 
 
 def load_text(name: str) -> str:
-    """The full text of a named corpus (see the module docstring for names).
+    """The full text of a named corpus (see the module docstring for names) or of a file.
+
+    A name that is not a corpus but an existing file is read as UTF-8: a ``.jsonl`` file as one
+    JSON object per line whose ``text`` fields are joined by blank lines, anything else as
+    plain text (so users can check methods on their own domain).
 
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, unreadable file (not UTF-8, bad JSONL, no text).
         DataNotInstalledError: the text's package is not installed (message has the command).
     """
+    if name not in TEXT_NAMES and Path(name).expanduser().is_file():
+        return read_text_file(Path(name).expanduser())
     if name == "austen":
         return _read_austen(["prideprejudice"])
     if name == "austen-all":
@@ -78,7 +84,36 @@ def load_text(name: str) -> str:
         return _read_paulgraham()
     if name in ("wikipedia", "owt"):
         return _read_jsonl(name)
-    raise ValueError(f"unknown text '{name}': expected one of {TEXT_NAMES}")
+    raise ValueError(
+        f"unknown text '{name}': expected one of {TEXT_NAMES} or the path of a UTF-8 text or "
+        "JSONL file"
+    )
+
+
+def read_text_file(path: Path) -> str:
+    """A user's evaluation text: UTF-8 plain text, or JSONL rows with a ``text`` field."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() != ".jsonl":
+        text = raw
+    else:
+        parts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
+            parts.append(row["text"].strip())
+        text = "\n\n".join(p for p in parts if p)
+    if not text.strip():
+        raise ValueError(f"{path} holds no text")
+    return text
 
 
 def _read_austen(books: list[str]) -> str:

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sawkv.hf.cache import SawKVCache, attention_shape, cache_kwargs
+from sawkv.hf.cache import SawKVCache, attention_shape, cache_kwargs, resolve_for_model
 from sawkv.quant.methods import KVMethod, parse_method
 
 
@@ -76,6 +76,7 @@ def perplexity(
     t0 = time.perf_counter()
     nlls, counts = [], []
     kv_bytes, bits, name = 0, float("nan"), str(method)
+    method = resolve_for_model(method, model)  # once: saw-int4 loads (or builds) the recipe
     for w in windows:
         cache = SawKVCache(model, method, k_means=k_means, kc_mode=kc_mode, num_sink=num_sink)
         nll, n = window_nll(model, w, cache)
@@ -86,6 +87,8 @@ def perplexity(
             progress.advance(task)
     kc = kc_mode if "kc" in name.split("-") else None
     out = {"method": name, "kc_mode": kc, "num_sink": num_sink}
+    if hasattr(method, "summary"):  # a per-layer recipe: say which layers got what
+        out["recipe"] = method.summary()
     m = parse_method(name)
     if m.kind == "int" and not m.is_packed_storage:  # INT3/INT2 are simulated: one code a byte
         out["stored_bits_per_element"] = bits

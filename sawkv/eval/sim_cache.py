@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from sawkv.hf.cache import SawKVCache, attention_shape
 from sawkv.quant.methods import KVMethod, parse_method
+from sawkv.quant.recipe import Recipe, is_saw_int4
 
 
 class TokenWise:
@@ -36,6 +37,9 @@ class TokenWise:
     def __init__(self, method: KVMethod):
         self.method = method
         self.name = method.name
+
+    def resolve(self, head_dim: int) -> TokenWise:
+        return TokenWise(self.method.resolve(head_dim))
 
     def bits_per_element(self, head_dim: int) -> float:
         return self.method.bits_per_element(head_dim)
@@ -140,7 +144,10 @@ class SimKVCache(Cache):
 
 def build_cache(model, method, k_means: torch.Tensor | None = None) -> Cache:
     """The cache that scores ``method`` as stored: :class:`SawKVCache` for token-wise
-    :class:`KVMethod` s (real bytes), :class:`SimKVCache` for everything else."""
+    :class:`KVMethod` s and ``saw-int4`` recipes (real bytes), :class:`SimKVCache` for
+    everything else. A recipe uses its own key means, not ``k_means``."""
+    if isinstance(method, Recipe) or is_saw_int4(method):
+        return SawKVCache(model, method)
     if isinstance(method, str):
         method = parse_method(method)
     if isinstance(method, KVMethod):

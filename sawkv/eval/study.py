@@ -19,6 +19,7 @@ import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -221,8 +222,11 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                         torch.cuda.empty_cache()
                 hd = model_head_dim(m.model.config)
                 dtype_bits = torch.finfo(m.model.dtype).bits  # what `auto` stores
+                date = datetime.now(timezone.utc).isoformat(timespec="seconds")
                 res.update(model=model_name, method=canon, task=task, commit=git_commit(),
+                           date=date,
                            head_dim=hd, bits_per_element=method.bits_per_element(hd, dtype_bits),
+                           **_recipe_fields(method),
                            model_dtype=str(m.model.dtype), size=asdict(msize),
                            device=_device_name(m.model))  # fmt: skip
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +236,13 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                 log(f"[study] {model_name} {canon} {task}: {_fmt(res)} "
                     f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     return paths
+
+
+def _recipe_fields(method) -> dict:
+    """A saw-int4 result names the recipe it measured (which layers got what)."""
+    if not hasattr(method, "summary"):
+        return {}
+    return {"recipe": method.summary(), "recipe_layers": [m.name for m in method.layers]}
 
 
 def _device_name(model) -> str:

@@ -107,13 +107,30 @@ def print_table(results: list[dict], title: str = "") -> None:
     console.print(build_table(results, title))
 
 
+def percent_tick_step(span: float, max_ticks: int = 8) -> float:
+    """A tick step (as a ratio) of a whole 1, 2 or 5 x 10^k percent with at most ``max_ticks``
+    ticks over ``span``: every tick then sits exactly at the percent its label prints (an
+    automatic locator put ticks at 1.025 and labelled them "+3%")."""
+    step = 0.01  # 1%
+    for mult in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000):
+        step = 0.01 * mult
+        if span / step <= max_ticks:
+            break
+    return step
+
+
+def percent_label(x: float) -> str:
+    """Ratio -> signed whole percent (``1.03`` -> ``"+3%"``)."""
+    return f"{round(100 * (x - 1)):+d}%"
+
+
 def plot_results(results: list[dict], path: str, title: str = "") -> None:
     """Horizontal bars of perplexity / reference, bits per element in the labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
 
     add_comparisons(results)
     rows = [r for r in results if "ratio" in r]
@@ -131,8 +148,11 @@ def plot_results(results: list[dict], path: str, title: str = "") -> None:
     ax.barh(range(len(rows)), [min(x, right) - 1 for x in ratios], left=1, color=colors)
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(min(0.99, min(ratios) - 0.005), right + 0.04 * (right - 1))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{100 * (x - 1):+.0f}%"))
+    left, xmax = min(0.99, min(ratios) - 0.005), right + 0.04 * (right - 1)
+    ax.set_xlim(left, xmax)
+    # ticks at whole percents only, so each label names the position it marks
+    ax.xaxis.set_major_locator(MultipleLocator(percent_tick_step(xmax - left), offset=1.0))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: percent_label(x)))
     ax.axvline(1.03, color="gray", ls="--", lw=1, label="+3%")
     ax.set_xlabel("perplexity vs unquantized KV")
     for i, x in enumerate(ratios):

@@ -18,12 +18,14 @@ Only API present in transformers 5.17 and 5.23 is used (``DynamicLayer``, ``Cach
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from sawkv.quant.methods import Encoded, KVMethod, parse_method
+from sawkv.quant.recipe import DEFAULT_KV_METHOD, SAW_INT4_FALLBACK, Recipe, is_saw_int4
 
 KC_MODES = ("static", "prefill")
 
@@ -208,22 +210,124 @@ def cache_kwargs(model, cache) -> dict:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
+def model_name_of(model_config_or_model) -> str | None:
+    """The name or directory a transformers model was loaded from (``config._name_or_path``)."""
+    config = getattr(model_config_or_model, "config", model_config_or_model)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return str(name) if name else None
+
+
+def resolve_for_model(
+    method, model_config_or_model, model_name: str | None = None, tokenizer=None, k_means=None
+):
+    """A method name / object -> what a cache of this model stores.
+
+    ``saw-int4`` becomes the model's :class:`Recipe`: the stored one, else calibrated now when
+    the model has weights (``sawkv.eval.calibrate.get_recipe``), else
+    :data:`~sawkv.quant.recipe.SAW_INT4_FALLBACK` with a warning. Other names are parsed and
+    resolved against the model's head_dim.
+
+    Args:
+        method: name, :class:`KVMethod`, :class:`Recipe` or a per-layer list of methods.
+        model_config_or_model: a transformers model or its config.
+        model_name: name or directory for the model's cache; default ``config._name_or_path``.
+        tokenizer: for a first-use calibration (default: loaded from the model's directory).
+        k_means: ``[num_layers, num_kv_heads, head_dim]`` key means of a per-layer list with
+            ``-kc`` layers (default: the model's stored means, else zeros with a warning).
+    """
+    config = getattr(model_config_or_model, "config", model_config_or_model)
+    num_layers, num_kv_heads, head_dim = attention_shape(config)
+    if isinstance(method, (list, tuple)):  # explicit per-layer formats (calibration probes)
+        layers = tuple(parse_method(m) if isinstance(m, str) else m for m in method)
+        if len(layers) != num_layers:
+            raise ValueError(f"got {len(layers)} layer methods for a {num_layers}-layer model")
+        if not any(m.center_k for m in layers):
+            k_means = None
+        elif k_means is None:
+            k_means = _stored_key_means(model_config_or_model, model_name)
+            if k_means is None:
+                warnings.warn("per-layer -kc formats without key means: mu = 0", stacklevel=3)
+                k_means = torch.zeros(num_layers, num_kv_heads, head_dim)
+        means = None if k_means is None else k_means.float()
+        return Recipe(layers, head_dim, num_kv_heads, k_means=means, budget=None)
+    if not is_saw_int4(method):
+        method = parse_method(method) if isinstance(method, str) else method
+        return method.resolve(head_dim)
+    name = model_name or model_name_of(config)
+    recipe = _load_recipe(name) if name else None
+    if recipe is None and name and isinstance(model_config_or_model, torch.nn.Module):
+        from sawkv.eval.calibrate import get_recipe
+
+        tokenizer = tokenizer or _tokenizer_for(name)
+        if tokenizer is not None:
+            recipe = get_recipe(model_config_or_model, tokenizer, name)
+    if recipe is None:
+        warnings.warn(
+            f"saw-int4: no recipe for model {name!r} and no way to calibrate one (run "
+            f"`sawkv calibrate --model NAME_OR_DIR`); using {SAW_INT4_FALLBACK}",
+            stacklevel=3,
+        )
+        return parse_method(SAW_INT4_FALLBACK, head_dim)
+    if (recipe.num_layers, recipe.num_kv_heads, recipe.head_dim) != (
+        num_layers,
+        num_kv_heads,
+        head_dim,
+    ):
+        raise ValueError(
+            f"the saw-int4 recipe of {name!r} is for {recipe.num_layers} layers x "
+            f"{recipe.num_kv_heads} KV heads x head_dim {recipe.head_dim}, not this model's "
+            f"{num_layers} x {num_kv_heads} x {head_dim}: recalibrate with `sawkv calibrate`"
+        )
+    return recipe
+
+
+def _load_recipe(name: str) -> Recipe | None:
+    from sawkv.models.calibration import load_recipe
+
+    return load_recipe(name)
+
+
+def _tokenizer_for(name: str):
+    """The tokenizer of a known model name or a local directory, or None."""
+    from transformers import AutoTokenizer
+
+    try:
+        from sawkv.models.hub import resolve_model_dir
+
+        return AutoTokenizer.from_pretrained(str(resolve_model_dir(name)))
+    except (OSError, ValueError):
+        return None
+
+
+def _stored_key_means(model_config_or_model, model_name: str | None):
+    name = model_name or model_name_of(model_config_or_model)
+    if not name:
+        return None
+    from sawkv.models.calibration import load_key_means
+
+    return load_key_means(name)
+
+
 class SawKVCache(Cache):
     """Drop-in transformers cache storing K/V with a sawkv method.
 
     Args:
         model_config_or_model: a transformers model or its config.
-        method: method name (``"int4-bdr64-kc"``) or :class:`KVMethod`.
-        k_means: ``[num_layers, num_kv_heads, head_dim]`` static key means for ``-kc``; None with
-            a ``-kc`` method (static mode) means zeros, with a warning.
+        method: method name (default ``saw-int4``, the model's calibrated recipe), a
+            :class:`KVMethod`, a :class:`Recipe`, or a list of one method per layer.
+        k_means: ``[num_layers, num_kv_heads, head_dim]`` static key means for ``-kc``; None
+            loads the model's calibrated means when it is known (``config._name_or_path``),
+            else zeros with a warning. A recipe always uses its own means.
         kc_mode: ``"static"`` (exact under prefix sharing; what the engine uses) or ``"prefill"``
             (each sequence's own prefill key mean; eval-only comparison).
         num_sink: keep each sequence's first ``num_sink`` tokens ("attention sinks", which draw a
             large share of attention) in the model dtype; the rest as ``method``.
+        model_name: name or directory whose calibration to use (default: the config's
+            ``_name_or_path``).
 
     Example::
 
-        cache = SawKVCache(model, "int4-bdr64-kc", k_means=load_key_means("smollm2-135m"))
+        cache = SawKVCache(model)  # saw-int4: the calibrated recipe (built on first use)
         out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20)
         cache.kv_bytes()
     """
@@ -231,26 +335,36 @@ class SawKVCache(Cache):
     def __init__(
         self,
         model_config_or_model,
-        method: str | KVMethod = "int4-bdr64-kc",
+        method: str | KVMethod | Recipe | list = DEFAULT_KV_METHOD,
         k_means: torch.Tensor | None = None,
         kc_mode: str = "static",
         num_sink: int = 0,
+        model_name: str | os.PathLike | None = None,
     ):
         if kc_mode not in KC_MODES:
             raise ValueError(f"kc_mode must be one of {KC_MODES}, got {kc_mode!r}")
         config = getattr(model_config_or_model, "config", model_config_or_model)
         num_layers, num_kv_heads, head_dim = attention_shape(config)
-        if isinstance(method, str):
-            method = parse_method(method, head_dim)
-        else:
-            method = method.resolve(head_dim)
+        name = None if model_name is None else str(model_name)
+        method = resolve_for_model(method, model_config_or_model, name, k_means=k_means)
         self.method = method
         self.head_dim = head_dim
-        k_means = self._check_means(k_means, method, kc_mode, (num_layers, num_kv_heads, head_dim))
-        layers = [
-            SawKVLayer(method, None if k_means is None else k_means[i], kc_mode, num_sink)
-            for i in range(num_layers)
-        ]
+        if isinstance(method, Recipe):
+            if kc_mode == "prefill" and method.center_k:
+                raise ValueError("a per-layer recipe centers keys on its static means only")
+            layers = [
+                SawKVLayer(m, method.layer_key_mean(i), "static", num_sink)
+                for i, m in enumerate(method.layers)
+            ]
+        else:
+            if k_means is None and method.center_k and kc_mode == "static":
+                k_means = _stored_key_means(model_config_or_model, name)
+            shape = (num_layers, num_kv_heads, head_dim)
+            k_means = self._check_means(k_means, method, kc_mode, shape)
+            layers = [
+                SawKVLayer(method, None if k_means is None else k_means[i], kc_mode, num_sink)
+                for i in range(num_layers)
+            ]
         super().__init__(layers=layers)
 
     @staticmethod

@@ -1,6 +1,8 @@
-"""Numerics of SAW-INT4 in pure torch (CPU and GPU): the oracle every kernel is tested against."""
+"""Numerics of SAW-INT4 in pure torch (CPU and GPU): the oracle every kernel is tested against.
 
-from sawkv.quant import baselines  # noqa: F401  registers the kivi/kmeans/gptq/mixed names
+Servable methods only: the evaluation-only baselines register from :mod:`sawkv.eval`.
+"""
+
 from sawkv.quant.hadamard import block_hadamard_matrix, hadamard_matrix, rotate, rotate_matmul
 from sawkv.quant.int4 import (
     dequantize_fp8,
@@ -11,8 +13,14 @@ from sawkv.quant.int4 import (
     unpack_int4,
 )
 from sawkv.quant.methods import Encoded, KVMethod, available_methods, parse_method, register_method
+from sawkv.quant.protocol import SeqMethod
+from sawkv.quant.recipe import DEFAULT_KV_METHOD, SAW_INT4, Recipe
 
 __all__ = [
+    "DEFAULT_KV_METHOD",
+    "SAW_INT4",
+    "Recipe",
+    "SeqMethod",
     "Encoded",
     "KVMethod",
     "available_methods",

@@ -2,8 +2,10 @@
 
 Grammar (suffixes in any order; :attr:`KVMethod.name` prints the canonical order)::
 
-    auto | bf16 | fp16 | fp8 | int{k}[-g{G}][-bdr[{b}]][-kv][-kc]      k in {2, 3, 4, 8}
+    saw-int4 | auto | bf16 | fp16 | fp8 | int{k}[-g{G}][-bdr[{b}]][-kv][-kc]      k in {2, 3, 4, 8}
 
+* ``saw-int4``: the model's calibrated per-layer recipe (:mod:`sawkv.quant.recipe`); parses to
+  a placeholder that a cache or the engine resolves for its model.
 * ``auto``: K/V kept in the model's dtype (the reference).
 * ``bf16`` / ``fp16``: K/V rounded to that dtype.
 * ``fp8``: float8 e4m3 per token x head with an fp32 scale.
@@ -17,7 +19,9 @@ Storage: INT4 is really packed two codes per byte, INT8 one per byte. INT3 and I
 *simulated* (fake-quant): codes are kept one per byte, and :meth:`KVMethod.bits_per_element`
 reports the size a bit-packed layout would have.
 
-Other methods (KIVI, k-means, ...) register a factory with :func:`register_method`.
+Evaluation-only methods (KIVI, k-means, GPTQ, mixed precision) register a factory with
+:func:`register_method` when :mod:`sawkv.eval` is imported (:mod:`sawkv.eval.baselines`), so a
+serving process that imports only :mod:`sawkv.quant` never loads them.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ INT_BITS = (2, 3, 4, 8)
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INT_RE = re.compile(r"^int(\d+)$")
 _SUFFIX_RE = re.compile(r"^(g\d+|bdr\d*|kv|kc)$")
-BUILTIN_NAMES = ["auto", "bf16", "fp16", "fp8", "int{2,3,4,8}[-g{G}][-bdr[{b}]][-kv][-kc]"]
+BUILTIN_NAMES = [
+    "saw-int4",
+    "auto",
+    "bf16",
+    "fp16",
+    "fp8",
+    "int{2,3,4,8}[-g{G}][-bdr[{b}]][-kv][-kc]",
+]
 
 
 @dataclass
@@ -259,6 +270,10 @@ def parse_method(name: str, head_dim: int | None = None):
     if not isinstance(name, str) or not name.strip():
         raise _unknown(str(name), "empty name")
     key = name.strip().lower()
+    if key == "saw-int4":
+        from sawkv.quant.recipe import SAW_INT4  # recipe imports this module
+
+        return SAW_INT4
     for prefix, factory in _EXTRA.items():
         if key.startswith(prefix):
             m = factory(key)

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sawkv.defaults import DEFAULT_KV_METHOD
 from sawkv.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from sawkv.server.metrics import CONTENT_TYPE, render_metrics
 from sawkv.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
@@ -311,7 +312,7 @@ async def _respond(engine: AsyncEngine, job: Any, stream: bool, request: Request
 def serve(
     model: str,
     *,
-    kv_cache_dtype: str = "auto",
+    kv_cache_dtype: str = DEFAULT_KV_METHOD,
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,

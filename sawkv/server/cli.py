@@ -10,14 +10,20 @@ from typing import Annotated
 
 import typer
 
+from sawkv.defaults import DEFAULT_KV_METHOD
+
 
 def serve_cmd(
     model: Annotated[
         str, typer.Argument(help="registry name (smollm2-135m...), preset or HF directory")
     ],
     kv_cache_dtype: Annotated[
-        str, typer.Option(help="KV cache: auto, bf16, fp16, int8, int4, int4-bdr{b}[-kv|-kc]")
-    ] = "auto",
+        str,
+        typer.Option(
+            help="KV cache: saw-int4 (the model's calibrated recipe), auto, bf16, fp16, int8, "
+            "int4, int4-bdr{b}[-kv|-kc]"
+        ),
+    ] = DEFAULT_KV_METHOD,
     host: Annotated[str, typer.Option(help="address to bind (default: local only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[

@@ -116,3 +116,29 @@ def test_token_windows_add_bos(tokenizer):
     assert with_bos.shape == (2, 513)
     assert (with_bos[:, 0] == tokenizer.bos_token_id).all()
     assert torch.equal(with_bos[:, 1:], plain)
+
+
+def test_user_text_files(tmp_path):
+    """``--text PATH``: plain UTF-8 as is; JSONL joins the ``text`` fields; clear errors."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("Première ligne.\nSecond line — ünïcode.\n", encoding="utf-8")
+    assert load_text(str(plain)) == plain.read_text(encoding="utf-8")
+    rows = tmp_path / "docs.jsonl"
+    rows.write_text('{"text": " one "}\n\n{"text": "two", "id": 3}\n', encoding="utf-8")
+    assert load_text(str(rows)) == "one\n\ntwo"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string"):
+        load_text(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
+        load_text(str(broken))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        load_text(str(latin))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no text"):
+        load_text(str(empty))

@@ -1,10 +1,14 @@
-"""Registers the baseline method families (evaluation-only) in the method-name registry.
+"""Registers the evaluation-only baseline method families in the method-name registry.
 
 ``kivi{k}[-g{G}][-r{R}]`` (:mod:`sawkv.quant.kivi`), ``kmeans{b}[-d{s}][-bdr[{b}]]``
 (:mod:`sawkv.quant.kmeans`), ``gptq{k}[-g{G}][-bdr[{b}]][-kc]`` (:mod:`sawkv.quant.hessian`),
-``mixed{B}[-bdr{b}][-kv][-s{S}]`` (:mod:`sawkv.quant.mixed`). All are fake-quant methods with
-``fake_quant_seq(x, *, is_key, layer_idx, k_mean=None)``, scored through
+``mixed{B}[-bdr{b}][-kv][-s{S}]`` (:mod:`sawkv.quant.mixed`). All are fake-quant methods of the
+:class:`sawkv.quant.protocol.SeqMethod` protocol, scored through
 :class:`sawkv.eval.sim_cache.SimKVCache`.
+
+Importing :mod:`sawkv.eval` runs this module. The serving stack (``sawkv.quant``, the engine,
+the server) never imports it, so a server process neither loads these modules nor accepts
+these names (the engine could not serve them anyway).
 """
 
 from __future__ import annotations

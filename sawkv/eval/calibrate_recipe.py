@@ -1,0 +1,444 @@
+"""``sawkv calibrate``: build a model's ``saw-int4`` recipe from a sensitivity profile.
+
+The recipe gives every layer one servable page format (see :mod:`sawkv.quant.recipe`). Steps,
+all on calibration windows (``split="calib"`` of several texts, so no evaluation token is ever
+seen, and no single corpus decides):
+
+1. **Capture** post-RoPE Q, K, V of every layer (one plain forward per window) and the key
+   means mu (per layer and KV head, over every token, attention sinks included).
+2. **Format per layer** (local, cheap): for every candidate INT4 format (Hadamard block b in
+   {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize the
+   layer's K and V and measure the relative error of its causal attention output
+   ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries (64 query
+   positions per window, all keys). The lowest error wins; the layer's INT8 format keeps the
+   same transform.
+3. **Sensitivity** (end to end): with every layer at its INT4 format, the KL divergence of the
+   next-token distributions to full precision; then, for each candidate layer (the 8 with the
+   largest INT4 attention-output error), the KL with only that layer raised to INT8. The drop
+   is the layer's sensitivity.
+4. **Budget**: the layers with the largest drops go to INT8 while the average bits per element
+   (metadata included) stays within the budget; by default 0.25 above plain per-token INT4
+   (4.75 at d=64, 4.5 at d=128, 4.375 at d=256), i.e. one layer in sixteen.
+
+Group sizes are not candidates (the paged kernels do not serve them), nor are full-precision
+sink tokens (they would need their own page format in the kernels). K and V share one format
+per layer because the attention backend takes one ``bits`` per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+from sawkv.hf.cache import attention_shape
+from sawkv.quant.methods import KVMethod
+from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
+
+CALIB_TEXTS = ("austen", "paulgraham", "wikipedia", "owt")
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Calibration settings of a recipe.
+
+    ``tokens_per_text`` tokens of each of ``texts`` (calibration split) in windows of
+    ``window_len`` drive the key means and the per-layer format choice; the first
+    ``sens_len`` tokens of the first window of each text drive the KL sensitivity (one forward
+    per candidate layer and text): the ``num_sens_layers`` layers with the largest INT4
+    attention-output error are the candidates (0: every layer). ``budget`` None means
+    :func:`~sawkv.quant.recipe.default_budget`.
+    """
+
+    texts: tuple[str, ...] = CALIB_TEXTS
+    tokens_per_text: int = 512
+    window_len: int = 512
+    sens_len: int = 128
+    num_queries: int = 64
+    num_sens_layers: int = 8
+    budget: float | None = None
+    min_had_block: int = 16
+    high_bits: int = 8
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.texts:
+            raise ValueError("calibration needs at least one text")
+        if self.window_len < 16 or self.tokens_per_text < self.window_len:
+            raise ValueError(
+                f"need window_len >= 16 and tokens_per_text >= window_len, got "
+                f"{self.window_len}, {self.tokens_per_text}"
+            )
+        if self.num_sens_layers < 0:
+            raise ValueError(f"num_sens_layers must be >= 0, got {self.num_sens_layers}")
+        if self.num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
+        if not 2 <= self.sens_len <= self.window_len:
+            raise ValueError(f"sens_len must be in [2, window_len], got {self.sens_len}")
+        if self.budget is not None and not 4 <= self.budget <= 16:
+            raise ValueError(f"budget must be in [4, 16] bits per element, got {self.budget}")
+        if self.high_bits not in (8,):
+            raise ValueError(f"high_bits must be 8 (what the kernels serve), got {self.high_bits}")
+
+
+def candidate_formats(head_dim: int, bits: int, min_had_block: int = 16) -> list[KVMethod]:
+    """Every servable token-wise format of ``bits``: Hadamard block none or a power of two in
+    [min_had_block, head_dim], K-only or K+V rotation, key centering on or off."""
+    blocks: list[int | None] = [None]
+    b = min_had_block
+    while b <= head_dim:
+        if head_dim % b == 0:
+            blocks.append(b)
+        b *= 2
+    out = []
+    for hb in blocks:
+        for rotate_v in (False, True) if hb is not None else (False,):
+            for center_k in (False, True):
+                m = KVMethod(kind="int", bits=bits, had_block=hb, rotate_v=rotate_v,
+                             center_k=center_k)  # fmt: skip
+                out.append(m.resolve(head_dim))
+    return out
+
+
+def calib_windows(tokenizer, cfg: RecipeConfig) -> list[torch.Tensor]:
+    """Per text, ``[num_windows, window_len (+1 with BOS)]`` calibration token ids."""
+    from sawkv.eval.tasks import cached_windows, prefix_ids
+
+    bos = bool(prefix_ids(tokenizer))  # a model that uses a BOS sees one, as in evaluation
+    return [
+        cached_windows(tokenizer, t, cfg.tokens_per_text, cfg.window_len, "calib", bos)
+        for t in cfg.texts
+    ]
+
+
+# ---- 1. capture ---------------------------------------------------------------------------
+def query_positions(seq_len: int, num_queries: int) -> torch.Tensor:
+    """``num_queries`` positions spread evenly over ``[1, seq_len)`` (the last one included):
+    the queries whose attention output scores a format. Every key is still quantized and
+    read; fewer query rows only make the error estimate cheaper (attention is O(queries))."""
+    n = min(num_queries, seq_len - 1)
+    return torch.linspace(seq_len - 1, 1, n).round().long().flip(0).unique()
+
+
+@contextlib.contextmanager
+def _capture_qkv(sink: dict, num_queries: int):
+    """Wrap transformers' SDPA attention to record post-RoPE q, k, v of each layer."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def wrapper(module, query, key, value, attention_mask, **kwargs):
+        # query [1, Hq, S, d]; key, value [1, Hkv, S, d] (GQA not yet repeated)
+        scale = kwargs.get("scaling") or getattr(module, "scaling", None)
+        pos = query_positions(query.shape[2], num_queries)
+        sink.setdefault(module.layer_idx, []).append(
+            (query[0, :, pos].detach().float().cpu(), key[0].detach().float().cpu(),
+             value[0].detach().float().cpu(), scale, kwargs.get("sliding_window"), pos)
+        )  # fmt: skip
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    old = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrapper
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = old
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+@torch.no_grad()
+def capture_qkv(
+    model, windows: torch.Tensor, num_queries: int = 64, progress: Progress | None = None
+) -> dict:
+    """Per layer, a list over windows of ``(q [Hq, Q, d], k [Hkv, S, d], v, scale, window,
+    q_pos [Q])``: the queries at ``Q = num_queries`` sampled positions, every key and value."""
+    if model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    sink: dict = {}
+    device = next(model.parameters()).device
+    with _capture_qkv(sink, num_queries):
+        for i, w in enumerate(windows):
+            model(w[None].to(device), use_cache=False)
+            if progress is not None:
+                progress("capture", i + 1, len(windows))
+    num_layers = attention_shape(model.config)[0]
+    if sorted(sink) != list(range(num_layers)):
+        raise ValueError(f"captured layers {sorted(sink)}, expected 0..{num_layers - 1}")
+    return sink
+
+
+def key_means_of(captured: dict) -> torch.Tensor:
+    """``[num_layers, num_kv_heads, head_dim]`` mean key over every captured token.
+
+    The first token of each window (BOS or an attention sink) is kept: its key is an outlier
+    that draws much of the attention, and a mean that leans towards it quantizes it better
+    (measured on SmolLM2: KL 0.0307 with such means vs 0.0338 without the first tokens).
+    """
+    means = []
+    for layer in sorted(captured):
+        ks = torch.cat([data[1] for data in captured[layer]], dim=1)  # [H, N, d]
+        means.append(ks.double().mean(dim=1).float())
+    return torch.stack(means)
+
+
+# ---- 2. local format choice ----------------------------------------------------------------
+def causal_attention(
+    q, k, v, scale: float, window: int | None = None, q_pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact causal GQA attention of queries at positions ``q_pos`` (default: all).
+
+    Shapes: ``q [Hq, Q, d]``, ``k, v [Hkv, S, d]``, ``q_pos [Q]`` -> ``[Hq, Q, d]``.
+    """
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    kpos = torch.arange(k.shape[1])
+    qpos = kpos if q_pos is None else q_pos
+    mask = kpos[None, :] <= qpos[:, None]
+    if window:
+        mask &= qpos[:, None] - kpos[None, :] < window
+    logits = (q @ k.transpose(1, 2)) * scale
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def fake_quant_heads(
+    x: torch.Tensor, bits: int, had_block: int | None, mean: torch.Tensor | None
+) -> torch.Tensor:
+    """``x [H, S, d]`` -> what a token-wise ``int{bits}`` page returns, in model space.
+
+    The same numerics as :meth:`KVMethod.fake_quant` (center, rotate, per-token min/max
+    quantize, dequantize, rotate back, add the mean), with the rotation as one matmul and no
+    INT4 packing (lossless), so the many candidates of a calibration stay cheap.
+    """
+    from sawkv.quant.hadamard import rotate_matmul
+    from sawkv.quant.int4 import dequantize_int, quantize_int
+
+    if mean is not None:
+        mean = mean.to(device=x.device, dtype=x.dtype)[:, None, :]
+    y = x if mean is None else x - mean
+    if had_block is not None:
+        y = rotate_matmul(y, had_block)
+    y = dequantize_int(*quantize_int(y, bits))
+    if had_block is not None:
+        y = rotate_matmul(y, had_block)
+    return y if mean is None else y + mean
+
+
+def format_errors(
+    methods: list[KVMethod], layer_data: list, k_mean: torch.Tensor
+) -> dict[str, float]:
+    """Relative error ``sum |o_hat - o|^2 / sum |o|^2`` of one layer's attention output with
+    K/V stored by each of ``methods`` (queries, keys and values of every captured window).
+
+    Args:
+        methods: resolved token-wise methods (no group size).
+        layer_data: the layer's captured windows (see :func:`capture_qkv`).
+        k_mean: ``[num_kv_heads, head_dim]`` key mean (used by methods that center keys).
+    """
+    num = dict.fromkeys((m.name for m in methods), 0.0)
+    den = 0.0
+    for q, k, v, scale, window, pos in layer_data:
+        ref = causal_attention(q, k, v, scale, window, pos)
+        den += float(ref.pow(2).sum())
+        # a key format is (bits, block, centering), a value format (bits, block if -kv)
+        keys: dict[tuple, torch.Tensor] = {}
+        values: dict[tuple, torch.Tensor] = {}
+        for m in methods:
+            kf = (m.bits, m.had_block, m.center_k)
+            vf = (m.bits, m.had_block if m.rotate_v else None)
+            if kf not in keys:
+                keys[kf] = fake_quant_heads(k, m.bits, m.had_block, k_mean if m.center_k else None)
+            if vf not in values:
+                values[vf] = fake_quant_heads(v, *vf, None)
+            out = causal_attention(q, keys[kf], values[vf], scale, window, pos)
+            num[m.name] += float((out - ref).pow(2).sum())
+    return {name: n / max(den, 1e-30) for name, n in num.items()}
+
+
+def best_formats(
+    captured: dict,
+    k_means: torch.Tensor,
+    candidates: list[KVMethod],
+    progress: Progress | None = None,
+    stage: str = "formats",
+) -> tuple[list[KVMethod], list[dict[str, float]]]:
+    """Per layer, the candidate with the lowest attention-output error, and all errors."""
+    chosen, errors = [], []
+    layers = sorted(captured)
+    for i, layer in enumerate(layers):
+        errs = format_errors(candidates, captured[layer], k_means[layer])
+        chosen.append(min(candidates, key=lambda m: (errs[m.name], m.name)))
+        errors.append(errs)
+        if progress is not None:
+            progress(stage, i + 1, len(layers))
+    return chosen, errors
+
+
+# ---- 3. end-to-end sensitivity ---------------------------------------------------------------
+def kl_per_token(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(ref) || softmax(logits))`` per position: ``[..., V]`` -> ``[...]``."""
+    lp_ref = F.log_softmax(ref_logits.float(), -1)
+    return (lp_ref.exp() * (lp_ref - F.log_softmax(logits.float(), -1))).sum(-1)
+
+
+class _FakeQuantLayer(DynamicLayer):
+    """A plain layer that stores K/V as :func:`fake_quant_heads` returns them (calibration
+    only: the same numerics as :class:`~sawkv.hf.SawKVLayer` without its byte bookkeeping,
+    which would cost more than the model on a CPU)."""
+
+    def __init__(self, method: KVMethod, k_mean: torch.Tensor | None):
+        super().__init__()
+        self.method, self.k_mean = method, k_mean
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        m, mu = self.method, self.k_mean if self.method.center_k else None
+        hb_v = m.had_block if m.rotate_v else None
+        k = torch.stack([fake_quant_heads(x.float(), m.bits, m.had_block, mu) for x in key_states])
+        v = torch.stack([fake_quant_heads(x.float(), m.bits, hb_v, None) for x in value_states])
+        k, v = k.to(key_states.dtype), v.to(value_states.dtype)
+        return super().update(k, v, *args, **kwargs)
+
+
+def fake_quant_cache(layers: list[KVMethod], k_means: torch.Tensor | None) -> Cache:
+    """A transformers cache whose layer ``i`` reads K/V quantized by ``layers[i]``."""
+    means = [None if k_means is None else k_means[i].float() for i in range(len(layers))]
+    return Cache(layers=[_FakeQuantLayer(m, mu) for m, mu in zip(layers, means)])
+
+
+@torch.no_grad()
+def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], k_means,
+             progress: Progress | None = None) -> list[float]:  # fmt: skip
+    """Mean per-token KL to full precision for each config (``config[i]``: layer i's format).
+
+    Windows are the outer loop so only one window's reference logits (``[S, vocab]``) are
+    alive at a time (Gemma's vocabulary is 262K).
+    """
+    num_layers = attention_shape(model.config)[0]
+    device = next(model.parameters()).device
+    totals, count, done = [0.0] * len(configs), 0, 0
+    for w in windows:
+        ids = w[None].to(device)
+        plain = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
+        ref = model(ids, past_key_values=plain, use_cache=True).logits[0]
+        for j, layers in enumerate(configs):
+            cache = fake_quant_cache(list(layers), k_means)
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[0]
+            totals[j] += float(kl_per_token(ref, logits).sum())
+            done += 1
+            if progress is not None:
+                progress("sensitivity", done, len(windows) * len(configs))
+        count += ids.shape[1]
+    return [t / count for t in totals]
+
+
+def num_high_layers(num_layers: int, low_bits: float, high_bits: float, budget: float) -> int:
+    """Most layers that can take the high format with the average within ``budget``."""
+    if budget < low_bits - 1e-9:
+        raise ValueError(
+            f"budget {budget:.4f} bits per element is below the low format's {low_bits:.4f}"
+        )
+    n = math.floor(num_layers * (budget - low_bits) / (high_bits - low_bits) + 1e-9)
+    return max(0, min(num_layers, n))
+
+
+def calibrate_recipe(
+    model, tokenizer, cfg: RecipeConfig | None = None, progress: Progress | None = None
+) -> Recipe:
+    """Build a :class:`Recipe` for ``model`` (steps in the module docstring).
+
+    Args:
+        model, tokenizer: a transformers causal LM (fp32 recommended) and its tokenizer.
+        cfg: :class:`RecipeConfig`.
+        progress: optional callable ``(stage, done, total)``.
+    Returns:
+        the recipe, with its key means and calibration facts in ``info``.
+    """
+    cfg = cfg or RecipeConfig()
+    t0 = time.perf_counter()
+    num_layers, num_kv_heads, head_dim = attention_shape(model.config)
+    budget = cfg.budget if cfg.budget is not None else default_budget(head_dim)
+    if budget < plain_int4_bits(head_dim) - 1e-9:
+        raise ValueError(
+            f"budget {budget} is below plain per-token INT4 at head_dim {head_dim} "
+            f"({plain_int4_bits(head_dim)} bits per element): no servable recipe fits"
+        )
+    per_text = calib_windows(tokenizer, cfg)
+    windows = torch.cat(per_text)
+    captured = capture_qkv(model, windows, cfg.num_queries, progress)
+    k_means = key_means_of(captured)
+    low, low_err = best_formats(
+        captured, k_means, candidate_formats(head_dim, 4, cfg.min_had_block), progress, "int4"
+    )
+    # INT8 errors are ~256x smaller and barely depend on the transform: a layer's INT8 format
+    # keeps its INT4 transform (Hadamard block, -kv, -kc).
+    high = [replace(m, bits=cfg.high_bits) for m in low]
+    del captured
+    sens_windows = [w[0, : cfg.sens_len + (w.shape[1] - cfg.window_len)] for w in per_text]
+    n_high = num_high_layers(
+        num_layers, plain_int4_bits(head_dim), cfg.high_bits + 32 / head_dim, budget
+    )
+    # End-to-end KL is the truth but costs a forward per layer and window: only the layers
+    # whose INT4 attention-output error is largest are probed (all of them if asked).
+    errs = [e[m.name] for e, m in zip(low_err, low)]
+    by_err = sorted(range(num_layers), key=lambda i: (-errs[i], i))
+    probed = sorted(by_err[: cfg.num_sens_layers or num_layers]) if n_high else []
+    configs = [low] + [low[:i] + [high[i]] + low[i + 1 :] for i in probed]
+    kls = mean_kls(model, sens_windows, configs, k_means, progress)
+    kl_low = kls[0]
+    drops = {i: kl_low - kl for i, kl in zip(probed, kls[1:])}
+    order = sorted(probed, key=lambda i: (-drops[i], i))
+    promoted = sorted(order[:n_high])
+    layers = [high[i] if i in promoted else low[i] for i in range(num_layers)]
+    # the recipe itself differs from the single-layer probes only when n_high > 1
+    if len(promoted) == 1:
+        kl_recipe = kls[1 + probed.index(promoted[0])]
+    elif not promoted:
+        kl_recipe = kl_low
+    else:
+        kl_recipe = mean_kls(model, sens_windows, [layers], k_means)[0]
+    info = {
+        "texts": list(cfg.texts),
+        "tokens_per_text": cfg.tokens_per_text,
+        "window_len": cfg.window_len,
+        "sens_len": cfg.sens_len,
+        "int8_layers": promoted,
+        "kl_all_int4": kl_low,
+        "kl_recipe": kl_recipe,
+        "kl_drop_int8": {str(i): d for i, d in drops.items()},
+        "int4_attn_error": errs,
+        "int8_formats": [m.name for m in high],
+        "seconds": round(time.perf_counter() - t0, 1),
+        **cfg.extra,
+    }
+    use_means = any(m.center_k for m in layers)
+    return Recipe(tuple(layers), head_dim, num_kv_heads, k_means if use_means else None,
+                  budget, info)  # fmt: skip
+
+
+@contextlib.contextmanager
+def rich_progress(title: str):
+    """A rich progress bar, one row per stage; yields the ``(stage, done, total)`` callable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    cols = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn())  # fmt: skip
+    with Progress(*cols) as bar:
+        bar.console.log(title)
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+            if done == total:  # one line per stage: bars do not render in logs (nohup runs)
+                bar.console.log(f"{stage}: {total}/{total}")
+
+        yield update

@@ -1,0 +1,252 @@
+"""``saw-int4``: a calibrated per-layer KV format (a *recipe*) and the default method name.
+
+A :class:`Recipe` gives every layer its own servable token-wise format (an ordinary
+:class:`~sawkv.quant.methods.KVMethod`): INT4 with Hadamard block b (or none), K-only or K+V
+rotation, key centering on or off, or INT8 for the few layers that are most sensitive. It also
+carries the calibrated key means (``-kc``), so one file holds everything a cache needs::
+
+    ~/.cache/sawkv/<model>/saw_int4_recipe.safetensors
+        tensor  "k_means"  [num_layers, num_kv_heads, head_dim] fp32
+        metadata "recipe"   JSON: layer method names, head_dim, budget, calibration info
+
+``parse_method("saw-int4")`` gives :data:`SAW_INT4` (a :class:`SawInt4` placeholder); the cache
+or engine that knows the model replaces it by the model's recipe (``sawkv calibrate`` builds it,
+and it is built on first use). Models without weights (dummy presets) have no statistics to
+calibrate on: they use :data:`SAW_INT4_FALLBACK`, a fixed method.
+
+Everything here is pure torch and servable: importing it never loads an evaluation baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sawkv.defaults import DEFAULT_KV_METHOD  # noqa: F401  re-exported
+from sawkv.quant.methods import KVMethod, parse_method
+
+SAW_INT4_NAME = "saw-int4"
+# What saw-int4 means where no recipe can exist (dummy weights: no key statistics, so no
+# centering): INT4 with a Hadamard block of min(128, head_dim) on keys and values.
+SAW_INT4_FALLBACK = "int4-bdr-kv"
+RECIPE_FILE = "saw_int4_recipe.safetensors"
+# Default budget: this many bits per element above plain per-token INT4 of the head_dim.
+BUDGET_MARGIN = 0.25
+
+
+def plain_int4_bits(head_dim: int) -> float:
+    """Bits per element of per-token INT4 with one fp16 (scale, min) pair: ``4 + 32 / d``."""
+    return 4.0 + 32.0 / head_dim
+
+
+def default_budget(head_dim: int) -> float:
+    """The default recipe budget: 4.75 at d=64, 4.5 at d=128, 4.375 at d=256."""
+    return plain_int4_bits(head_dim) + BUDGET_MARGIN
+
+
+@dataclass(frozen=True)
+class SawInt4:
+    """The name ``saw-int4`` before it is tied to a model (see :func:`Recipe.load`).
+
+    Satisfies the method protocol loosely: it resolves to itself and reports the default
+    budget as its nominal bits per element; caches replace it by the model's :class:`Recipe`.
+    """
+
+    name: str = SAW_INT4_NAME
+    kind: str = "recipe"
+    is_servable = True
+    is_quantized = True
+    center_k = False  # the recipe carries its own key means
+    rotate_v = False
+    needs_calibration = True
+
+    def __str__(self) -> str:
+        return self.name
+
+    def resolve(self, head_dim: int) -> SawInt4:
+        return self
+
+    def bits_per_element(self, head_dim: int, model_dtype_bits: int = 16) -> float:
+        return default_budget(head_dim)
+
+
+SAW_INT4 = SawInt4()
+
+
+def is_saw_int4(method) -> bool:
+    """True for the name ``saw-int4`` or its unresolved placeholder."""
+    if isinstance(method, str):
+        return method.strip().lower() == SAW_INT4_NAME
+    return isinstance(method, SawInt4)
+
+
+def check_layer_method(m: KVMethod, head_dim: int) -> KVMethod:
+    """Resolve ``m`` and refuse formats the paged engine cannot serve per layer."""
+    m = m.resolve(head_dim)
+    if not (m.kind == "int" and m.bits in (4, 8) and m.group_size is None):
+        raise ValueError(
+            f"recipe layer format {m.name!r} is not servable: a layer must be "
+            "int4 or int8 [-bdr{b}][-kv][-kc] without a group size"
+        )
+    return m
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-layer KV formats of one model, plus its key means.
+
+    Args:
+        layers: one resolved servable :class:`KVMethod` per layer (INT4 or INT8, token-wise).
+        head_dim, num_kv_heads: the model's attention shape.
+        k_means: ``[num_layers, num_kv_heads, head_dim]`` fp32 key means (layers whose format
+            has ``-kc`` subtract them), or None when no layer centers keys.
+        budget: the bits per element the calibration was allowed (metadata included).
+        info: calibration facts (texts, tokens, sensitivities), JSON-serializable.
+    """
+
+    layers: tuple[KVMethod, ...]
+    head_dim: int
+    num_kv_heads: int
+    k_means: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    budget: float | None = None
+    info: dict = field(default_factory=dict, compare=False, repr=False)
+
+    name = SAW_INT4_NAME
+    kind = "recipe"
+    is_servable = True
+    is_quantized = True
+    needs_calibration = False
+    # protocol flags of sawkv.quant.protocol.SeqMethod (encoded once per token, per layer)
+    seq_dependent = False
+    token_wise = True
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a recipe needs at least one layer")
+        object.__setattr__(
+            self, "layers", tuple(check_layer_method(m, self.head_dim) for m in self.layers)
+        )
+        if self.k_means is not None:
+            want = (len(self.layers), self.num_kv_heads, self.head_dim)
+            if tuple(self.k_means.shape) != want:
+                raise ValueError(
+                    f"recipe key means have shape {tuple(self.k_means.shape)}, need {want}"
+                )
+        elif any(m.center_k for m in self.layers):
+            raise ValueError("recipe layers center keys (-kc) but no key means were given")
+        if self.budget is not None and self.bits_per_element() > self.budget + 1e-9:
+            raise ValueError(
+                f"recipe uses {self.bits_per_element():.4f} bits per element, over its budget "
+                f"of {self.budget:.4f}"
+            )
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def center_k(self) -> bool:
+        return any(m.center_k for m in self.layers)
+
+    def layer_method(self, layer_idx: int) -> KVMethod:
+        return self.layers[layer_idx]
+
+    def layer_key_mean(self, layer_idx: int) -> torch.Tensor | None:
+        """``[num_kv_heads, head_dim]`` key mean of a ``-kc`` layer, else None."""
+        if not self.layers[layer_idx].center_k:
+            return None
+        return self.k_means[layer_idx]
+
+    def resolve(self, head_dim: int) -> Recipe:
+        if head_dim != self.head_dim:
+            raise ValueError(f"recipe is for head_dim {self.head_dim}, not {head_dim}")
+        return self
+
+    def bits_per_element(self, head_dim: int | None = None, model_dtype_bits: int = 16) -> float:
+        """Average over layers of each layer's bits per element (metadata included)."""
+        d = self.head_dim if head_dim is None else head_dim
+        return sum(m.bits_per_element(d) for m in self.layers) / self.num_layers
+
+    def fake_quant_seq(
+        self, x: torch.Tensor, *, is_key: bool, layer_idx: int, k_mean=None, start: int = 0
+    ) -> torch.Tensor:
+        """``x [seq, H, d]`` of layer ``layer_idx`` -> what attention reads (model space).
+
+        ``k_mean`` is ignored: the recipe uses its own key means.
+        """
+        m = self.layers[layer_idx]
+        return m.fake_quant(x, is_key=is_key, k_mean=self.layer_key_mean(layer_idx))
+
+    def summary(self) -> str:
+        """Runs of equal layer formats: ``"0-5 int4-bdr64-kv-kc; 6 int8-bdr64-kc; ..."``."""
+        runs: list[list] = []
+        for i, m in enumerate(self.layers):
+            if runs and runs[-1][2] == m.name:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i, m.name])
+        return "; ".join(f"{a}{'' if a == b else f'-{b}'} {n}" for a, b, n in runs)
+
+    def counts(self) -> dict[str, int]:
+        """How many layers use each format."""
+        return dict(Counter(m.name for m in self.layers))
+
+    # ---- storage --------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "method": self.name,
+            "head_dim": self.head_dim,
+            "num_kv_heads": self.num_kv_heads,
+            "budget": self.budget,
+            "bits_per_element": self.bits_per_element(),
+            "layers": [m.name for m in self.layers],
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe (key means + JSON metadata) atomically to ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        means = self.k_means
+        if means is None:  # safetensors needs a tensor; an empty one stands for "none"
+            means = torch.zeros(0)
+        tmp = path.with_suffix(".tmp")
+        save_file(
+            {"k_means": means.float().contiguous()},
+            str(tmp),
+            metadata={"recipe": json.dumps(self.to_json())},
+        )
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe written by :meth:`save` (ValueError naming the file if malformed)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["recipe"])
+                means = f.get_tensor("k_means")
+            head_dim = int(meta["head_dim"])
+            layers = tuple(parse_method(n, head_dim) for n in meta["layers"])
+            return cls(
+                layers=layers,
+                head_dim=head_dim,
+                num_kv_heads=int(meta["num_kv_heads"]),
+                k_means=means if means.numel() else None,
+                budget=meta.get("budget"),
+                info=meta.get("info") or {},
+            )
+        except (KeyError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"malformed saw-int4 recipe file {path}: {e!r}") from None
