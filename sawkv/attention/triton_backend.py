@@ -24,7 +24,6 @@ class TritonBackend(AttentionBackend):
             paged_attention_decode,
             paged_attention_extend,
         )
-        self._configs: dict[tuple, object] = {}
 
     def _decode_config(self, head_dim: int):
         from sawkv.kernels.tiles import DECODE_CONFIG, DECODE_CONFIG_D256

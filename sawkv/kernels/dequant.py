@@ -128,12 +128,19 @@ def dequant_pages(
     return out
 
 
+_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def _hadamard(b: int, device: torch.device) -> torch.Tensor:
-    """Normalized Sylvester Hadamard ``[b, b]`` fp32 (symmetric, orthogonal)."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < b:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / b**0.5).to(device)
+    """Normalized Sylvester Hadamard ``[b, b]`` fp32 (symmetric, orthogonal), built once per
+    (size, device). Kernels are leaves, so this does not import ``sawkv.quant.hadamard``."""
+    key = (b, str(device))
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1)
+        while h.shape[0] < b:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = (h / b**0.5).to(device)
+    return _HADAMARD[key]
 
 
 def _rotate(x: torch.Tensor, had_block: int) -> torch.Tensor:
