@@ -78,7 +78,7 @@ def run_method(args, method: str) -> list[dict]:
         engine.abort_request(f"d{i}")
     for r in rows:
         print(f"prefill {method} load={r['load']}: {r['tok_s']:.0f} tok/s", flush=True)
-    del engine
+    engine.shutdown()  # frees its pages and graphs before the next method sizes its cache
     return rows
 
 

@@ -91,6 +91,19 @@ class LLMEngine:
                 "cache more memory"
             )
 
+    def shutdown(self) -> None:
+        """Abort every request and release the GPU memory (weights, pages, CUDA graphs) and any
+        tensor-parallel workers, so a second engine can start in this process. Idempotent."""
+        for rid in list(self.seqs):
+            self.abort_request(rid)
+        runner, self.runner = getattr(self, "runner", None), None
+        if runner is None:
+            return
+        if hasattr(runner, "shutdown"):
+            runner.shutdown()
+        if hasattr(runner, "close"):
+            runner.close()
+
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

@@ -144,6 +144,22 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    def close(self) -> None:
+        """Drop this runner's GPU state (CUDA graphs, pages, weights) so another engine in the
+        same process can size its cache; the graphs hold a reference back to the runner, so
+        without this the memory waits for the cycle collector. Idempotent; the runner is
+        unusable afterwards."""
+        self.graphs = None
+        self.kv = None
+        self.model = None
+        self.backends = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
     # ---- per step -------------------------------------------------------------------------
     def call(self, method: str, *args):
         """Run ``method`` on this runner (tensor parallelism runs it on every rank)."""

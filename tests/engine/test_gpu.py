@@ -104,3 +104,27 @@ def test_mixed_step_triton_matches_torch(model_dir, kv):
         logits.append(out.log_softmax(-1))
     kl = (logits[0].exp() * (logits[0] - logits[1])).sum(-1)
     assert kl.max() < 2e-2, kl
+
+
+def test_shutdown_frees_memory_for_the_next_engine(model_dir):
+    """Two engines in one process (a benchmark over methods): after ``shutdown`` the second one
+    profiles and sizes its cache without counting the first one's pages and graphs."""
+    from sawkv.engine.llm_engine import LLMEngine
+
+    def build():
+        return LLMEngine.from_args(model_dir, "int4-bdr128", load_format="dummy",
+                                   dtype="bfloat16", max_model_len=2048,
+                                   gpu_memory_utilization=0.5)  # fmt: skip
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    first = build()
+    n_first = first.runner.num_blocks
+    first.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4))
+    first.shutdown()
+    first.shutdown()  # idempotent
+    assert not first.has_unfinished_requests()
+    assert torch.cuda.memory_allocated() - base < 64 * 2**20
+    second = build()
+    assert second.runner.num_blocks >= 0.99 * n_first
+    second.shutdown()
