@@ -110,7 +110,9 @@ def test_sigterm_drains_then_exits(smollm2_dir):
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
         out = proc.stdout.read()
         # the startup line: model, method, bits per element, pool size, context, address
-        assert re.search(r"sawkv serving smollm2-135m: kv cache \S+ \([\d.]+ bits/element", out), out
+        assert re.search(r"sawkv serving smollm2-135m: kv cache \S+ \([\d.]+ bits/element", out), (
+            out
+        )
         assert "max_model_len 1024" in out and f"http://127.0.0.1:{port}/v1" in out
     finally:
         if proc.poll() is None:
