@@ -495,7 +495,15 @@ def run_write() -> list[dict]:
         nb = max(64, 4 * math.ceil(n / BLOCK_SIZE))
         k = torch.randn(n, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:n].int()
+        # decode-sized writes scatter one token per sequence; prefill-sized ones fill shuffled
+        # pages in position order (whole 16-token groups: the kernel's group path)
+        layout = "scatter" if n <= 64 else "prefill"
+        if layout == "scatter":
+            slots = torch.randperm(nb * BLOCK_SIZE, device="cuda")[:n].int()
+        else:
+            pos = torch.arange(n, device="cuda")
+            pages_of = torch.randperm(nb, device="cuda")[: math.ceil(n / BLOCK_SIZE)]
+            slots = (pages_of[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE).int()
         # baseline: BF16 scatter into the same [nb, H, bs, d] pages with a precomputed row index
         kc = torch.empty(
             nb * NUM_KV_HEADS * BLOCK_SIZE, HEAD_DIM, device="cuda", dtype=torch.bfloat16
@@ -515,6 +523,7 @@ def run_write() -> list[dict]:
         rows.append(
             dict(
                 num_tokens=n,
+                layout=layout,
                 method="bf16-index_copy",
                 us=base_us,
                 bytes=base_bytes,
@@ -523,12 +532,18 @@ def run_write() -> list[dict]:
             )
         )
         k_mean = k.float().mean(0)
-        for name, (bits, had, rot_v, mean) in WRITE_FORMATS.items():
+        formats = dict(WRITE_FORMATS)
+        if layout == "prefill":  # the per-token scatter on the same slots, for comparison
+            formats["int4-bdr128-token-path"] = (4, 128, False, False)
+        for name, (bits, had, rot_v, mean) in formats.items():
             pages = make_pages(nb, bits)
             km = k_mean if mean else None
+            groups = not name.endswith("token-path")
 
-            def fn(k=k, v=v, pages=pages, slots=slots, km=km, bits=bits, had=had, rot_v=rot_v):
-                cache_write(k, v, *pages, slots, km, bits=bits, had_block=had, rotate_v=rot_v)
+            def fn(k=k, v=v, pages=pages, slots=slots, km=km, bits=bits, had=had, rot_v=rot_v,
+                   groups=groups):  # fmt: skip
+                cache_write(k, v, *pages, slots, km, bits=bits, had_block=had, rotate_v=rot_v,
+                            group_path=groups)  # fmt: skip
 
             us = bench_graphs([fn])
             per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
@@ -536,6 +551,7 @@ def run_write() -> list[dict]:
             rows.append(
                 dict(
                     num_tokens=n,
+                    layout=layout,
                     method=name,
                     us=us,
                     bytes=nbytes,

@@ -31,6 +31,27 @@ ROT_PREC: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
+def _quantize(lo, hi, BITS: tl.constexpr):
+    """Rows ``[lo | hi]`` (each ``[R, DH]`` fp32) -> codes ``(c_lo, c_hi)`` uint8 ``[R, DH]``
+    and per-row fp16 ``(scale, min)`` ``[R]``, as ``sawkv.quant.int4.quantize_int``."""
+    qmax = 2.0**BITS - 1.0
+    lo = tl.minimum(tl.maximum(tl.where(lo != lo, 0.0, lo), -65504.0), 65504.0)
+    hi = tl.minimum(tl.maximum(tl.where(hi != hi, 0.0, hi), -65504.0), 65504.0)
+    mn = tl.minimum(tl.min(lo, axis=1), tl.min(hi, axis=1))
+    mx = tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1))
+    scale16 = ((mx - mn) / qmax).to(tl.float16)
+    mn16 = mn.to(tl.float16)
+    scale = scale16.to(tl.float32)
+    mnf = mn16.to(tl.float32)
+    inv = tl.where(scale > 0, tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
+    c_lo = tl.floor((lo - mnf[:, None]) * inv[:, None] + 0.5)
+    c_hi = tl.floor((hi - mnf[:, None]) * inv[:, None] + 0.5)
+    c_lo = tl.minimum(tl.maximum(c_lo, 0.0), qmax).to(tl.uint8)
+    c_hi = tl.minimum(tl.maximum(c_hi, 0.0), qmax).to(tl.uint8)
+    return c_lo, c_hi, scale16, mn16
+
+
+@triton.jit
 def _quantize_store(
     lo,  # [BLOCK_T, DH] fp32, first half of each row
     hi,  # [BLOCK_T, DH] fp32, second half
@@ -51,20 +72,7 @@ def _quantize_store(
         tl.store(page_ptr + page_row[:, None] + cols, lo.to(ty), mask=m2)
         tl.store(page_ptr + page_row[:, None] + DH + cols, hi.to(ty), mask=m2)
     else:
-        qmax = 2.0**BITS - 1.0
-        lo = tl.minimum(tl.maximum(tl.where(lo != lo, 0.0, lo), -65504.0), 65504.0)
-        hi = tl.minimum(tl.maximum(tl.where(hi != hi, 0.0, hi), -65504.0), 65504.0)
-        mn = tl.minimum(tl.min(lo, axis=1), tl.min(hi, axis=1))
-        mx = tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1))
-        scale16 = ((mx - mn) / qmax).to(tl.float16)
-        mn16 = mn.to(tl.float16)
-        scale = scale16.to(tl.float32)
-        mnf = mn16.to(tl.float32)
-        inv = tl.where(scale > 0, tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
-        c_lo = tl.floor((lo - mnf[:, None]) * inv[:, None] + 0.5)
-        c_hi = tl.floor((hi - mnf[:, None]) * inv[:, None] + 0.5)
-        c_lo = tl.minimum(tl.maximum(c_lo, 0.0), qmax).to(tl.uint8)
-        c_hi = tl.minimum(tl.maximum(c_hi, 0.0), qmax).to(tl.uint8)
+        c_lo, c_hi, scale16, mn16 = _quantize(lo, hi, BITS)
         # canonical byte j of the row goes where the group's byte table puts it
         perm_row = perm_ptr + in_group[:, None] * (DH if BITS == 4 else 2 * DH) + cols
         dest = page_ptr + page_row[:, None] + tl.load(perm_row, mask=m2, other=0)
@@ -178,6 +186,7 @@ def cache_write(
     rotate_v,
     block_t: int | None = None,
     num_warps: int | None = None,
+    group_path: bool = True,
 ) -> None:
     """Center, rotate, quantize and scatter new K/V tokens into one layer's pages (in place).
 
@@ -195,6 +204,8 @@ def cache_write(
         bits: 4, 8 or 16. had_block: Hadamard block (0 = no rotation). rotate_v: rotate values.
         block_t, num_warps: tuning knobs (tokens per program, a power of two >= 16; warps);
             None picks them from the shape.
+        group_path: INT4/INT8 pages: store whole 16-token groups as contiguous runs
+            (``write_groups.py``; same bytes); False forces the per-token scatter.
 
     Keys are stored as ``R (k - mu)``, values as ``R v`` (rotate_v) or ``v``.
     """
@@ -214,44 +225,31 @@ def cache_write(
         raise ValueError("k_mean must be contiguous in its last dim")
     if num_tokens == 0:
         return
+    k_meta_arg = k_cache if k_meta is None else k_meta
+    v_meta_arg = v_cache if v_meta is None else v_meta
+    meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
+    k_perm, v_perm = _perm_args(bits, head_dim, k.device)
+    args = (
+        k, v, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, slot_mapping,
+        k if k_mean is None else k_mean, num_tokens,
+        1.0 / math.sqrt(had_block) if had_block else 1.0,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        0 if k_mean is None else k_mean.stride(0), *k_cache.stride()[:3], *meta_strides,
+    )  # fmt: skip
+    consts = dict(BLOCK_SIZE=k_cache.shape[2], D=head_dim, BITS=bits, HAD=had_block,
+                  ROT_V=bool(rotate_v and had_block), HAS_MEAN=k_mean is not None)  # fmt: skip
+    if group_path and bits != 16 and block_t is None:
+        from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel
+
+        grid = (triton.cdiv(num_tokens, 16), num_kv_heads)
+        _cache_write_groups_kernel[grid](*args, **consts, NONE=_NONE, num_warps=num_warps or 4)
+        return
     auto_t, auto_w = _pick_launch(num_tokens, head_dim, had_block)
     block_t, num_warps = block_t or auto_t, num_warps or auto_w
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
-    k_meta_arg = k_cache if k_meta is None else k_meta
-    v_meta_arg = v_cache if v_meta is None else v_meta
-    meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
     grid = (triton.cdiv(num_tokens, block_t), num_kv_heads)
-    k_perm, v_perm = _perm_args(bits, head_dim, k.device)
-    _cache_write_kernel[grid](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        k_meta_arg,
-        v_meta_arg,
-        k_perm,
-        v_perm,
-        slot_mapping,
-        k if k_mean is None else k_mean,
-        num_tokens,
-        1.0 / math.sqrt(had_block) if had_block else 1.0,
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        0 if k_mean is None else k_mean.stride(0),
-        *k_cache.stride()[:3],
-        *meta_strides,
-        BLOCK_SIZE=k_cache.shape[2],
-        D=head_dim,
-        BITS=bits,
-        HAD=had_block,
-        ROT_V=bool(rotate_v and had_block),
-        HAS_MEAN=k_mean is not None,
-        BLOCK_T=block_t,
-        num_warps=num_warps,
-    )
+    _cache_write_kernel[grid](*args, **consts, BLOCK_T=block_t, num_warps=num_warps)
 
 
 def _interpreting() -> bool:

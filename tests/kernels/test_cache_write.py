@@ -89,6 +89,78 @@ def test_cache_write_matches_reference(d, h, n, bs, bits, had, rot_v, mean, dtyp
         assert ulps.max() <= (0 if had == 0 else 1.0)
 
 
+def _prefill_slots(chunks, bs, num_blocks, seed):
+    """Slots of a batch of prefill chunks: sequence i writes positions ``start .. start + n``
+    of its own shuffled pages; -1 padding between sequences."""
+    g = torch.Generator().manual_seed(seed)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    out = []
+    for start, n in chunks:
+        pages = [free.pop() for _ in range((start + n + bs - 1) // bs)]
+        pos = torch.arange(start, start + n)
+        out.append(torch.tensor(pages)[pos // bs] * bs + pos % bs)
+        out.append(torch.tensor([-1]))
+    return torch.cat(out).int()
+
+
+# (head_dim, block_size, bits, had_block, rotate_v, chunks (start, length) per sequence)
+GROUP_CASES = [
+    (64, 16, 4, 0, False, [(0, 48), (5, 40), (16, 3)]),
+    (128, 32, 4, 128, True, [(0, 37), (30, 50), (0, 16)]),
+    (128, 16, 8, 0, False, [(7, 41), (0, 33)]),
+    (256, 64, 8, 64, True, [(0, 70), (1, 15)]),
+    (64, 32, 8, 32, False, [(3, 60)]),
+    (256, 16, 4, 256, False, [(16, 33), (0, 5)]),
+]
+
+
+@pytest.mark.parametrize("d, bs, bits, had, rot_v, chunks", GROUP_CASES)
+def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, chunks):
+    """Prefill-shaped slot maps (whole groups, ragged starts and ends, padding, groups split
+    across tiles) through the group path: the same bytes as the reference (as above) and,
+    without rotation, exactly the per-token path's."""
+    h = 2
+    num_blocks = sum((s + n + bs - 1) // bs for s, n in chunks) + 3
+    slots = _prefill_slots(chunks, bs, num_blocks, seed=d + bits)
+    n = slots.numel()
+    g = torch.Generator().manual_seed(n)
+    k = 3 * torch.randn(n, h, d, generator=g) + 1
+    v = torch.randn(n, h, d, generator=g)
+    k_mean = k.mean(0)
+    flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
+    pages = [empty_pages(num_blocks, h, bs, d, bits, torch.float32, seed=1) for _ in range(3)]
+    ours, tokens, ref = pages
+    cache_write(k, v, *ours, slots, k_mean, **flags)
+    cache_write(k, v, *tokens, slots, k_mean, **flags, group_path=False)
+    cache_write_ref(k, v, *ref, slots, k_mean, **flags)
+    for page, want, tok in zip(ours[:2], ref[:2], tokens[:2]):
+        diff = (_codes(page, bits) - _codes(want, bits)).abs()
+        assert diff.max() <= (0 if had == 0 else 1)
+        assert (diff > 0).float().mean() < 5e-3
+        if had == 0:
+            assert torch.equal(page, tok)
+    for meta, want in zip(ours[2:], ref[2:]):
+        assert torch.equal(meta.isnan(), want.isnan())  # every written token, nothing else
+        written = ~want.isnan()
+        assert _fp16_ulps(meta[written], want[written]).max() <= (0 if had == 0 else 1.0)
+
+
+def test_group_path_checks_every_slot_of_a_run():
+    """A run whose first and last slots look like a whole group but whose middle is shuffled
+    must not be stored as one: each token still lands in its own slot."""
+    d, bs = 64, 16
+    slots = torch.arange(32).int()
+    slots[3], slots[9] = 9, 3  # still starts at 0 mod 16 and ends 15 later
+    k = torch.randn(32, 1, d)
+    v = torch.randn(32, 1, d)
+    ours = empty_pages(3, 1, bs, d, 4)
+    ref = tuple(t.clone() for t in ours)
+    cache_write(k, v, *ours, slots, None, bits=4, had_block=0, rotate_v=False)
+    cache_write_ref(k, v, *ref, slots, None, bits=4, had_block=0, rotate_v=False)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def test_awkward_values_match_reference_exactly():
     """NaN -> 0, +-inf saturate to +-65504, constant rows get scale 0 (no division by zero)."""
     k = torch.randn(4, 1, 64)
