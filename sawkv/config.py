@@ -260,6 +260,9 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks sharing heads, MLP and vocabulary (sawkv.distributed)
     batch_invariant: bool | None = None
+    # overlap the host's scheduling of step N+1 with the device's step N (a sampled token is a
+    # device-side placeholder until the next step is launched; see LLMEngine._step_async)
+    async_scheduling: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -274,6 +277,8 @@ class EngineConfig:
             parse_dtype(self.dtype)
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling does not support tensor_parallel_size > 1 yet")
         if self.batch_invariant and (
             self.torch_device.type != "cpu" or self.tensor_parallel_size > 1
         ):

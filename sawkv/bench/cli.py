@@ -215,6 +215,9 @@ def throughput_cmd(
     num_gpu_blocks: Annotated[int | None, typer.Option()] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option()] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
+    async_scheduling: Annotated[
+        bool, typer.Option(help="plan the next step while the GPU runs this one")
+    ] = False,
     seed: Annotated[int, typer.Option()] = 0,
     json_path: JsonPath = None,
     append: Append = False,
@@ -232,7 +235,8 @@ def throughput_cmd(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         engine = build_engine(model, kv_cache_dtype, load_format=load_format, device=device,
-                              enforce_eager=enforce_eager, seed=seed, **kwargs)  # fmt: skip
+                              enforce_eager=enforce_eager, async_scheduling=async_scheduling,
+                              seed=seed, **kwargs)  # fmt: skip
     except ValueError as e:  # bad method, model or engine argument: say which
         raise typer.BadParameter(str(e)) from None
     label = method or engine.spec.method.name

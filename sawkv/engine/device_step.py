@@ -68,15 +68,26 @@ def _to_device(parts: list[np.ndarray], dtype, device: torch.device) -> list[tor
     return list(torch.split(buf, [len(p) for p in parts]))
 
 
-def upload(inputs: StepInputs, block_table: BlockTable, block_size: int) -> DeviceStep:
-    """Apply the step's block-table edits and put its inputs on the device."""
+def upload(
+    inputs: StepInputs,
+    block_table: BlockTable,
+    block_size: int,
+    feed_tokens: torch.Tensor | None = None,
+) -> DeviceStep:
+    """Apply the step's block-table edits and put its inputs on the device. ``feed_tokens``
+    (``[n]`` int64 on the device, the previous step's samples) fill the placeholder input ids
+    (``inputs.feed_index``) without a round trip through the host."""
     dev = block_table.table.device
     mixed = not inputs.is_decode and inputs.num_decode_seqs > 0
     rows, lens = _decode_rows(inputs) if mixed else (np.zeros(0, np.int32),) * 2
-    ids, pos, slots, logits_idx, t_index = _to_device(
+    ids, pos, slots, logits_idx, t_index, f_index, f_src = _to_device(
         [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.logits_indices,
-         inputs.table_index], np.int64, dev,
+         inputs.table_index, inputs.feed_index, inputs.feed_src], np.int64, dev,
     )  # fmt: skip
+    if len(inputs.feed_index):
+        if feed_tokens is None:
+            raise RuntimeError("the step has placeholder input ids but no sampled tokens to feed")
+        ids[f_index] = feed_tokens[f_src]
     seq_lens, qsl, t_rows, t_values, d_rows, d_lens = _to_device(
         [inputs.seq_lens, inputs.query_start_loc, inputs.table_rows, inputs.table_values,
          rows, lens], np.int32, dev,

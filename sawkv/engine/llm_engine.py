@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from sawkv.cache.block_manager import BlockManager
 from sawkv.cache.kv_cache import KVCacheSpec, load_key_means
@@ -17,10 +20,26 @@ from sawkv.engine.profiler import StepProfiler
 from sawkv.engine.sampler import Sampler
 from sawkv.engine.sampling_params import SamplingParams
 from sawkv.engine.scheduler import Scheduler
-from sawkv.engine.sequence import Sequence
+from sawkv.engine.sequence import Sequence, SequenceStatus
+from sawkv.engine.step_inputs import PLACEHOLDER
 from sawkv.models.loader import resolve_model
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    """A launched step whose samples are still on their way to the host (async scheduling).
+
+    ``seqs[i]`` sampled ``tokens[i]`` (device tensor) into the placeholder at
+    ``seqs[i].token_ids[slots[i]]``; ``host`` receives a copy, complete once ``event`` fires."""
+
+    seqs: list[Sequence]
+    slots: list[int]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    rows: dict[str, int]
 
 
 class LLMEngine:
@@ -77,6 +96,8 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.profiler: StepProfiler | None = None
+        self.scheduler.max_model_len = self.max_model_len
+        self._pending: _Pending | None = None
 
     @classmethod
     def from_args(cls, model: str, kv_cache_dtype: str = "auto", **kwargs) -> LLMEngine:
@@ -96,6 +117,7 @@ class LLMEngine:
         tensor-parallel workers, so a second engine can start in this process. Idempotent."""
         for rid in list(self.seqs):
             self.abort_request(rid)
+        self._pending = None
         runner, self.runner = getattr(self, "runner", None), None
         if runner is None:
             return
@@ -134,11 +156,16 @@ class LLMEngine:
             self.seqs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pending is not None
 
     # ---- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; return outputs of requests that advanced."""
+        """Schedule, run the model once, sample; return outputs of requests that advanced.
+
+        With ``async_scheduling`` the outputs are those of the previous step: see
+        :meth:`_step_async`."""
+        if self.config.async_scheduling:
+            return self._step_async()
         prof = self.profiler
         if prof is not None:
             prof.begin()
@@ -172,6 +199,106 @@ class LLMEngine:
             prof.end(inputs.kind, inputs.num_seqs, inputs.num_tokens)
         return outs
 
+    def _step_async(self) -> list[RequestOutput]:
+        """Launch step N, then read back step N-1's samples while the device runs step N.
+
+        Step N is planned before N-1's tokens are known: each sampled token stands in its
+        sequence as a :data:`PLACEHOLDER` (counts and pages are right; the value is not), and
+        the device copies it from N-1's sample tensor into N's inputs. What N-1's tokens decide
+        is applied one step late: a sequence that stopped at N-1 (EOS, stop token or string)
+        has run once more in step N, whose sample is dropped; prefix-cache pages are registered
+        once their tokens are known. Sequences at ``max_tokens`` or ``max_model_len`` are not
+        scheduled again, so only stops on a token's value cost a step."""
+        prof = self.profiler
+        if prof is not None:
+            prof.begin()
+        batch = self.scheduler.schedule()
+        launched = inputs = None
+        prev = self._pending
+        if prof is not None:
+            prof.mark("schedule")
+        if batch.seqs:
+            inputs = self.runner.plan(batch, prev.rows if prev is not None else None)
+            if prof is not None:
+                prof.mark("plan")
+                prof.device_begin()
+            logits = self.runner.execute(inputs, prev.tokens if prev is not None else None)
+            if prof is not None:
+                prof.device_end(wait=False)
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                if seq.num_computed_tokens < seq.num_prompt_tokens:
+                    self.num_prompt_tokens_total += min(
+                        seq.num_prompt_tokens - seq.num_computed_tokens, n
+                    )
+                seq.num_computed_tokens += n
+            if logits is not None:
+                seqs = [batch.seqs[i] for i in inputs.sampled_seqs.tolist()]
+                tokens = self.sampler.sample(
+                    logits, [s.params for s in seqs], [s.generator for s in seqs]
+                )
+                launched = self._launch_readback(seqs, tokens)
+            if prof is not None:
+                prof.mark("execute")
+        self._pending = None
+        outs = self._read_back(prev) if prev is not None else []
+        for seq in batch.seqs:  # their computed tokens are all known now
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.register_full_blocks(seq)
+        self._pending = launched
+        if prof is not None and inputs is not None:
+            prof.mark("post")
+            prof.end(inputs.kind, inputs.num_seqs, inputs.num_tokens)
+        return outs
+
+    def _launch_readback(self, seqs: list[Sequence], tokens: torch.Tensor) -> _Pending:
+        """Append a placeholder per sampled sequence and start copying ``tokens`` to the host
+        (pinned memory, non-blocking: the copy is queued before the next step's forward)."""
+        slots = []
+        for seq in seqs:
+            slots.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+        event = None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = tokens
+        rows = {seq.request_id: i for i, seq in enumerate(seqs)}
+        return _Pending(seqs, slots, tokens, host, event, rows)
+
+    def _read_back(self, p: _Pending) -> list[RequestOutput]:
+        """Put step N-1's samples in place of their placeholders and apply stops."""
+        if p.event is not None:
+            p.event.synchronize()
+        outs = []
+        for seq, slot, token in zip(p.seqs, p.slots, p.host.tolist()):
+            if seq.is_finished:  # aborted, or stopped one step earlier
+                continue
+            seq.token_ids[slot] = token
+            seq.output_ids.append(token)
+            self.num_generation_tokens_total += 1
+            reason = self._check_stop(seq, token, num_tokens=slot + 1)
+            if reason is not None:
+                del seq.token_ids[slot + 1 :]  # a later placeholder of the dropped step
+                if seq in self.scheduler.waiting:  # preempted while its token was pending
+                    self.scheduler.waiting.remove(seq)
+                self.scheduler.finish(seq, reason)
+                self.seqs.pop(seq.request_id, None)
+            outs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    prompt_token_ids=seq.prompt_token_ids,
+                    new_token_ids=[token],
+                    output_token_ids=seq.output_ids,
+                    finished=reason is not None,
+                    finish_reason=reason,
+                    text=seq.text,
+                )
+            )
+        return outs
+
     # ---- profiling --------------------------------------------------------------------------
     def start_profile(self) -> None:
         """Record a host / device time breakdown of every following step (see
@@ -203,8 +330,13 @@ class LLMEngine:
             text=seq.text,
         )
 
-    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+    def _check_stop(self, seq: Sequence, token: int, num_tokens: int | None = None) -> str | None:
+        """Why ``seq`` stops after ``token`` (None: it goes on). ``num_tokens``: its length
+        with that token (default: all of ``token_ids``; async scheduling may have appended
+        placeholders after it)."""
         p = seq.params
+        num_tokens = seq.num_tokens if num_tokens is None else num_tokens
+        num_output = num_tokens - seq.num_prompt_tokens
         # Text costs a tokenizer call per token: only for callers who read it or stop strings
         if self.tokenizer is not None and (p.detokenize or p.stop):
             # incremental: O(window) per token instead of re-decoding the whole output each step
@@ -218,7 +350,7 @@ class LLMEngine:
         reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_output >= p.max_tokens or num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None and seq.detokenizer is not None:
             seq.detokenizer.flush()  # an incomplete trailing character, as a full decode gives it

@@ -165,20 +165,24 @@ class ModelRunner:
         """Run ``method`` on this runner (tensor parallelism runs it on every rank)."""
         return getattr(self, method)(*args)
 
-    def plan(self, batch: ScheduledBatch) -> StepInputs:
-        """Host side of a step (rank 0 only): the batch as :class:`StepInputs`."""
-        return self.planner.plan(batch.seqs, batch.num_new_tokens)
+    def plan(self, batch: ScheduledBatch, pending_rows: dict[str, int] | None = None) -> StepInputs:
+        """Host side of a step (rank 0 only): the batch as :class:`StepInputs`
+        (``pending_rows``: see :meth:`StepPlanner.plan`)."""
+        return self.planner.plan(batch.seqs, batch.num_new_tokens, pending_rows)
 
-    def upload(self, inputs: StepInputs) -> DeviceStep:
+    def upload(self, inputs: StepInputs, feed_tokens: torch.Tensor | None = None) -> DeviceStep:
         """Apply the step's block-table edits and put its inputs on the device."""
-        return upload(inputs, self.block_table, self.spec.block_size)
+        return upload(inputs, self.block_table, self.spec.block_size, feed_tokens)
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+    def execute(
+        self, inputs: StepInputs, feed_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Run one planned step on this rank -> fp32 logits ``[num_sampled, vocab]`` (None if
         no sequence reaches its end). Pure-decode steps replay a CUDA graph when one fits;
-        the graph copies the same :class:`DeviceStep` into its static buffers."""
-        step = self.upload(inputs)
+        the graph copies the same :class:`DeviceStep` into its static buffers.
+        ``feed_tokens``: the previous step's samples on the device (async scheduling)."""
+        step = self.upload(inputs, feed_tokens)
         if self.graphs is not None and step.ctx.is_decode and self.graphs.can_run(inputs.num_seqs):
             hidden = self.graphs.run(step.input_ids, step.positions, step.ctx)
         else:

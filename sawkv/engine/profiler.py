@@ -10,7 +10,10 @@ One step, as :meth:`sawkv.engine.llm_engine.LLMEngine.step` runs it::
              gaps the forward does not hide, sampling, detokenization)
 
 Phases are host wall-clock. Recording waits for the end event before sampling (sampling would
-wait for the logits anyway; it adds one kernel launch of latency per step). Steps are grouped
+wait for the logits anyway; it adds one kernel launch of latency per step). Under async
+scheduling nothing waits: ``execute`` is the launch, ``post`` the read-back of the previous
+step (mostly waiting for the device), and device times are read from the events at
+:meth:`StepProfiler.summary`. Steps are grouped
 by kind: ``prefill`` (no sequence decoding), ``decode`` (one token each) and ``mixed``.
 """
 
@@ -35,6 +38,7 @@ class StepRecord:
     wall_s: float
     device_s: float
     phase_s: dict[str, float]
+    events: tuple | None = None  # (start, end) CUDA events not yet read (async scheduling)
 
 
 class StepProfiler:
@@ -59,30 +63,37 @@ class StepProfiler:
             start.record()
             self._events = (start, torch.cuda.Event(enable_timing=True))
 
-    def device_end(self) -> None:
-        """After the forward's launch: wait for it, so the ``execute`` phase holds the device
-        work and ``post`` only host work (sampling would wait for it anyway)."""
+    def device_end(self, wait: bool = True) -> None:
+        """After the forward's launch: wait for it (``wait``), so the ``execute`` phase holds
+        the device work and ``post`` only host work (sampling would wait for it anyway)."""
         if self.is_cuda:
             self._events[1].record()
-            self._events[1].synchronize()
+            if wait:
+                self._events[1].synchronize()
 
     def end(self, kind: str, num_seqs: int, num_tokens: int) -> None:
         """Close the step begun by :meth:`begin` (after its last :meth:`mark`)."""
         phase_s = {p: b - a for (_, a), (p, b) in zip(self._marks, self._marks[1:])}
         wall = self._marks[-1][1] - self._marks[0][1]
-        if self.is_cuda:
+        events = None
+        if self.is_cuda and self._events[1].query():
             start, stop = self._events
-            stop.synchronize()
             device = start.elapsed_time(stop) / 1e3
+        elif self.is_cuda:
+            device, events = 0.0, self._events  # read in summary()
         else:
             device = phase_s.get("execute", 0.0)  # CPU: the forward runs inside the call
-        self.records.append(StepRecord(kind, num_seqs, num_tokens, wall, device, phase_s))
+        self.records.append(StepRecord(kind, num_seqs, num_tokens, wall, device, phase_s, events))
 
     def summary(self) -> dict[str, dict]:
         """Per kind: steps, mean sequences / tokens per step, mean wall / device / host ms and
         each phase's mean ms, host share of the wall time, and total seconds."""
         groups: dict[str, list[StepRecord]] = defaultdict(list)
+        if any(r.events is not None for r in self.records):
+            torch.cuda.synchronize()
         for r in self.records:
+            if r.events is not None:
+                r.device_s, r.events = r.events[0].elapsed_time(r.events[1]) / 1e3, None
             groups[r.kind].append(r)
         out = {}
         for kind, rs in sorted(groups.items()):

@@ -46,17 +46,27 @@ class Sampler:
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    @torch.no_grad()
     def __call__(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
     ) -> list[int]:
-        """``logits [n, vocab]`` fp32 -> one token id per row."""
+        """``logits [n, vocab]`` fp32 -> one token id per row (waits for the device)."""
+        return self.sample(logits, params, generators).tolist()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> torch.Tensor:
+        """``logits [n, vocab]`` fp32 -> ``[n]`` int64 token ids on the logits' device, without
+        waiting for them (async scheduling feeds them to the next step on the device)."""
         greedy = logits.argmax(-1)
         if all(p.is_greedy for p in params):
-            return greedy.tolist()
+            return greedy
         temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
         scaled = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
@@ -68,4 +78,4 @@ class Sampler:
         for i, (p, gen) in enumerate(zip(params, generators)):
             if not p.is_greedy:
                 out[i] = torch.multinomial(probs[i], 1, generator=gen or self.generator)[0]
-        return out.tolist()
+        return out

@@ -47,6 +47,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # set by the engine: a sequence this long has produced its last token (async
+        # scheduling keeps such a sequence running until its last sample is read back)
+        self.max_model_len: int | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,6 +74,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._at_limit(seq):  # its last token is still on the device: nothing to run
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + n):
                 preempted = True
@@ -85,6 +91,14 @@ class Scheduler:
             budget -= n
             i += 1
         return preempted
+
+    def _at_limit(self, seq: Sequence) -> bool:
+        if seq.num_computed_tokens < seq.num_prompt_tokens:
+            return False
+        limit = self.max_model_len
+        return seq.num_output_tokens >= seq.params.max_tokens or (
+            limit is not None and seq.num_tokens >= limit
+        )
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         bm = self.block_manager

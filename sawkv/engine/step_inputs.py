@@ -18,11 +18,15 @@ from a step gives its row back and is sent whole when it returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sawkv.attention.backend import DECODE_MAX_QUERY
+
+# A sampled token whose value is still on the device (async scheduling): it stands in the
+# sequence's token list until the engine reads the step's samples back.
+PLACEHOLDER = -1
 
 
 @dataclass
@@ -39,6 +43,9 @@ class StepInputs:
     ``[num_sampled]`` int64, the batch index of the sequence each of those rows belongs to.
     num_decode_seqs: leading sequences with at most ``DECODE_MAX_QUERY`` new tokens (the
     scheduler puts them first; their tokens go to the decode kernel in a mixed step).
+    feed_index / feed_src: ``[num_fed]`` int64, async scheduling only: token rows whose input id
+    is still a placeholder (:data:`PLACEHOLDER`) and the row of the previous step's sampled
+    tokens that holds it; the device fills them in before the forward.
     """
 
     input_ids: np.ndarray
@@ -54,6 +61,8 @@ class StepInputs:
     num_decode_seqs: int
     max_seq_len: int
     max_query_len: int
+    feed_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    feed_src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def num_seqs(self) -> int:
@@ -126,11 +135,15 @@ class StepPlanner:
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
         return np.concatenate(index), np.concatenate(values)
 
-    def plan(self, seqs, num_new_tokens: list[int]) -> StepInputs:
+    def plan(
+        self, seqs, num_new_tokens: list[int], pending_rows: dict[str, int] | None = None
+    ) -> StepInputs:
         """Plan ``num_new_tokens[i]`` tokens of ``seqs[i]`` from its ``num_computed_tokens``.
 
         ``seqs`` are :class:`sawkv.engine.sequence.Sequence` (``request_id``, ``token_ids``,
-        ``num_computed_tokens``, ``block_table`` with pages for every new token)."""
+        ``num_computed_tokens``, ``block_table`` with pages for every new token).
+        ``pending_rows``: request id -> row of the previous step's sampled tokens, for
+        sequences whose newest token is a :data:`PLACEHOLDER` (async scheduling)."""
         rows = self._assign_rows(seqs)
         index, values = self._table_edits(rows)
         q_lens = np.asarray(num_new_tokens, dtype=np.int32)
@@ -148,6 +161,14 @@ class StepPlanner:
             )  # fmt: skip
             positions = np.arange(qsl[-1], dtype=np.int64) - np.repeat(qsl[:-1] - starts, q_lens)
         slot_mapping = self._slots(seqs, positions, q_lens)
+        feed_index = np.flatnonzero(input_ids == PLACEHOLDER).astype(np.int64)
+        feed_src = np.zeros(len(feed_index), np.int64)
+        if len(feed_index):
+            owner = np.searchsorted(qsl[1:], feed_index, side="right")
+            try:
+                feed_src[:] = [pending_rows[seqs[i].request_id] for i in owner.tolist()]
+            except (KeyError, TypeError):
+                raise RuntimeError("a placeholder token has no pending sample to take") from None
         num_tokens = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))
         reach_end = seq_lens == num_tokens
         small = q_lens <= DECODE_MAX_QUERY
@@ -166,6 +187,8 @@ class StepPlanner:
             num_decode_seqs=num_decode,
             max_seq_len=int(seq_lens.max()),
             max_query_len=int(q_lens.max()),
+            feed_index=feed_index,
+            feed_src=feed_src,
         )
 
     def _slots(self, seqs, positions: np.ndarray, q_lens: np.ndarray) -> np.ndarray:

@@ -46,6 +46,9 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu")] = None,
     load_format: Annotated[str | None, typer.Option(help="auto or dummy (random weights)")] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
+    async_scheduling: Annotated[
+        bool, typer.Option(help="plan the next step while the GPU runs this one")
+    ] = False,
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", help="GPUs sharing the model")
     ] = 1,
@@ -79,6 +82,8 @@ def serve_cmd(
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
     if enforce_eager:
         engine_kwargs["enforce_eager"] = True
+    if async_scheduling:
+        engine_kwargs["async_scheduling"] = True
     if tensor_parallel_size != 1:
         engine_kwargs["tensor_parallel_size"] = tensor_parallel_size
     if not enable_prefix_caching:
