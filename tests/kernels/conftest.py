@@ -30,6 +30,7 @@ def _reimport_interpreted() -> None:
             "sawkv.kernels.decode",
             "sawkv.kernels.extend",
             "sawkv.kernels.tiles",
+            "sawkv.kernels.dequant",
             "sawkv.kernels.rotation",
         )
     ]
@@ -38,7 +39,7 @@ def _reimport_interpreted() -> None:
     package = sys.modules.get("sawkv.kernels")
     if package is not None:
         for attr in ("cache_write", "paged_attention_decode", "paged_attention_extend",
-                     "decode", "extend", "tiles", "rotation"):  # fmt: skip
+                     "decode", "extend", "tiles", "rotation", "dequant"):  # fmt: skip
             package.__dict__.pop(attr, None)
 
 
