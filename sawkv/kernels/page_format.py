@@ -96,9 +96,11 @@ class PageFormat:
         return self.head_dim // 2 if self.bits == 4 else self.head_dim
 
     def page_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
+        """Shape of ``k_cache`` / ``v_cache`` with ``num_blocks`` blocks."""
         return (num_blocks, self.num_kv_heads, self.block_size, self.page_dim)
 
     def meta_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
+        """Shape of ``k_meta`` / ``v_meta`` (INT4/INT8 formats) with ``num_blocks`` blocks."""
         return (num_blocks, self.num_kv_heads, self.block_size, 2)
 
     @property

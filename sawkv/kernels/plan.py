@@ -17,6 +17,7 @@ the graph (the caller keeps the plan).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from sawkv.kernels.launch import (
     _sm_count,
 )
 from sawkv.kernels.page_format import PageFormat
+
+if TYPE_CHECKING:  # dequant.py imports triton; plans must not
+    from sawkv.kernels.dequant import SdpaPlan
 
 # Resident CTAs per SM of the CUDA decode kernel by head dim (registers per thread of the
 # default variant, 128 threads).
@@ -75,7 +79,7 @@ class ExtendPlan:
     config: KernelConfig
     max_query_len: int
     rotated: torch.Tensor | None = None
-    sdpa: object | None = None
+    sdpa: SdpaPlan | None = None
 
 
 # ---- decode -----------------------------------------------------------------------------------
