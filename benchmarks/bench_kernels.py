@@ -82,17 +82,35 @@ def make_pages(
     dtype=torch.bfloat16,
 ):
     """Random but valid pages: codes anywhere, metadata small positive scales."""
+    from sawkv.kernels import KVPages
+
     shape = (num_blocks, num_kv_heads, block_size)
     if bits == 16:
         k = torch.randn(*shape, head_dim, dtype=dtype, device="cuda")
-        return k, torch.randn_like(k), None, None
+        return KVPages(k, torch.randn_like(k), None, None)
     p = head_dim // 2 if bits == 4 else head_dim
     k = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, device="cuda")
     v = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, device="cuda")
     meta = torch.empty(*shape, 2, dtype=torch.float16, device="cuda")
     meta[..., 0].uniform_(0.01, 0.1)
     meta[..., 1].uniform_(-1.0, 0.0)
-    return k, v, meta, meta.clone()
+    return KVPages(k, v, meta, meta.clone())
+
+
+def page_format(
+    bits: int,
+    had: int,
+    rot_v: bool,
+    head_dim: int = HEAD_DIM,
+    num_kv_heads: int = NUM_KV_HEADS,
+    block_size: int = BLOCK_SIZE,
+    dtype=torch.bfloat16,
+):
+    """The :class:`PageFormat` of pages from :func:`make_pages` with the same arguments."""
+    from sawkv.kernels import PageFormat
+
+    return PageFormat(bits, head_dim, num_kv_heads, block_size, had, rot_v,
+                      dtype if bits == 16 else None)  # fmt: skip
 
 
 def decode_bytes(batch: int, ctx: int, bits: int) -> int:
@@ -160,10 +178,10 @@ def check_correctness() -> list[dict]:
             )
         slot_mapping = torch.cat(slots)
         first = make_pages(nb, bits, d, h, bs)
-        pages = [first, tuple(None if t is None else t.clone() for t in first)]
-        flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
-        cache_write(k, v, *pages[0], slot_mapping, k_mean, **flags)
-        cache_write_ref(k, v, *pages[1], slot_mapping, k_mean, **flags)
+        pages = [first, type(first)(*(None if t is None else t.clone() for t in first))]
+        fmt = page_format(bits, had, rot_v, d, h, bs)
+        cache_write(k, v, pages[0], slot_mapping, fmt, k_mean)
+        cache_write_ref(k, v, pages[1], slot_mapping, fmt, k_mean)
         a, b = pages[0][0], pages[1][0]
         if bits == 4:
             a, b = unpack_int4(a), unpack_int4(b)
@@ -179,22 +197,22 @@ def check_correctness() -> list[dict]:
         q = torch.randn(sum(qlens), h * g, d, device=dev, dtype=torch.bfloat16)
         seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32, device=dev)
-        kw = dict(scale=d**-0.5, sliding_window=window, **flags)
+        kw = dict(scale=d**-0.5, sliding_window=window)
         ref_pages = pages[1]
         qd = q[qsl[1:].long() - 1].contiguous()
         out = torch.full_like(qd, float("nan"))
-        paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out, **kw)
-        ref = paged_attention_decode_ref(qd, *ref_pages, tables, seq_lens, **kw).float()
+        paged_attention_decode(qd, ref_pages, tables, seq_lens, fmt, out=out, **kw)
+        ref = paged_attention_decode_ref(qd, ref_pages, tables, seq_lens, fmt, **kw).float()
         row["decode_rel_err"] = float((out.float() - ref).norm() / ref.norm())
-        from sawkv.kernels.tiles import KernelConfig
+        from sawkv.kernels.launch import KernelConfig
 
         out_t = torch.full_like(qd, float("nan"))
         cfg_t = KernelConfig(block_n=128, impl="triton")
-        paged_attention_decode(qd, *ref_pages, tables, seq_lens, out=out_t, config=cfg_t, **kw)
+        paged_attention_decode(qd, ref_pages, tables, seq_lens, fmt, out=out_t, config=cfg_t, **kw)
         row["decode_triton_rel_err"] = float((out_t.float() - ref).norm() / ref.norm())
         oute = torch.full_like(q, float("nan"))
-        paged_attention_extend(q, *ref_pages, tables, seq_lens, qsl, out=oute, **kw)
-        refe = paged_attention_extend_ref(q, *ref_pages, tables, seq_lens, qsl, **kw).float()
+        paged_attention_extend(q, ref_pages, tables, seq_lens, qsl, fmt, out=oute, **kw)
+        refe = paged_attention_extend_ref(q, ref_pages, tables, seq_lens, qsl, fmt, **kw).float()
         row["extend_rel_err"] = float((oute.float() - refe).norm() / refe.norm())
         ok = (
             row["write_max_code_diff"] <= (1 if bits != 16 else 0.02)
@@ -217,7 +235,7 @@ def check_long_context() -> list[dict]:
     queries (the pages written by the fused write from keys with large channel offsets)."""
     from sawkv.attention.reference import paged_attention_decode_ref
     from sawkv.kernels import cache_write, paged_attention_decode
-    from sawkv.kernels.tiles import KernelConfig
+    from sawkv.kernels.launch import KernelConfig
 
     rows = []
     for ctx in (2048, 32768, 131072):
@@ -233,17 +251,18 @@ def check_long_context() -> list[dict]:
         for name in ("int4-bdr128", "int4-bdr128-kv", "int8"):
             bits, had, rot_v = FORMATS[name]
             pages = make_pages(blocks, bits)
-            flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
-            cache_write(k.bfloat16(), v.bfloat16(), *pages, slots, None, **flags)
+            fmt = page_format(bits, had, rot_v)
+            cache_write(k.bfloat16(), v.bfloat16(), pages, slots, fmt)
             for dtype in (torch.bfloat16, torch.float16):
                 q = torch.randn(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", generator=gen).to(dtype)
-                kw = dict(scale=HEAD_DIM**-0.5, **flags)
-                ref = paged_attention_decode_ref(q, *pages, tables, seq_lens, **kw).float()
+                kw = dict(scale=HEAD_DIM**-0.5)
+                ref = paged_attention_decode_ref(q, pages, tables, seq_lens, fmt, **kw).float()
                 row = dict(method=name, context=ctx, dtype=str(dtype).split(".")[-1])
                 for impl in ("auto", "triton"):
                     out = torch.full_like(q, float("nan"))
                     cfg = KernelConfig(**{**DECODE_CONFIG_DICT(), "impl": impl})
-                    paged_attention_decode(q, *pages, tables, seq_lens, out=out, config=cfg, **kw)
+                    paged_attention_decode(q, pages, tables, seq_lens, fmt, out=out, config=cfg,
+                                           **kw)  # fmt: skip
                     row[f"rel_err_{impl}"] = float((out.float() - ref).norm() / ref.norm())
                 row["ok"] = row["rel_err_auto"] < 5e-3 and row["rel_err_triton"] < 5e-3
                 print("long-context", row, flush=True)
@@ -256,14 +275,14 @@ def check_long_context() -> list[dict]:
 
 
 def DECODE_CONFIG_DICT() -> dict:  # noqa: N802 - a constant's copy
-    from sawkv.kernels.tiles import DECODE_CONFIG
+    from sawkv.kernels.launch import DECODE_CONFIG
 
     return dict(DECODE_CONFIG.__dict__)
 
 
 def sweep_cuda_decode(copy_gbs: float) -> list[dict]:
     """CUDA decode knobs: 16-token groups per warp step and forced split counts."""
-    from sawkv.kernels.tiles import KernelConfig
+    from sawkv.kernels.launch import KernelConfig
 
     rows = []
     for batch, ctx in ((1, 32768), (8, 32768), (32, 8192), (256, 2048)):
@@ -297,7 +316,7 @@ def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int):
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks = math.ceil(ctx / BLOCK_SIZE)
     nb = batch * blocks
-    k, v, km, vm = make_pages(nb * sets, bits)
+    pages = make_pages(nb * sets, bits)
     out = []
     for i in range(sets):
         ids = (torch.randperm(nb, device="cuda", generator=g) + i * nb).int()
@@ -305,7 +324,7 @@ def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int):
         q = torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         out.append((q, tables))
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    return (k, v, km, vm), out, seq_lens
+    return pages, out, seq_lens
 
 
 def time_decode(batch, ctx, name, config=None, with_err=False):
@@ -317,21 +336,24 @@ def time_decode(batch, ctx, name, config=None, with_err=False):
     bits, had, rot_v = FORMATS[name]
     sets = num_sets(decode_bytes(batch, ctx, bits))
     pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=batch * ctx)
-    flags = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
+    fmt = page_format(bits, had, rot_v)
+    flags = dict(scale=HEAD_DIM**-0.5)
     kw = dict(flags, config=config)
     fns = []
     for q, tables in sets_in:
         out = torch.empty_like(q)
         fns.append(
-            lambda q=q, t=tables, o=out: paged_attention_decode(q, *pages, t, seq_lens, out=o, **kw)
+            lambda q=q, t=tables, o=out: paged_attention_decode(
+                q, pages, t, seq_lens, fmt, out=o, **kw
+            )
         )
     us = bench_graphs(fns)
     if not with_err:
         return us
     q, tables = sets_in[0]
     out = torch.full_like(q, float("nan"))
-    paged_attention_decode(q, *pages, tables, seq_lens, out=out, **kw)
-    ref = paged_attention_decode_ref(q, *pages, tables, seq_lens, **flags).float()
+    paged_attention_decode(q, pages, tables, seq_lens, fmt, out=out, **kw)
+    ref = paged_attention_decode_ref(q, pages, tables, seq_lens, fmt, **flags).float()
     err = float((out.float() - ref).norm() / ref.norm())
     del ref
     torch.cuda.empty_cache()
@@ -397,7 +419,7 @@ def sweep_decode(copy_gbs: float):
     """Tuning sweep of the decode kernel's knobs on INT4-BDR128; returns (rows, best config).
 
     The best config minimizes the geometric mean time over the three shapes."""
-    from sawkv.kernels.tiles import KernelConfig
+    from sawkv.kernels.launch import KernelConfig
 
     shapes = [(1, 32768), (32, 8192), (256, 2048)]
     rows, score = [], {}
@@ -431,7 +453,7 @@ def sweep_decode(copy_gbs: float):
 
 def sweep_occupancy(copy_gbs: float) -> list[dict]:
     """Register cap / pipeline depth around the default decode config (INT4-BDR128)."""
-    from sawkv.kernels.tiles import DECODE_CONFIG, KernelConfig
+    from sawkv.kernels.launch import DECODE_CONFIG, KernelConfig
 
     rows = []
     variants = [
@@ -460,7 +482,7 @@ def sweep_occupancy(copy_gbs: float) -> list[dict]:
 
 def sweep_extend():
     """Extend tile sweep at 2048 new tokens over 8K cached, INT4-BDR128."""
-    from sawkv.kernels.tiles import KernelConfig
+    from sawkv.kernels.launch import KernelConfig
 
     rows = []
     for br, bn, warps in ((64, 32, 4), (64, 64, 4), (128, 32, 8), (128, 64, 8), (128, 64, 4)):
@@ -537,13 +559,12 @@ def run_write() -> list[dict]:
             formats["int4-bdr128-token-path"] = (4, 128, False, False)
         for name, (bits, had, rot_v, mean) in formats.items():
             pages = make_pages(nb, bits)
+            fmt = page_format(bits, had, rot_v)
             km = k_mean if mean else None
             groups = not name.endswith("token-path")
 
-            def fn(k=k, v=v, pages=pages, slots=slots, km=km, bits=bits, had=had, rot_v=rot_v,
-                   groups=groups):  # fmt: skip
-                cache_write(k, v, *pages, slots, km, bits=bits, had_block=had, rotate_v=rot_v,
-                            group_path=groups)  # fmt: skip
+            def fn(k=k, v=v, pages=pages, slots=slots, km=km, fmt=fmt, groups=groups):
+                cache_write(k, v, pages, slots, fmt, km, group_path=groups)
 
             us = bench_graphs([fn])
             per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
@@ -581,8 +602,8 @@ def sweep_write() -> list[dict]:
         for bt, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
 
             def fn(bt=bt, warps=warps, had=had, rot_v=rot_v):
-                cache_write(k, v, *pages, slots, k_mean, bits=4, had_block=had, rotate_v=rot_v,
-                            block_t=bt, num_warps=warps)  # fmt: skip
+                cache_write(k, v, pages, slots, page_format(4, had, rot_v), k_mean, block_t=bt,
+                            num_warps=warps)  # fmt: skip
 
             us = bench_graphs([fn])
             rows.append(dict(format=name, block_t=bt, num_warps=warps, us=us))
@@ -610,14 +631,24 @@ def time_extend(ctx: int, name: str, config=None) -> float:
     seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
     qsl = torch.tensor([0, EXTEND_CHUNK], dtype=torch.int32, device="cuda")
     pages = make_pages(blocks, bits)
+    fmt = page_format(bits, had, rot_v)
     out = torch.empty_like(q)
-    kw = dict(scale=HEAD_DIM**-0.5, bits=bits, had_block=had, rotate_v=rot_v, config=config)
+    kw = dict(scale=HEAD_DIM**-0.5, config=config)
 
     host = dict(seq_lens_host=[seq], query_start_host=[0, EXTEND_CHUNK])
 
     def fn():
         paged_attention_extend(
-            q, *pages, tables, seq_lens, qsl, out=out, max_query_len=EXTEND_CHUNK, **host, **kw
+            q,
+            pages,
+            tables,
+            seq_lens,
+            qsl,
+            fmt,
+            out=out,
+            max_query_len=EXTEND_CHUNK,
+            **host,
+            **kw,
         )
 
     # the SDPA path loops over sequences on the host (not graph-capturable); a chunk takes

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_kernels import FORMATS, decode_inputs
+from benchmarks.bench_kernels import FORMATS, decode_inputs, page_format
 
 
 def main() -> None:
@@ -25,9 +25,9 @@ def main() -> None:
     bits, had, rot_v = FORMATS[args.method]
     pages, sets, seq_lens = decode_inputs(args.batch, args.context, bits, 1, seed=0)
     q, tables = sets[0]
+    fmt = page_format(bits, had, rot_v)
     for _ in range(3):
-        paged_attention_decode(q, *pages, tables, seq_lens, scale=0.088, bits=bits,
-                               had_block=had, rotate_v=rot_v)  # fmt: skip
+        paged_attention_decode(q, pages, tables, seq_lens, fmt, scale=0.088)
     torch.cuda.synchronize()
 
 

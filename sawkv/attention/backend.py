@@ -1,9 +1,10 @@
-"""Attention backend contract: per-step context, per-layer pages, and the backend ABC.
+"""Attention backend contract: the per-step context and the backend ABC.
 
-The model runner plans one :class:`StepContext` per step on the host (slot mapping, block
-tables, lengths) and hands the same object to every layer; each layer's
-:meth:`AttentionBackend.forward` writes the new K/V into its pages and attends over them,
-allocation-free apart from the output. Backends are picked by name with :func:`get_backend`.
+The model runner builds one :class:`StepContext` per step on the host (slot mapping, block
+tables, lengths), calls :meth:`AttentionBackend.plan` on it once, and hands the same object to
+every layer; each layer's :meth:`AttentionBackend.forward` writes the new K/V into its pages
+(:class:`~sawkv.cache.kv_cache.LayerKV`) and attends over them. Backends are picked by name
+through :mod:`sawkv.attention.registry`.
 
 Length diagram of one sequence in a step::
 
@@ -16,13 +17,11 @@ Length diagram of one sequence in a step::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-# In mixed steps, sequences with at most this many new tokens run through the decode kernel
-# (one row per token); the scheduler puts them first.
-DECODE_MAX_QUERY = 16
+from sawkv.cache.kv_cache import LayerKV
 
 
 @dataclass
@@ -43,14 +42,18 @@ class StepContext:
     is_decode: bool
     max_seq_len: int
     max_query_len: int = 1
-    # Mixed steps: the scheduler puts sequences with few new tokens first; their tokens run in
-    # the decode kernel (split-K, one row per token) and the rest in the extend kernel.
+    # Mixed steps: the runner puts sequences with at most the backend's
+    # reorder_batch_threshold new tokens first; their tokens run in the decode kernel
+    # (split-K, one row per token) and the rest in the extend kernel.
     decode_part: StepContext | None = None
     extend_part: StepContext | None = None
     # Host copies of seq_lens / query_start_loc for kernels that loop over sequences on the host
     # (the SDPA extend path); filled by the planner, or once per step on first use.
     seq_lens_host: list[int] | None = None
     query_start_loc_host: list[int] | None = None
+    # The backend's plans for this step, one per (kernel, page format): made by the first layer
+    # of each format and reused by the others (AttentionBackend.plan resets them).
+    plans: dict = field(default_factory=dict)
 
     def host_lengths(self) -> tuple[list[int], list[int]]:
         """(seq_lens, query_start_loc) as host lists, read from the device once per step."""
@@ -60,30 +63,35 @@ class StepContext:
             self.query_start_loc_host = self.query_start_loc.tolist()
         return self.seq_lens_host, self.query_start_loc_host
 
-
-@dataclass
-class LayerKV:
-    """One layer's pages (layout in :mod:`sawkv.cache.kv_cache`) and its attention settings."""
-
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    k_meta: torch.Tensor | None
-    v_meta: torch.Tensor | None
-    k_mean: torch.Tensor | None  # [num_kv_heads, head_dim] key mean for -kc, else None
-    sliding_window: int = 0
+    def parts(self) -> list[StepContext]:
+        """This context and its decode / extend sub-contexts."""
+        return [c for c in (self, self.decode_part, self.extend_part) if c is not None]
 
 
 class AttentionBackend(ABC):
     """Writes K/V into pages and runs paged attention for one layer.
 
-    ``bits`` 4/8/16, ``had_block`` 0 or the Hadamard block, ``rotate_v`` as in
-    :class:`sawkv.quant.methods.KVMethod`.
+    A backend holds no per-format state: each layer's :class:`LayerKV` carries its pages and
+    their :class:`~sawkv.kernels.page_format.PageFormat`, so one backend serves a model whose
+    recipe mixes formats.
     """
 
     name = "base"
+    # Sequences with at most this many new tokens run through the decode kernel (one row per
+    # token) in mixed steps; the model runner puts them first (vLLM's reorder_batch_threshold).
+    reorder_batch_threshold: int = 16
 
-    def __init__(self, *, bits: int, had_block: int, rotate_v: bool) -> None:
-        self.bits, self.had_block, self.rotate_v = bits, had_block, rotate_v
+    def plan(self, ctx: StepContext) -> None:
+        """Prepare ``ctx`` for this step's layers, once, on the host.
+
+        Drops plans left from an earlier use of ``ctx``; the first layer of each page format
+        then plans (checks, split counts, workspaces) and the others reuse it. Under CUDA-graph
+        capture, call this before the captured forward so the plans are made (and their
+        workspaces allocated from the graph's pool) during capture, as every other allocation
+        of the captured forward is.
+        """
+        for part in ctx.parts():
+            part.plans = {}
 
     def forward(
         self,
@@ -107,12 +115,9 @@ class AttentionBackend(ABC):
             self.extend(q[n:], kv, ctx.extend_part, scale, out=out[n:])
         return out
 
-    @property
-    def quant_args(self) -> dict:
-        return dict(bits=self.bits, had_block=self.had_block, rotate_v=self.rotate_v)
-
     @abstractmethod
-    def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None: ...
+    def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None:
+        """Store ``k, v [T, Hkv, d]`` at ``ctx.slot_mapping`` in ``kv``'s pages."""
 
     @abstractmethod
     def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None) -> torch.Tensor:
@@ -121,20 +126,3 @@ class AttentionBackend(ABC):
     @abstractmethod
     def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None) -> torch.Tensor:
         """Several query tokens per sequence of ``ctx``; written into ``out`` if given."""
-
-
-def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:
-    """``"auto"`` -> triton on CUDA, torch elsewhere; ``"torch"``; ``"triton"``."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-    if name == "torch":
-        from sawkv.attention.torch_backend import TorchBackend
-
-        return TorchBackend(**kw)
-    if name == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"the triton attention backend needs a CUDA device, got {device}")
-        from sawkv.attention.triton_backend import TritonBackend
-
-        return TritonBackend(**kw)
-    raise ValueError(f"unknown attention backend {name!r}; valid: auto, torch, triton")

@@ -1,17 +1,14 @@
 """Torch reference of the paged-cache contracts: the oracle of the Triton kernels and the CPU path.
 
-Same signatures and layout as :mod:`sawkv.kernels` (see ``cache_write`` there)::
+Same signatures and layout as :mod:`sawkv.kernels`: one layer's pages are a
+:class:`~sawkv.kernels.page_format.KVPages` ``(k_cache, v_cache, k_meta, v_meta)`` read through
+its :class:`~sawkv.kernels.page_format.PageFormat` (layout in ``page_format.py``); a slot is
+``block_id * block_size + offset``.
 
-    k_cache, v_cache  [num_blocks, num_kv_heads, block_size, P]   P = head_dim//2 (INT4, rows packed
-                      as sawkv.quant.pack_int4), head_dim (INT8 codes, or float for bits=16);
-                      INT4/INT8 rows are stored byte-permuted in 16-token groups (tensor-core
-                      fragment order, sawkv.kernels.page_layout)
-    k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2]   fp16 (scale, min); None for 16
-    slot s            = block_id * block_size + offset
-
-Keys are stored as ``R (k - mu)``, values as ``R v`` (``rotate_v``) or ``v``; ``had_block=0`` means
-no rotation. Attention rotates the query once (``q.k = (Rq).(R(k - mu)) + q.mu`` and softmax drops
-the shared ``q.mu``) and, with rotated values, the output once (``sum p R v = R sum p v``).
+Keys are stored as ``R (k - mu)``, values as ``R v`` (``fmt.rotate_v``) or ``v``;
+``fmt.had_block=0`` means no rotation. Attention rotates the query once
+(``q.k = (Rq).(R(k - mu)) + q.mu`` and softmax drops the shared ``q.mu``) and, with rotated
+values, the output once (``sum p R v = R sum p v``).
 
 Numerics come from :mod:`sawkv.quant` (``quantize_int``, ``pack_int4``, ``rotate``) so the stored
 bytes are exactly what ``KVMethod.encode`` produces; attention runs in fp32.
@@ -26,9 +23,10 @@ import torch
 from sawkv.kernels.checks import (
     check_attention_inputs,
     check_out,
-    check_tensor,
+    check_query_start_loc,
     check_write_inputs,
 )
+from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.page_layout import GROUP, from_pages, group_perm
 from sawkv.quant.hadamard import rotate
 from sawkv.quant.int4 import dequantize_int, pack_int4, quantize_int, unpack_int4
@@ -47,20 +45,25 @@ def _encode(x: torch.Tensor, bits: int, page_dtype: torch.dtype):
 
 
 def cache_write_ref(
-    k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean=None, *, bits, had_block, rotate_v
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: KVPages,
+    slot_mapping: torch.Tensor,
+    fmt: PageFormat,
+    k_mean: torch.Tensor | None = None,
 ) -> None:
     """Rotate, quantize and scatter new K/V tokens into the pages (in place).
 
     Args:
         k, v: ``[num_tokens, num_kv_heads, head_dim]`` float (post-RoPE).
-        k_cache, v_cache, k_meta, v_meta: one layer's pages (module docstring).
+        pages: one layer's pages in format ``fmt`` (module docstring).
         slot_mapping: ``[num_tokens]`` int32/int64 slot of each token; -1 skips the token.
+        fmt: the pages' format (bits, had_block, rotate_v, shapes).
         k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
-        bits: 4, 8 or 16. had_block: Hadamard block (0 = none). rotate_v: rotate values too.
     """
-    check_write_inputs(
-        k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean, bits, had_block
-    )
+    check_write_inputs(k, v, pages, slot_mapping, fmt, k_mean)
+    k_cache, v_cache, k_meta, v_meta = pages
+    bits, had_block = fmt.bits, fmt.had_block
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     if slots.numel() == 0:
@@ -73,7 +76,7 @@ def cache_write_ref(
     vx = v[keep].float()
     if had_block:
         kx = rotate(kx, had_block)
-        vx = rotate(vx, had_block) if rotate_v else vx
+        vx = rotate(vx, had_block) if fmt.rotate_v else vx
     for x, cache, meta, is_key in ((kx, k_cache, k_meta, True), (vx, v_cache, v_meta, False)):
         data, m = _encode(x, bits, cache.dtype)
         if bits == 16:
@@ -130,9 +133,9 @@ def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
     return torch.einsum("...hgml,...hld->...hgmd", p, v)
 
 
-def _finish(out: torch.Tensor, had_block: int, rotate_v: bool, dest, dtype) -> torch.Tensor:
-    if had_block and rotate_v:
-        out = rotate(out, had_block)
+def _finish(out: torch.Tensor, fmt: PageFormat, dest, dtype) -> torch.Tensor:
+    if fmt.rotate_v:
+        out = rotate(out, fmt.had_block)
     if dest is None:
         return out.to(dtype)
     dest.copy_(out)
@@ -140,34 +143,31 @@ def _finish(out: torch.Tensor, had_block: int, rotate_v: bool, dest, dtype) -> t
 
 
 def paged_attention_decode_ref(
-    q,
-    k_cache,
-    v_cache,
-    k_meta,
-    v_meta,
-    block_tables,
-    seq_lens,
+    q: torch.Tensor,
+    pages: KVPages,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt: PageFormat,
     *,
-    scale,
-    bits,
-    had_block,
-    rotate_v,
-    sliding_window=0,
-    out=None,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged context.
 
     Args:
         q: ``[num_seqs, num_q_heads, head_dim]`` in model space (un-rotated).
+        pages: one layer's pages in format ``fmt`` (module docstring).
         block_tables: ``[num_seqs, max_blocks]`` int32 page ids. seq_lens: ``[num_seqs]`` int32
             context length including the current token (already written).
         scale: softmax scale. sliding_window: > 0 attends only to the last that many positions.
     Returns:
         ``[num_seqs, num_q_heads, head_dim]`` in ``q.dtype`` (written into ``out`` if given).
     """
-    num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
-        q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
-    )
+    num_seqs = check_attention_inputs(q, pages, fmt, block_tables, seq_lens, sliding_window)
+    k_cache, v_cache, k_meta, v_meta = pages
+    num_q_heads, num_kv_heads = q.shape[1], fmt.num_kv_heads
+    block_size, head_dim, bits, had_block = fmt.block_size, fmt.head_dim, fmt.bits, fmt.had_block
     if q.shape[0] != num_seqs:
         raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
     check_out(out, q.shape, q.dtype, q.device)
@@ -186,25 +186,20 @@ def paged_attention_decode_ref(
     g = num_q_heads // num_kv_heads
     qr = _rotate_q(q, had_block).reshape(num_seqs, num_kv_heads, g, 1, head_dim)
     o = _attend(qr, k, v, mask[:, None, None, None, :], scale)
-    return _finish(o.reshape(q.shape), had_block, rotate_v, out, q.dtype)
+    return _finish(o.reshape(q.shape), fmt, out, q.dtype)
 
 
 def paged_attention_extend_ref(
-    q,
-    k_cache,
-    v_cache,
-    k_meta,
-    v_meta,
-    block_tables,
-    seq_lens,
-    query_start_loc,
+    q: torch.Tensor,
+    pages: KVPages,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    fmt: PageFormat,
     *,
-    scale,
-    bits,
-    had_block,
-    rotate_v,
-    sliding_window=0,
-    out=None,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Several new query tokens per sequence, causal over the cached context plus themselves.
 
@@ -219,18 +214,15 @@ def paged_attention_extend_ref(
         q: ``[num_tokens, num_q_heads, head_dim]``, the new tokens of all sequences concatenated.
         seq_lens: ``[num_seqs]`` int32 including the new tokens (already in the pages).
         query_start_loc: ``[num_seqs + 1]`` int32 cumulative query lengths.
+        Other arguments as in :func:`paged_attention_decode_ref`.
     Returns:
         ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
     """
-    num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
-        q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
-    )
-    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), q.device)
-    if query_start_loc.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"query_start_loc must have num_seqs + 1 = {num_seqs + 1} entries, "
-            f"got {query_start_loc.shape[0]}"
-        )
+    num_seqs = check_attention_inputs(q, pages, fmt, block_tables, seq_lens, sliding_window)
+    check_query_start_loc(query_start_loc, num_seqs, q.device)
+    k_cache, v_cache, k_meta, v_meta = pages
+    num_q_heads, num_kv_heads = q.shape[1], fmt.num_kv_heads
+    block_size, head_dim, bits, had_block = fmt.block_size, fmt.head_dim, fmt.bits, fmt.had_block
     check_out(out, q.shape, q.dtype, q.device)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -260,4 +252,4 @@ def paged_attention_extend_ref(
             qc = qr[qsl[s] + c0 : qsl[s] + c1].reshape(c1 - c0, num_kv_heads, g, head_dim)
             oc = _attend(qc.permute(1, 2, 0, 3), k, v, mask[None, None], scale)  # [H, G, M, d]
             o[qsl[s] + c0 : qsl[s] + c1] = oc.permute(2, 0, 1, 3).reshape(c1 - c0, -1, head_dim)
-    return _finish(o, had_block, rotate_v, out, q.dtype)
+    return _finish(o, fmt, out, q.dtype)

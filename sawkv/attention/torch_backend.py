@@ -2,57 +2,32 @@
 
 from __future__ import annotations
 
-from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
+from sawkv.attention.backend import AttentionBackend, StepContext
 from sawkv.attention.reference import (
     cache_write_ref,
     paged_attention_decode_ref,
     paged_attention_extend_ref,
 )
+from sawkv.cache.kv_cache import LayerKV
 
 
 class TorchBackend(AttentionBackend):
+    """Calls the torch reference per layer (it checks its arguments each time: it is the oracle,
+    not the fast path)."""
+
     name = "torch"
 
     def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None:
-        cache_write_ref(
-            k,
-            v,
-            kv.k_cache,
-            kv.v_cache,
-            kv.k_meta,
-            kv.v_meta,
-            ctx.slot_mapping,
-            kv.k_mean,
-            **self.quant_args,
-        )
+        cache_write_ref(k, v, kv.pages, ctx.slot_mapping, kv.fmt, kv.k_mean)
 
     def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return paged_attention_decode_ref(
-            q,
-            kv.k_cache,
-            kv.v_cache,
-            kv.k_meta,
-            kv.v_meta,
-            ctx.block_tables,
-            ctx.seq_lens,
-            scale=scale,
-            sliding_window=kv.sliding_window,
-            out=out,
-            **self.quant_args,
-        )
+            q, kv.pages, ctx.block_tables, ctx.seq_lens, kv.fmt, scale=scale,
+            sliding_window=kv.sliding_window, out=out,
+        )  # fmt: skip
 
     def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return paged_attention_extend_ref(
-            q,
-            kv.k_cache,
-            kv.v_cache,
-            kv.k_meta,
-            kv.v_meta,
-            ctx.block_tables,
-            ctx.seq_lens,
-            ctx.query_start_loc,
-            scale=scale,
-            sliding_window=kv.sliding_window,
-            out=out,
-            **self.quant_args,
-        )
+            q, kv.pages, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt,
+            scale=scale, sliding_window=kv.sliding_window, out=out,
+        )  # fmt: skip

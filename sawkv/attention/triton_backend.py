@@ -1,84 +1,68 @@
 """Triton attention backend (CUDA): the fused write and paged attention kernels.
 
-Kernel modules are imported lazily so CPU-only installs never import them.
+Kernel modules are imported when the backend is built (through the registry), so CPU-only
+installs never import them.
 
-Decode: INT4/INT8 pages go to the CUDA kernel (``sawkv/kernels/decode_cuda.py``) when it
-builds, the rest to the Triton kernels; each launcher picks its own split count.
+Per step and page format, the first layer plans the launch (:func:`sawkv.kernels.plan_decode`
+/ :func:`sawkv.kernels.plan_extend`: checks, kernel choice, split count, workspaces, host
+lengths) and stores the plan on the :class:`StepContext`; every later layer of that format only
+launches. INT4/INT8 decode goes to the CUDA kernel (``sawkv/kernels/decode_cuda.py``) when it
+builds, the rest to the Triton kernels.
 """
 
 from __future__ import annotations
 
-from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
+from sawkv.attention.backend import AttentionBackend, StepContext
+from sawkv.cache.kv_cache import LayerKV
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, **kw) -> None:
-        super().__init__(**kw)
-        from sawkv.kernels import paged_attention_decode, paged_attention_extend
-        from sawkv.kernels.cache_write import cache_write
+    def __init__(self) -> None:
+        import sawkv.kernels
 
-        self._write, self._decode, self._extend = (
-            cache_write,
-            paged_attention_decode,
-            paged_attention_extend,
-        )
-
-    def _decode_config(self, head_dim: int):
-        from sawkv.kernels.tiles import DECODE_CONFIG, DECODE_CONFIG_D256
-
-        # split counts are picked by the kernel launchers (decode.py / decode_cuda.py), from the
-        # block-table width: one heuristic per kernel, no host sync
-        return DECODE_CONFIG if head_dim <= 128 else DECODE_CONFIG_D256
+        self._k = sawkv.kernels
 
     def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None:
-        self._write(
-            k,
-            v,
-            kv.k_cache,
-            kv.v_cache,
-            kv.k_meta,
-            kv.v_meta,
-            ctx.slot_mapping,
-            kv.k_mean,
-            **self.quant_args,
-        )
+        # every layer of a format (and centering) writes the same shapes: check the first
+        # layer's call of the step only
+        key = ("write", kv.fmt, kv.k_mean is not None)
+        checked = key in ctx.plans
+        ctx.plans[key] = True
+        self._k.cache_write(k, v, kv.pages, ctx.slot_mapping, kv.fmt, kv.k_mean, check=not checked)
+
+    def _decode_plan(self, q, kv: LayerKV, ctx: StepContext):
+        key = ("decode", kv.fmt)
+        plan = ctx.plans.get(key)
+        if plan is None:
+            plan = ctx.plans[key] = self._k.plan_decode(
+                q, ctx.block_tables, ctx.seq_lens, kv.fmt, sliding_window=kv.sliding_window
+            )
+        return plan
+
+    def _extend_plan(self, q, kv: LayerKV, ctx: StepContext):
+        # the SDPA path has no sliding window: windowed layers get a plan of their own
+        key = ("extend", kv.fmt, kv.sliding_window > 0)
+        plan = ctx.plans.get(key)
+        if plan is None:
+            lens, qsl = ctx.host_lengths()
+            plan = ctx.plans[key] = self._k.plan_extend(
+                q, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt,
+                sliding_window=kv.sliding_window, max_query_len=ctx.max_query_len,
+                seq_lens_host=lens, query_start_host=qsl,
+            )  # fmt: skip
+        return plan
 
     def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
-        return self._decode(
-            q,
-            kv.k_cache,
-            kv.v_cache,
-            kv.k_meta,
-            kv.v_meta,
-            ctx.block_tables,
-            ctx.seq_lens,
-            scale=scale,
-            sliding_window=kv.sliding_window,
-            out=out,
-            config=self._decode_config(q.shape[-1]),
-            **self.quant_args,
-        )
+        return self._k.paged_attention_decode(
+            q, kv.pages, ctx.block_tables, ctx.seq_lens, kv.fmt, scale=scale,
+            sliding_window=kv.sliding_window, out=out, plan=self._decode_plan(q, kv, ctx),
+        )  # fmt: skip
 
     def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
-        host = {}
-        if not kv.sliding_window:  # the SDPA path loops over sequences on the host
-            lens, qsl = ctx.host_lengths()
-            host = dict(seq_lens_host=lens, query_start_host=qsl)
-        return self._extend(
-            q,
-            kv.k_cache,
-            kv.v_cache,
-            kv.k_meta,
-            kv.v_meta,
-            ctx.block_tables,
-            ctx.seq_lens,
-            ctx.query_start_loc,
-            scale=scale,
-            sliding_window=kv.sliding_window,
-            out=out,
-            max_query_len=ctx.max_query_len,
-            **host,
-            **self.quant_args,
-        )
+        return self._k.paged_attention_extend(
+            q, kv.pages, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt,
+            scale=scale, sliding_window=kv.sliding_window, out=out,
+            plan=self._extend_plan(q, kv, ctx),
+        )  # fmt: skip

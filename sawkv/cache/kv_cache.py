@@ -1,6 +1,7 @@
-"""Page pool of the KV cache: sizes (:class:`KVCacheSpec`) and the per-layer tensors.
+"""Page pool of the KV cache: sizes (:class:`KVCacheSpec`) and per-layer pages (:class:`LayerKV`).
 
-Per layer (heads outside tokens, so one head's page is one contiguous run for the kernels)::
+Per layer (heads outside tokens, so one head's page is one contiguous run for the kernels; the
+layout is :mod:`sawkv.kernels.page_format`'s)::
 
     k_cache, v_cache  [num_blocks, num_kv_heads, block_size, P]
         P = head_dim // 2 uint8 (INT4, two codes per byte), head_dim uint8 (INT8),
@@ -8,19 +9,19 @@ Per layer (heads outside tokens, so one head's page is one contiguous run for th
     k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min); None for 16
 
 Layers may differ (a ``saw-int4`` :class:`~sawkv.quant.recipe.Recipe`: INT4 with its own
-Hadamard block per layer, INT8 for a few): every layer then has its own page format and size
-(:meth:`KVCacheSpec.layer`), and one page index costs the sum of the layers' page sizes
-(:attr:`KVCacheSpec.bytes_per_block`), which is what the pool is sized by.
+Hadamard block per layer, INT8 for a few): every layer then has its own
+:class:`~sawkv.kernels.page_format.PageFormat` (:meth:`KVCacheSpec.layer_format`) and size,
+and one page index costs the sum of the layers' page sizes (:attr:`KVCacheSpec.bytes_per_block`),
+which is what the pool is sized by.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from sawkv.attention.backend import LayerKV
+from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.quant.methods import FLOAT_DTYPES, KVMethod, parse_method
 from sawkv.quant.recipe import Recipe
 
@@ -35,6 +36,21 @@ def parse_servable_method(name: str, head_dim: int) -> KVMethod:
             f"int4[-bdr{{b}}][-kv][-kc]"
         )
     return method
+
+
+@dataclass
+class LayerKV:
+    """One layer's pages, their format and the layer's attention settings.
+
+    ``pages`` in format ``fmt`` (shapes in the module docstring); ``k_mean [num_kv_heads,
+    head_dim]`` fp32 key mean the writer subtracts (``-kc``), else None; ``sliding_window`` > 0
+    keeps the last that many positions (0 = full attention).
+    """
+
+    pages: KVPages
+    fmt: PageFormat
+    k_mean: torch.Tensor | None = None
+    sliding_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,9 +126,8 @@ class KVCacheSpec:
     @property
     def page_size_bytes(self) -> int:
         """Bytes of one page of one layer, K and V with their metadata."""
-        elem = torch.empty((), dtype=self.page_dtype).element_size()
-        per_token = self.page_dim * elem + (4 if self.bits < 16 else 0)
-        return 2 * self.num_kv_heads * self.block_size * per_token
+        self._uniform("page_size_bytes")
+        return self.layer_format(0).page_size_bytes
 
     @property
     def bytes_per_block(self) -> int:
@@ -129,10 +144,18 @@ class KVCacheSpec:
     def had_block(self) -> int:
         return self._uniform("had_block").had_block or 0
 
-    def backend_args(self, layer_idx: int) -> dict:
-        """``bits, had_block, rotate_v`` of a layer: the attention backend's constructor args."""
+    def layer_format(self, layer_idx: int) -> PageFormat:
+        """The :class:`PageFormat` of one layer's pages (what its kernels are told)."""
         lspec = self.layer(layer_idx)
-        return dict(bits=lspec.bits, had_block=lspec.had_block, rotate_v=lspec.method.rotate_v)
+        return PageFormat(
+            bits=lspec.bits,
+            head_dim=self.head_dim,
+            num_kv_heads=self.num_kv_heads,
+            block_size=self.block_size,
+            had_block=lspec.had_block,
+            rotate_v=lspec.method.rotate_v,
+            dtype=lspec.page_dtype,
+        )
 
     def num_blocks_for(self, memory_bytes: int) -> int:
         return int(memory_bytes // self.bytes_per_block)
@@ -149,54 +172,9 @@ def allocate_kv_cache(
     num_kv_heads, head_dim]`` are handed to the layers whose format centers keys (-kc)."""
     layers = []
     for i in range(spec.num_layers):
-        lspec = spec.layer(i)
-        shape = (num_blocks, spec.num_kv_heads, spec.block_size, lspec.page_dim)
-        meta_shape = (num_blocks, spec.num_kv_heads, spec.block_size, 2)
-        quant = lspec.bits < 16
+        fmt = spec.layer_format(i)
         k_mean = None
-        if lspec.method.center_k and key_means is not None:
+        if spec.layer_method(i).center_k and key_means is not None:
             k_mean = key_means[i].to(device=device, dtype=torch.float32).contiguous()
-
-        layers.append(
-            LayerKV(
-                k_cache=torch.zeros(shape, dtype=lspec.page_dtype, device=device),
-                v_cache=torch.zeros(shape, dtype=lspec.page_dtype, device=device),
-                k_meta=_meta(meta_shape, device) if quant else None,
-                v_meta=_meta(meta_shape, device) if quant else None,
-                k_mean=k_mean,
-                sliding_window=layer_windows[i],
-            )
-        )
+        layers.append(LayerKV(fmt.empty_pages(num_blocks, device), fmt, k_mean, layer_windows[i]))
     return layers
-
-
-def _meta(shape: tuple, device: torch.device) -> torch.Tensor:
-    return torch.zeros(shape, dtype=torch.float16, device=device)
-
-
-def load_key_means(model_name: str, spec: KVCacheSpec) -> torch.Tensor | None:
-    """Calibrated key means for ``-kc`` (``[num_layers, num_kv_heads, head_dim]``); zeros with a
-    warning when none are available (e.g. dummy weights). A recipe brings its own."""
-    if not spec.is_uniform:
-        if spec.method.k_means is not None or not spec.method.center_k:
-            return spec.method.k_means
-        warnings.warn(f"recipe of {model_name!r} has no key means; -kc uses zeros", stacklevel=2)
-        return torch.zeros(spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    if not spec.method.center_k:
-        return None
-    means = None
-    try:
-        from sawkv.models.calibration import load_key_means as _load
-
-        means = _load(model_name)
-    except (ImportError, FileNotFoundError, ValueError) as e:
-        warnings.warn(f"no key means for {model_name!r} ({e}); -kc uses zeros", stacklevel=2)
-    if means is None:
-        warnings.warn(f"no calibrated key means for {model_name!r}; -kc uses zeros", stacklevel=2)
-        return torch.zeros(spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    expect = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
-    if tuple(means.shape) != expect:
-        raise ValueError(
-            f"key means of {model_name!r} have shape {tuple(means.shape)}, need {expect}"
-        )
-    return means

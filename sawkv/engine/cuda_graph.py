@@ -46,11 +46,16 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        model, pool = self.runner.model, None
+        model, backend, pool = self.runner.model, self.runner.backend, None
         for bs in reversed(self.sizes):
             ctx = self._ctx(bs)
+            backend.plan(ctx)
             model(self.input_ids[:bs], self.positions[:bs], ctx)  # warm-up: autotune, allocate
             graph = torch.cuda.CUDAGraph()
+            # plan again: the first layer re-plans during capture, so the plan's workspaces come
+            # from the graph pool like every other allocation of the captured forward (split
+            # counts depend only on the static shapes, so every replay fits the plan)
+            backend.plan(ctx)
             with torch.cuda.graph(graph, pool=pool):
                 self.hidden[bs] = model(self.input_ids[:bs], self.positions[:bs], ctx)
             pool = graph.pool()

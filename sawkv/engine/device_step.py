@@ -104,6 +104,9 @@ def upload(
         max_seq_len=inputs.max_seq_len,
         max_query_len=inputs.max_query_len,
     )
+    if not inputs.is_decode:  # host lengths for the extend path, without reading the device
+        ctx.seq_lens_host = inputs.seq_lens.tolist()
+        ctx.query_start_loc_host = inputs.query_start_loc.tolist()
     if mixed:
         ctx.decode_part, ctx.extend_part = _split(inputs, ctx, tables, d_rows, d_lens)
     return DeviceStep(ids, pos, ctx, logits_idx)
@@ -132,5 +135,7 @@ def _split(inputs: StepInputs, ctx: StepContext, tables, d_rows, d_lens):
         is_decode=False,
         max_seq_len=int(inputs.seq_lens[d:].max()),
         max_query_len=int(np.diff(qsl[d:]).max()),
+        seq_lens_host=inputs.seq_lens[d:].tolist(),
+        query_start_loc_host=(qsl[d:] - num_rows).tolist(),
     )
     return decode, extend

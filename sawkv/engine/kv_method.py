@@ -1,4 +1,5 @@
-"""What ``kv_cache_dtype`` means for one model: a servable method, or its ``saw-int4`` recipe.
+"""What ``kv_cache_dtype`` means for one model: a servable method, or its ``saw-int4`` recipe,
+and the calibrated key means its ``-kc`` layers subtract (:func:`load_key_means`).
 
 ``saw-int4`` resolves, in order, to: the model's stored recipe (``sawkv calibrate``); a recipe
 calibrated now, on first use, when the model has real weights (minutes on a CPU; stored for
@@ -9,9 +10,12 @@ next time); :data:`~sawkv.quant.recipe.SAW_INT4_FALLBACK` for presets without we
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
-from sawkv.cache.kv_cache import parse_servable_method
+import torch
+
+from sawkv.cache.kv_cache import KVCacheSpec, parse_servable_method
 from sawkv.config import ModelConfig
 from sawkv.quant.methods import KVMethod, parse_method
 from sawkv.quant.recipe import SAW_INT4_FALLBACK, Recipe, is_saw_int4
@@ -64,3 +68,31 @@ def _calibrate(model_name: str, weights_dir: Path) -> Recipe:
         return get_recipe(model, tokenizer, model_name)
     finally:
         del model
+
+
+def load_key_means(model_name: str, spec: KVCacheSpec) -> torch.Tensor | None:
+    """Calibrated key means for ``-kc`` (``[num_layers, num_kv_heads, head_dim]``); zeros with a
+    warning when none are available (e.g. dummy weights). A recipe brings its own."""
+    if not spec.is_uniform:
+        if spec.method.k_means is not None or not spec.method.center_k:
+            return spec.method.k_means
+        warnings.warn(f"recipe of {model_name!r} has no key means; -kc uses zeros", stacklevel=2)
+        return torch.zeros(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    if not spec.method.center_k:
+        return None
+    means = None
+    try:
+        from sawkv.models.calibration import load_key_means as _load
+
+        means = _load(model_name)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        warnings.warn(f"no key means for {model_name!r} ({e}); -kc uses zeros", stacklevel=2)
+    if means is None:
+        warnings.warn(f"no calibrated key means for {model_name!r}; -kc uses zeros", stacklevel=2)
+        return torch.zeros(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    expect = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    if tuple(means.shape) != expect:
+        raise ValueError(
+            f"key means of {model_name!r} have shape {tuple(means.shape)}, need {expect}"
+        )
+    return means

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from sawkv.cache.block_manager import BlockManager
-from sawkv.cache.kv_cache import KVCacheSpec, load_key_means
+from sawkv.cache.kv_cache import KVCacheSpec
 from sawkv.config import EngineConfig
 from sawkv.engine.detokenizer import IncrementalDetokenizer
-from sawkv.engine.kv_method import resolve_kv_method
+from sawkv.engine.kv_method import load_key_means, resolve_kv_method
 from sawkv.engine.model_runner import ModelRunner
 from sawkv.engine.outputs import RequestOutput
 from sawkv.engine.profiler import StepProfiler

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
-from sawkv.attention.backend import get_backend
+from sawkv.attention.registry import get_backend
 from sawkv.cache.kv_cache import KVCacheSpec, allocate_kv_cache
 from sawkv.config import EngineConfig, ModelConfig
 from sawkv.engine.cuda_graph import DecodeGraphs
 from sawkv.engine.device_step import BlockTable, DeviceStep, upload
 from sawkv.engine.scheduler import ScheduledBatch
-from sawkv.engine.step_inputs import StepInputs, StepPlanner
+from sawkv.engine.step_inputs import StepInputs, StepPlanner, reorder_batch
 from sawkv.models.layers import use_batch_invariant_ops, use_compiled_ops
 from sawkv.models.loader import build_model
 
@@ -42,9 +43,9 @@ class ModelRunner:
         # one row per sequence of a step; rank 0 plans, every rank applies the edits
         num_rows = config.scheduler.max_num_seqs
         self.block_table = BlockTable(num_rows, self.max_blocks_per_seq, self.device)
-        self.planner = StepPlanner(num_rows, self.max_blocks_per_seq, spec.block_size)
-        self.backends = self._make_backends(spec)
-        self.backend = self.backends[0]  # handed to the model; _bind sets each layer's own
+        # one backend for every layer: each layer's pages carry their own format
+        self.backend = get_backend(config.attention_backend, self.device)
+        self.planner = self._make_planner(num_rows)
         self.model = self._build_model(model_config, model_dir)
         if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
             use_compiled_ops(self.model)
@@ -76,25 +77,15 @@ class ModelRunner:
             seed=self.config.seed,
         )
 
-    def _make_backends(self, spec: KVCacheSpec) -> list:
-        """One attention backend per layer, built for that layer's page format (a recipe mixes
-        formats); layers of equal format share an instance."""
-        by_format: dict[tuple, object] = {}
-        out = []
-        for i in range(spec.num_layers):
-            args = spec.backend_args(i)
-            key = tuple(sorted(args.items()))
-            if key not in by_format:
-                by_format[key] = get_backend(self.config.attention_backend, self.device, **args)
-            out.append(by_format[key])
-        return out
+    def _make_planner(self, num_rows: int) -> StepPlanner:
+        return StepPlanner(num_rows, self.max_blocks_per_seq, self.spec.block_size,
+                           decode_threshold=self.backend.reorder_batch_threshold)  # fmt: skip
 
     # ---- memory ---------------------------------------------------------------------------
     def _bind(self, kv) -> None:
         for layer in self.model.layers:
             idx = layer.self_attn.layer_idx
             layer.self_attn.kv = kv[idx]
-            layer.self_attn.backend = self.backends[idx]
 
     def _decide_num_blocks(self) -> int:
         cc = self.config.cache
@@ -134,7 +125,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         seq = SimpleNamespace(request_id="profile", token_ids=[0] * n, num_tokens=n,
                               num_computed_tokens=0, block_table=list(range(blocks)))  # fmt: skip
-        planner = StepPlanner(1, self.max_blocks_per_seq, self.spec.block_size)
+        planner = self._make_planner(1)
         step = self.upload(planner.plan([seq], [n]))
         hidden = self.model(step.input_ids, step.positions, step.ctx)
         self.model.compute_logits(hidden[-min(n, self.config.scheduler.max_num_seqs) :])
@@ -152,7 +143,6 @@ class ModelRunner:
         self.graphs = None
         self.kv = None
         self.model = None
-        self.backends = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             import gc
@@ -166,13 +156,26 @@ class ModelRunner:
         return getattr(self, method)(*args)
 
     def plan(self, batch: ScheduledBatch, pending_rows: dict[str, int] | None = None) -> StepInputs:
-        """Host side of a step (rank 0 only): the batch as :class:`StepInputs`
-        (``pending_rows``: see :meth:`StepPlanner.plan`)."""
-        return self.planner.plan(batch.seqs, batch.num_new_tokens, pending_rows)
+        """Host side of a step (rank 0 only): the batch as :class:`StepInputs`.
+
+        Sequences with few new tokens go first (the backend's ``reorder_batch_threshold``), so
+        a mixed step's decode rows are one leading block; ``sampled_seqs`` still index
+        ``batch.seqs``. ``pending_rows``: see :meth:`StepPlanner.plan` (async scheduling)."""
+        order = reorder_batch(batch.num_new_tokens, self.backend.reorder_batch_threshold)
+        if order is None:
+            return self.planner.plan(batch.seqs, batch.num_new_tokens, pending_rows)
+        seqs = [batch.seqs[i] for i in order]
+        inputs = self.planner.plan(seqs, [batch.num_new_tokens[i] for i in order], pending_rows)
+        inputs.sampled_seqs = np.asarray(order, dtype=np.int64)[inputs.sampled_seqs]
+        return inputs
 
     def upload(self, inputs: StepInputs, feed_tokens: torch.Tensor | None = None) -> DeviceStep:
-        """Apply the step's block-table edits and put its inputs on the device."""
-        return upload(inputs, self.block_table, self.spec.block_size, feed_tokens)
+        """Apply the step's block-table edits, put its inputs on the device (``feed_tokens``:
+        the previous step's samples, async scheduling) and let the attention backend plan the
+        step once for all layers."""
+        step = upload(inputs, self.block_table, self.spec.block_size, feed_tokens)
+        self.backend.plan(step.ctx)
+        return step
 
     @torch.inference_mode()
     def execute(

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from sawkv.attention.backend import DECODE_MAX_QUERY
 from sawkv.cache.block_manager import BlockManager
 from sawkv.config import SchedulerConfig
 from sawkv.engine.sequence import Sequence, SequenceStatus
@@ -63,11 +62,7 @@ class Scheduler:
         preempted = self._schedule_running(batch, budget)
         if not preempted:
             self._schedule_waiting(batch, budget - batch.num_tokens)
-        # few-token sequences first: the runner hands them to the decode kernel as one block
-        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] > DECODE_MAX_QUERY)
-        return ScheduledBatch(
-            [batch.seqs[i] for i in order], [batch.num_new_tokens[i] for i in order]
-        )
+        return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
         preempted = False

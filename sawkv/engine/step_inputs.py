@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sawkv.attention.backend import DECODE_MAX_QUERY
-
 # A sampled token whose value is still on the device (async scheduling): it stands in the
 # sequence's token list until the engine reads the step's samples back.
 PLACEHOLDER = -1
@@ -41,8 +39,9 @@ class StepInputs:
     logits_indices: ``[num_sampled]`` int64, the token rows whose next-token logits are
     needed (last token of each sequence that reaches its end this step); sampled_seqs
     ``[num_sampled]`` int64, the batch index of the sequence each of those rows belongs to.
-    num_decode_seqs: leading sequences with at most ``DECODE_MAX_QUERY`` new tokens (the
-    scheduler puts them first; their tokens go to the decode kernel in a mixed step).
+    num_decode_seqs: leading sequences with at most ``decode_threshold`` new tokens (the
+    runner puts them first, :func:`reorder_batch`; their tokens go to the decode kernel in a
+    mixed step).
     feed_index / feed_src: ``[num_fed]`` int64, async scheduling only: token rows whose input id
     is still a placeholder (:data:`PLACEHOLDER`) and the row of the previous step's sampled
     tokens that holds it; the device fills them in before the forward.
@@ -101,8 +100,11 @@ class StepPlanner:
     (freeing replaces the list), so a row is valid while it mirrors the same list object.
     """
 
-    def __init__(self, num_rows: int, num_cols: int, block_size: int) -> None:
+    def __init__(self, num_rows: int, num_cols: int, block_size: int, *, decode_threshold: int):
         self.num_rows, self.num_cols, self.block_size = num_rows, num_cols, block_size
+        # the attention backend's reorder_batch_threshold: how many new tokens a sequence may
+        # have and still run in the decode kernel
+        self.decode_threshold = decode_threshold
         self._rows: dict[str, _Row] = {}
         self._free = list(range(num_rows - 1, -1, -1))
 
@@ -171,7 +173,7 @@ class StepPlanner:
                 raise RuntimeError("a placeholder token has no pending sample to take") from None
         num_tokens = np.fromiter((s.num_tokens for s in seqs), np.int64, len(seqs))
         reach_end = seq_lens == num_tokens
-        small = q_lens <= DECODE_MAX_QUERY
+        small = q_lens <= self.decode_threshold
         num_decode = len(seqs) if small.all() else int(np.argmin(small))
         return StepInputs(
             input_ids=input_ids,
@@ -210,3 +212,12 @@ def _pages(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarr
     first, last = int(positions[0]) // block_size, int(positions[-1]) // block_size
     run = np.asarray(table[first : last + 1], dtype=np.int64)
     return run[positions // block_size - first]
+
+
+def reorder_batch(num_new_tokens: list[int], threshold: int) -> list[int] | None:
+    """Order that puts sequences with at most ``threshold`` new tokens first (stable), or None
+    if they already are: the decode kernel then takes one leading block of the step."""
+    small = [n <= threshold for n in num_new_tokens]
+    if all(small[i] or not small[i + 1] for i in range(len(small) - 1)):
+        return None
+    return [i for i, s in enumerate(small) if s] + [i for i, s in enumerate(small) if not s]

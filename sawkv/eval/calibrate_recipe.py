@@ -22,7 +22,7 @@ seen, and no single corpus decides):
 
 Group sizes are not candidates (the paged kernels do not serve them), nor are full-precision
 sink tokens (they would need their own page format in the kernels). K and V share one format
-per layer because the attention backend takes one ``bits`` per layer.
+per layer because a layer's ``PageFormat`` has one ``bits`` for both.
 """
 
 from __future__ import annotations

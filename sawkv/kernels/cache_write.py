@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 
 from sawkv.kernels.checks import check_write_inputs
+from sawkv.kernels.launch import _perm_args
+from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.rotation import rotate_halves
-from sawkv.kernels.tiles import _perm_args
 
 FP16_MAX = 65504.0
 # Rotation dots on the tensor cores at ~fp32 accuracy (three tf32 products); see rotation.py.
@@ -172,20 +174,16 @@ def _pick_launch(num_tokens: int, head_dim: int, had_block: int) -> tuple[int, i
 
 
 def cache_write(
-    k,
-    v,
-    k_cache,
-    v_cache,
-    k_meta,
-    v_meta,
-    slot_mapping,
-    k_mean=None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: KVPages,
+    slot_mapping: torch.Tensor,
+    fmt: PageFormat,
+    k_mean: torch.Tensor | None = None,
     *,
-    bits,
-    had_block,
-    rotate_v,
     block_t: int | None = None,
     num_warps: int | None = None,
+    check: bool = True,
     group_path: bool = True,
 ) -> None:
     """Center, rotate, quantize and scatter new K/V tokens into one layer's pages (in place).
@@ -193,42 +191,38 @@ def cache_write(
     Args:
         k, v: ``[num_tokens, num_kv_heads, head_dim]`` bf16/fp16/fp32 (post-RoPE); the last dim
             must be contiguous.
-        k_cache, v_cache: ``[num_blocks, num_kv_heads, block_size, P]`` uint8 with
-            P = head_dim // 2 (bits=4, byte i = code i | code i + d/2 << 4) or head_dim (bits=8);
-            for bits=16 a float dtype with P = head_dim.
-        k_meta, v_meta: ``[num_blocks, num_kv_heads, block_size, 2]`` fp16 (scale, min); None for
-            bits=16.
+        pages: :class:`KVPages` ``(k_cache, v_cache, k_meta, v_meta)`` of one layer in format
+            ``fmt`` (``page_format.py``: codes ``[num_blocks, num_kv_heads, block_size,
+            page_dim]``, fp16 (scale, min) metadata ``[..., 2]``, None for bits=16).
         slot_mapping: ``[num_tokens]`` int32/int64, slot = block_id * block_size + offset;
             -1 skips the token (padding).
+        fmt: the pages' :class:`PageFormat` (bits, had_block, rotate_v, shapes).
         k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
-        bits: 4, 8 or 16. had_block: Hadamard block (0 = no rotation). rotate_v: rotate values.
         block_t, num_warps: tuning knobs (tokens per program, a power of two >= 16; warps);
             None picks them from the shape.
+        check: validate the arguments. A caller that writes every layer of a step with the
+            same shapes checks the first layer's call and skips the rest.
         group_path: INT4/INT8 pages: store whole 16-token groups as contiguous runs
             (``write_groups.py``; same bytes); False forces the per-token scatter.
 
-    Keys are stored as ``R (k - mu)``, values as ``R v`` (rotate_v) or ``v``.
+    Keys are stored as ``R (k - mu)``, values as ``R v`` (``fmt.rotate_v``) or ``v``.
+
+    Example::
+
+        fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=8, block_size=16, had_block=128)
+        pages = fmt.empty_pages(num_blocks, "cuda")
+        cache_write(k, v, pages, slot_mapping, fmt)
     """
-    num_tokens, num_kv_heads, head_dim = check_write_inputs(
-        k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean, bits, had_block
-    )
-    if k.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"cache_write needs CUDA tensors (or TRITON_INTERPRET=1), got {k.device}")
-    if head_dim not in (64, 128, 256):
-        raise ValueError(f"head_dim must be 64, 128 or 256 for the Triton kernels, got {head_dim}")
-    if rotate_v and not had_block:
-        raise ValueError("rotate_v needs had_block > 0")
-    for name, t in (("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-    if k_mean is not None and k_mean.stride(-1) != 1:
-        raise ValueError("k_mean must be contiguous in its last dim")
+    if check:
+        _check(k, v, pages, slot_mapping, fmt, k_mean)
+    num_tokens, head_dim, had_block = k.shape[0], fmt.head_dim, fmt.had_block
     if num_tokens == 0:
         return
+    k_cache, v_cache, k_meta, v_meta = pages
     k_meta_arg = k_cache if k_meta is None else k_meta
     v_meta_arg = v_cache if v_meta is None else v_meta
     meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
-    k_perm, v_perm = _perm_args(bits, head_dim, k.device)
+    k_perm, v_perm = _perm_args(fmt.bits, head_dim, k.device)
     args = (
         k, v, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, slot_mapping,
         k if k_mean is None else k_mean, num_tokens,
@@ -236,20 +230,35 @@ def cache_write(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if k_mean is None else k_mean.stride(0), *k_cache.stride()[:3], *meta_strides,
     )  # fmt: skip
-    consts = dict(BLOCK_SIZE=k_cache.shape[2], D=head_dim, BITS=bits, HAD=had_block,
-                  ROT_V=bool(rotate_v and had_block), HAS_MEAN=k_mean is not None)  # fmt: skip
-    if group_path and bits != 16 and block_t is None:
+    consts = dict(BLOCK_SIZE=fmt.block_size, D=head_dim, BITS=fmt.bits, HAD=had_block,
+                  ROT_V=fmt.rotate_v, HAS_MEAN=k_mean is not None)  # fmt: skip
+    if group_path and fmt.bits != 16 and block_t is None:
         from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel
 
-        grid = (triton.cdiv(num_tokens, 16), num_kv_heads)
+        grid = (triton.cdiv(num_tokens, 16), fmt.num_kv_heads)
         _cache_write_groups_kernel[grid](*args, **consts, NONE=_NONE, num_warps=num_warps or 4)
         return
     auto_t, auto_w = _pick_launch(num_tokens, head_dim, had_block)
     block_t, num_warps = block_t or auto_t, num_warps or auto_w
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
-    grid = (triton.cdiv(num_tokens, block_t), num_kv_heads)
+    grid = (triton.cdiv(num_tokens, block_t), fmt.num_kv_heads)
     _cache_write_kernel[grid](*args, **consts, BLOCK_T=block_t, num_warps=num_warps)
+
+
+def _check(k, v, pages, slot_mapping, fmt, k_mean) -> None:
+    check_write_inputs(k, v, pages, slot_mapping, fmt, k_mean)
+    if k.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"cache_write needs CUDA tensors (or TRITON_INTERPRET=1), got {k.device}")
+    if fmt.head_dim not in (64, 128, 256):
+        raise ValueError(
+            f"head_dim must be 64, 128 or 256 for the Triton kernels, got {fmt.head_dim}"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+    if k_mean is not None and k_mean.stride(-1) != 1:
+        raise ValueError("k_mean must be contiguous in its last dim")
 
 
 def _interpreting() -> bool:

@@ -1,34 +1,18 @@
 """Argument checks shared by the Triton launchers and the torch reference (torch only, no triton).
 
 Every function raises ``ValueError`` naming the argument and what was expected, so a caller that
-passes a wrong layout learns it at the call site rather than from a kernel fault.
+passes a wrong layout learns it at the call site rather than from a kernel fault. The format
+itself (bits, had_block, rotate_v, shapes) is validated once, by :class:`PageFormat`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from sawkv.kernels.page_format import KVPages, PageFormat
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def check_bits(bits: int) -> None:
-    if bits not in (4, 8, 16):
-        raise ValueError(f"bits must be 4, 8 or 16 (INT4, INT8 or float pages), got {bits}")
-
-
-def check_had_block(had_block: int, head_dim: int) -> None:
-    """``had_block``: 0 (no rotation) or a power of two in [16, min(head_dim, 256)] dividing it."""
-    ok = had_block == 0 or (
-        16 <= had_block <= min(head_dim, 256)
-        and had_block & (had_block - 1) == 0
-        and head_dim % had_block == 0
-    )
-    if not ok:
-        raise ValueError(
-            f"had_block must be 0 (no rotation) or a power of two in [16, min(head_dim, 256)] "
-            f"dividing head_dim={head_dim}, got {had_block}"
-        )
 
 
 def check_tensor(name: str, t, ndim: int, dtypes, device: torch.device | None = None) -> None:
@@ -47,98 +31,81 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def check_pages(
-    k_cache, v_cache, k_meta, v_meta, *, bits: int, head_dim: int | None, device
-) -> tuple[int, int, int, int]:
-    """Check one layer's pages; return ``(num_blocks, num_kv_heads, block_size, head_dim)``.
+def check_format(fmt) -> None:
+    if not isinstance(fmt, PageFormat):
+        raise ValueError(f"fmt must be a PageFormat, got {type(fmt).__name__}")
 
-    ``k_cache, v_cache [num_blocks, num_kv_heads, block_size, P]``: uint8 with P = head_dim // 2
-    (bits=4) or head_dim (bits=8); a float dtype with P = head_dim (bits=16).
+
+def check_pages(pages: KVPages, fmt: PageFormat, device) -> int:
+    """Check one layer's pages against ``fmt``; return ``num_blocks``.
+
+    ``k_cache, v_cache [num_blocks, num_kv_heads, block_size, page_dim]`` of ``fmt.dtype``;
     ``k_meta, v_meta [num_blocks, num_kv_heads, block_size, 2]`` fp16, or None for bits=16.
-    With ``head_dim=None`` it is inferred from P.
     """
-    check_bits(bits)
-    page_dtypes = FLOAT_DTYPES if bits == 16 else (torch.uint8,)
-    check_tensor("k_cache", k_cache, 4, page_dtypes, device)
-    check_tensor("v_cache", v_cache, 4, page_dtypes, device)
+    check_format(fmt)
+    if not isinstance(pages, tuple) or len(pages) != 4:
+        raise ValueError("pages must be KVPages(k_cache, v_cache, k_meta, v_meta)")
+    k_cache, v_cache, k_meta, v_meta = pages
+    check_tensor("k_cache", k_cache, 4, (fmt.dtype,), device)
+    num_blocks = k_cache.shape[0]
+    if k_cache.shape[-1] != fmt.page_dim:
+        raise ValueError(
+            f"k_cache last dim {k_cache.shape[-1]} does not fit head_dim {fmt.head_dim} with "
+            f"bits={fmt.bits} (expected {fmt.page_dim})"
+        )
+    check_shape("k_cache", k_cache, fmt.page_shape(num_blocks))
+    check_tensor("v_cache", v_cache, 4, (fmt.dtype,), device)
     check_shape("v_cache", v_cache, k_cache.shape)
-    if v_cache.dtype != k_cache.dtype:
-        raise ValueError(
-            f"v_cache dtype {v_cache.dtype} differs from k_cache dtype {k_cache.dtype}"
-        )
-    num_blocks, num_kv_heads, block_size, p = k_cache.shape
-    d = p * 2 if bits == 4 else p
-    if head_dim is not None and d != head_dim:
-        raise ValueError(
-            f"k_cache last dim {p} does not fit head_dim {head_dim} with bits={bits} "
-            f"(expected {head_dim // 2 if bits == 4 else head_dim})"
-        )
-    if bits == 16:
-        if k_meta is not None or v_meta is not None:
-            raise ValueError("k_meta and v_meta must be None for bits=16 pages")
-    else:
-        if block_size % 16:
-            raise ValueError(
-                f"INT{bits} pages store tokens in groups of 16 (fragment order), so block_size "
-                f"must be a multiple of 16, got {block_size}"
-            )
+    if fmt.is_quantized:
         for name, m in (("k_meta", k_meta), ("v_meta", v_meta)):
             check_tensor(name, m, 4, (torch.float16,), device)
-            check_shape(name, m, (num_blocks, num_kv_heads, block_size, 2))
-    for name, t in (
-        ("k_cache", k_cache),
-        ("v_cache", v_cache),
-        ("k_meta", k_meta),
-        ("v_meta", v_meta),
-    ):
+            check_shape(name, m, fmt.meta_shape(num_blocks))
+    elif k_meta is not None or v_meta is not None:
+        raise ValueError("k_meta and v_meta must be None for bits=16 pages")
+    for name, t in zip(KVPages._fields, pages):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    return num_blocks, num_kv_heads, block_size, d
+    return num_blocks
 
 
-def check_write_inputs(
-    k, v, k_cache, v_cache, k_meta, v_meta, slot_mapping, k_mean, bits, had_block
-):
-    """Validate :func:`cache_write` arguments; return ``(num_tokens, num_kv_heads, head_dim)``."""
+def check_write_inputs(k, v, pages: KVPages, slot_mapping, fmt: PageFormat, k_mean) -> int:
+    """Validate :func:`cache_write` arguments; return ``num_tokens``."""
+    check_format(fmt)
     check_tensor("k", k, 3, FLOAT_DTYPES)
     device = k.device
     check_tensor("v", v, 3, FLOAT_DTYPES, device)
     check_shape("v", v, k.shape)
     num_tokens, num_kv_heads, head_dim = k.shape
-    _, h, _, _ = check_pages(
-        k_cache, v_cache, k_meta, v_meta, bits=bits, head_dim=head_dim, device=device
-    )
-    if h != num_kv_heads:
-        raise ValueError(f"k has {num_kv_heads} KV heads but the pages have {h}")
-    if bits == 4 and head_dim % 2:
-        raise ValueError(f"INT4 pages need an even head_dim, got {head_dim}")
-    check_had_block(had_block, head_dim)
+    if num_kv_heads != fmt.num_kv_heads:
+        raise ValueError(f"k has {num_kv_heads} KV heads but the pages have {fmt.num_kv_heads}")
+    if head_dim != fmt.head_dim:
+        raise ValueError(f"k has head_dim {head_dim} but the page format {fmt.head_dim}")
+    check_pages(pages, fmt, device)
     check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES, device)
     check_shape("slot_mapping", slot_mapping, (num_tokens,))
     if k_mean is not None:
         check_tensor("k_mean", k_mean, 2, FLOAT_DTYPES, device)
         check_shape("k_mean", k_mean, (num_kv_heads, head_dim))
-    return num_tokens, num_kv_heads, head_dim
+    return num_tokens
 
 
-def check_attention_inputs(
-    q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
-) -> tuple[int, int, int, int, int]:
-    """Validate the arguments shared by decode and extend.
+def check_step_inputs(q, fmt: PageFormat, block_tables, seq_lens, sliding_window) -> int:
+    """Validate what decode and extend share apart from the pages (once per step and format
+    when planned); return ``num_seqs``.
 
-    Returns ``(num_q_heads, num_kv_heads, block_size, head_dim, num_seqs)``.
+    ``q [num_tokens, num_q_heads, head_dim]`` float; ``block_tables [num_seqs, max_blocks]``
+    int32; ``seq_lens [num_seqs]`` int32.
     """
+    check_format(fmt)
     check_tensor("q", q, 3, FLOAT_DTYPES)
     device = q.device
     _, num_q_heads, head_dim = q.shape
-    _, num_kv_heads, block_size, _ = check_pages(
-        k_cache, v_cache, k_meta, v_meta, bits=bits, head_dim=head_dim, device=device
-    )
-    if num_q_heads % num_kv_heads:
+    if head_dim != fmt.head_dim:
+        raise ValueError(f"q has head_dim {head_dim} but the page format {fmt.head_dim}")
+    if num_q_heads % fmt.num_kv_heads:
         raise ValueError(
-            f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads {num_kv_heads} (GQA)"
+            f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads {fmt.num_kv_heads} (GQA)"
         )
-    check_had_block(had_block, head_dim)
     check_tensor("block_tables", block_tables, 2, (torch.int32,), device)
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,), device)
     num_seqs = seq_lens.shape[0]
@@ -148,7 +115,23 @@ def check_attention_inputs(
         )
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
-    return num_q_heads, num_kv_heads, block_size, head_dim, num_seqs
+    return num_seqs
+
+
+def check_attention_inputs(q, pages, fmt, block_tables, seq_lens, sliding_window) -> int:
+    """:func:`check_step_inputs` plus the pages; return ``num_seqs``."""
+    num_seqs = check_step_inputs(q, fmt, block_tables, seq_lens, sliding_window)
+    check_pages(pages, fmt, q.device)
+    return num_seqs
+
+
+def check_query_start_loc(query_start_loc, num_seqs: int, device) -> None:
+    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), device)
+    if query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"query_start_loc must have num_seqs + 1 = {num_seqs + 1} entries, "
+            f"got {query_start_loc.shape[0]}"
+        )
 
 
 def check_out(out, shape, dtype, device) -> None:

@@ -15,23 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from sawkv.kernels.checks import check_attention_inputs, check_out
-from sawkv.kernels.tiles import (
+from sawkv.kernels.checks import check_out, check_pages
+from sawkv.kernels.launch import (
     DECODE_CONFIG,
     DECODE_CONFIG_D256,
-    LOG2E,
     KernelConfig,
-    _attend_tile,
-    _common_checks,
     _dot_code,
     _interpreting,
     _launch_extra,
-    _load_query,
     _meta_args,
     _perm_args,
-    _sm_count,
-    _store_out,
 )
+from sawkv.kernels.page_format import KVPages, PageFormat
+from sawkv.kernels.plan import DecodePlan, plan_decode
+from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _store_out
 
 __all__ = ["paged_attention_decode", "KernelConfig", "DECODE_CONFIG", "DECODE_CONFIG_D256"]
 
@@ -187,121 +184,90 @@ def _decode_reduce_kernel(
     _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, G_PAD, HAD, ROT_V)
 
 
-def _pick_splits(config, num_seqs, num_kv_heads, max_tokens, device) -> int:
-    """Splits for the Triton kernel: ~2 waves of programs, every split >= 4 tiles, rounded
-    down to a power of two (NUM_SPLITS is a compile-time constant: powers of two keep the
-    variants few enough to compile while the decode CUDA graphs are captured)."""
-    if config.num_splits > 0:
-        return config.num_splits
-    programs = max(1, num_seqs * num_kv_heads)
-    want = triton.cdiv(2 * _sm_count(device), programs)
-    most = max(1, max_tokens // (4 * config.block_n))
-    splits = max(1, min(want, most, 64))
-    return 1 << (splits.bit_length() - 1)
-
-
-def _use_cuda(q, bits: int, num_q_heads: int, num_kv_heads: int, impl: str) -> bool:
-    if q.device.type != "cuda" or _interpreting():
-        if impl == "cuda":
-            raise ValueError("config.impl='cuda' needs CUDA tensors")
-        return False
-    from sawkv.kernels import decode_cuda
-
-    ok = decode_cuda.supports(q, bits, num_q_heads, num_kv_heads)
-    if impl == "cuda" and not ok:
-        raise ValueError("the CUDA decode kernel serves INT4/INT8 pages, fp16/bf16 q, G <= 16")
-    if ok and not decode_cuda.available(q.device):
-        if impl == "cuda":
-            raise RuntimeError(f"the CUDA decode kernel did not build: {decode_cuda.build_error()}")
-        return False
-    return ok
-
-
 def paged_attention_decode(
-    q,
-    k_cache,
-    v_cache,
-    k_meta,
-    v_meta,
-    block_tables,
-    seq_lens,
+    q: torch.Tensor,
+    pages: KVPages,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    fmt: PageFormat,
     *,
-    scale,
-    bits,
-    had_block,
-    rotate_v,
-    sliding_window=0,
-    out=None,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """Decode attention, one query token per sequence, over the paged cache.
 
     Args:
         q: ``[num_seqs, num_q_heads, head_dim]`` bf16/fp16/fp32 in model space (un-rotated).
-        k_cache, v_cache: ``[num_blocks, num_kv_heads, block_size, P]`` (uint8 codes for bits 4/8,
-            q's dtype for bits=16); k_meta, v_meta ``[num_blocks, num_kv_heads, block_size, 2]``
-            fp16 or None for bits=16.
+        pages: :class:`KVPages` ``(k_cache, v_cache, k_meta, v_meta)`` of one layer in format
+            ``fmt`` (``page_format.py``; float pages must have q's dtype).
         block_tables: ``[num_seqs, max_blocks]`` int32. seq_lens: ``[num_seqs]`` int32, context
             length including the current token (already written).
-        scale: softmax scale. bits: 4, 8 or 16. had_block: 0 or the Hadamard block.
-        rotate_v: values stored rotated (output rotated back). sliding_window: > 0 keeps only the
-            last that many positions. out: optional ``[num_seqs, num_q_heads, head_dim]`` q.dtype.
+        fmt: the pages' :class:`PageFormat` (bits, had_block, rotate_v: values stored rotated,
+            the output is rotated back).
+        scale: softmax scale. sliding_window: > 0 keeps only the last that many positions.
+        out: optional ``[num_seqs, num_q_heads, head_dim]`` q.dtype.
         config: tile/launch knobs (:class:`KernelConfig`); ``num_splits=0`` picks from the
-            SM count and ``max_blocks`` (no host sync on ``seq_lens``).
+            SM count and ``max_blocks`` (no host sync on ``seq_lens``). Ignored with ``plan``.
+        plan: a :class:`DecodePlan` from :func:`sawkv.kernels.plan.plan_decode` for this
+            step's q shape, block tables and ``fmt``: the launch then skips every check and
+            allocation (the pages were checked when allocated). None plans here.
     Returns:
         ``[num_seqs, num_q_heads, head_dim]`` in ``q.dtype``.
+
+    Example::
+
+        fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=8, block_size=16, had_block=128)
+        out = paged_attention_decode(q, pages, block_tables, seq_lens, fmt, scale=128**-0.5)
     """
-    num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
-        q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
-    )
-    config = config or (DECODE_CONFIG if q.shape[-1] <= 128 else DECODE_CONFIG_D256)
-    _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables, config)
-    if q.shape[0] != num_seqs:
-        raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
-    check_out(out, q.shape, q.dtype, q.device)
+    if plan is None:
+        check_pages(pages, fmt, q.device)
+        check_out(out, q.shape, q.dtype, q.device)
+        plan = plan_decode(
+            q, block_tables, seq_lens, fmt, sliding_window=sliding_window, config=config
+        )
+    elif plan.num_seqs != q.shape[0] or plan.fmt != fmt:
+        raise ValueError("the decode plan was made for another step shape or page format")
     out = torch.empty_like(q) if out is None else out
-    if num_seqs == 0:
+    if plan.num_seqs == 0:
         return out
-    if config.impl not in ("auto", "triton", "cuda"):
-        raise ValueError(f"config.impl must be auto, triton or cuda, got {config.impl!r}")
-    max_tokens = block_tables.shape[1] * block_size
-    if config.impl != "triton" and _use_cuda(q, bits, num_q_heads, num_kv_heads, config.impl):
+    if plan.impl == "cuda":
         from sawkv.kernels import decode_cuda
 
-        splits = config.num_splits or decode_cuda.pick_splits(
-            num_seqs, num_kv_heads, max_tokens, head_dim, _sm_count(q.device)
-        )
         return decode_cuda.paged_decode_cuda(
-            q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, out, scale=scale,
-            bits=bits, had_block=had_block, rotate_v=rotate_v, sliding_window=sliding_window,
-            num_splits=splits, groups_per_step=config.groups_per_step,
+            q, pages, block_tables, seq_lens, out, fmt, scale=scale,
+            sliding_window=sliding_window, num_splits=plan.num_splits,
+            groups_per_step=plan.config.groups_per_step, part_o=plan.part_o,
+            part_ml=plan.part_ml,
         )  # fmt: skip
+    _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan)
+    return out
+
+
+def _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan):
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, had_block, config = fmt.num_kv_heads, fmt.had_block, plan.config
     g = num_q_heads // num_kv_heads
     g_pad = max(16, triton.next_power_of_2(g))
-    num_splits = _pick_splits(config, num_seqs, num_kv_heads, max_tokens, q.device)
-    single = num_splits == 1 and not (rotate_v and had_block)
-    if not single:
-        part_o = torch.empty(
-            (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-        part_ml = torch.empty(
-            (num_seqs, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device
-        )
-    else:
-        part_o = part_ml = out
-    k_meta_arg, v_meta_arg, meta_strides = _meta_args(k_cache, v_cache, k_meta, v_meta)
+    num_splits = plan.num_splits
+    single = plan.part_o is None
+    part_o, part_ml = (out, out) if single else (plan.part_o, plan.part_ml)
+    k_meta_arg, v_meta_arg, meta_strides = _meta_args(pages)
     norm = 1.0 / math.sqrt(had_block) if had_block else 1.0
-    common = dict(G=g, G_PAD=g_pad, D=head_dim, HAD=had_block, ROT_V=bool(rotate_v and had_block))
-    k_perm, v_perm = _perm_args(bits, head_dim, q.device)
+    common = dict(G=g, G_PAD=g_pad, D=head_dim, HAD=had_block, ROT_V=fmt.rotate_v)
+    k_perm, v_perm = _perm_args(fmt.bits, head_dim, q.device)
+    k_cache, v_cache = pages[0], pages[1]
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens, out,
         part_o, part_ml,
         norm, scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, BITS=bits, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=fmt.block_size, BITS=fmt.bits, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
         SINGLE=single, **_launch_extra(config, head_dim),
-        DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
+        DOT=_dot_code(q.dtype, fmt.bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
         num_warps=config.num_warps,
         num_stages=config.num_stages, **common,
     )  # fmt: skip
@@ -311,4 +277,3 @@ def paged_attention_decode(
             NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
             **common,
         )  # fmt: skip
-    return out

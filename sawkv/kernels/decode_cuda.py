@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 
+from sawkv.kernels.page_format import KVPages, PageFormat
+
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_decode.cu", "paged_decode.cuh", "paged_decode_dispatch.cuh")
 _VARIANTS = [(bits, d) for bits in (4, 8) for d in (64, 128, 256)]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _TICKETS: dict[int, list[torch.Tensor]] = {}
-# Resident CTAs per SM by head dim (registers per thread of the default variant, 128 threads).
-_CTAS_PER_SM = {64: 5, 128: 5, 256: 3}
-MAX_SPLITS = 64
 
 
 def _ext_dir() -> Path:
@@ -99,25 +98,6 @@ def supports(q: torch.Tensor, bits: int, num_q_heads: int, num_kv_heads: int) ->
     )
 
 
-def pick_splits(num_seqs: int, num_kv_heads: int, max_tokens: int, head_dim: int, sms: int) -> int:
-    """Splits per sequence: the fewest that fill whole waves of resident CTAs best, with at
-    least 128 tokens (two 16-token groups per warp) per split. Host-side, from the block-table
-    width, so it never syncs on ``seq_lens`` and is fixed per CUDA graph."""
-    programs = max(1, num_seqs * num_kv_heads)
-    slots = sms * _CTAS_PER_SM.get(head_dim, 2)
-    most = max(1, min(MAX_SPLITS, max_tokens // 128))
-    best, best_eff = 1, 0.0
-    for splits in range(1, most + 1):
-        ctas = programs * splits
-        waves = -(-ctas // slots)
-        eff = ctas / (waves * slots)
-        if eff > best_eff + 0.02:
-            best, best_eff = splits, eff
-        if eff >= 0.95:
-            break
-    return best
-
-
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     kept = _TICKETS.setdefault(idx, [])
@@ -130,47 +110,48 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 
 def paged_decode_cuda(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_meta: torch.Tensor,
-    v_meta: torch.Tensor,
+    pages: KVPages,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     out: torch.Tensor,
+    fmt: PageFormat,
     *,
     scale: float,
-    bits: int,
-    had_block: int,
-    rotate_v: bool,
     sliding_window: int,
     num_splits: int,
     groups_per_step: int = 0,
+    part_o: torch.Tensor | None = None,
+    part_ml: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence) over fragment-ordered INT4/INT8 pages.
 
     Arguments as in :func:`sawkv.kernels.paged_attention_decode` (already checked there), plus
-    ``num_splits`` (see :func:`pick_splits`) and ``groups_per_step`` (16-token groups a warp
-    loads per step; 0 = the kernel's default). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out``
-    the same shape and dtype. Returns ``out``.
+    ``num_splits`` (see :func:`sawkv.kernels.plan.pick_num_splits`), ``groups_per_step``
+    (16-token groups a warp loads per step; 0 = the kernel's default) and the planned
+    workspaces ``part_o [num_seqs, Hq, num_splits, d]`` / ``part_ml [..., 2]`` fp32 (allocated
+    here if None). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out`` the same shape and dtype.
+    Returns ``out``.
     """
     mod = _module()
     if mod is None:
         raise RuntimeError(f"the CUDA decode kernel is unavailable: {build_error()}")
     num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    if num_splits > 1:
-        part_o = torch.empty(
-            (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
-        )
-        part_ml = torch.empty(
-            (num_seqs, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device
-        )
-    else:
-        part_o = part_ml = torch.empty(0, dtype=torch.float32, device=q.device)
+    num_kv_heads = fmt.num_kv_heads
+    if part_o is None or part_ml is None:
+        if num_splits > 1:
+            part_o = torch.empty(
+                (num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+            )
+            part_ml = torch.empty(
+                (num_seqs, num_q_heads, num_splits, 2), dtype=torch.float32, device=q.device
+            )
+        else:
+            part_o = part_ml = torch.empty(0, dtype=torch.float32, device=q.device)
+    k_cache, v_cache, k_meta, v_meta = pages
     tickets = _tickets(q.device, num_seqs * num_kv_heads)
     mod.paged_decode(
         q, out, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, part_o, part_ml,
-        tickets, bits, num_splits, scale * 1.4426950408889634, had_block, bool(rotate_v),
-        sliding_window, groups_per_step,
+        tickets, fmt.bits, num_splits, scale * 1.4426950408889634, fmt.had_block,
+        bool(fmt.rotate_v), sliding_window, groups_per_step,
     )  # fmt: skip
     return out

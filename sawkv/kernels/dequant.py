@@ -15,11 +15,14 @@ and writes 16 whole rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from sawkv.kernels.tiles import _interpreting, _perm_args
+from sawkv.kernels.launch import _interpreting, _perm_args
+from sawkv.kernels.page_format import KVPages, PageFormat
 
 
 @triton.jit
@@ -90,8 +93,8 @@ def dequant_pages(
     seq_lens: torch.Tensor,
     row_starts: torch.Tensor,
     out: torch.Tensor,
+    fmt: PageFormat,
     *,
-    bits: int,
     is_key: bool,
     max_seq_len: int,
 ) -> torch.Tensor:
@@ -103,7 +106,7 @@ def dequant_pages(
         block_tables: ``[S, max_blocks]`` int32. seq_lens: ``[S]`` int32.
         row_starts: ``[S + 1]`` int32, first row of each sequence in ``out``.
         out: ``[total_rows, H, head_dim]`` bf16/fp16/fp32, written in place.
-        bits: 4, 8 or 16. is_key: which byte order (keys and values differ).
+        fmt: the pages' format. is_key: which byte order (keys and values differ).
         max_seq_len: host-side bound on ``seq_lens`` (sizes the grid).
     Returns:
         ``out``; rows hold ``code * scale + min`` (rotated/centered as stored).
@@ -113,7 +116,7 @@ def dequant_pages(
             f"dequant_pages needs CUDA tensors (or TRITON_INTERPRET=1), got {cache.device}"
         )
     num_seqs = block_tables.shape[0]
-    head_dim = out.shape[-1]
+    head_dim, bits = fmt.head_dim, fmt.bits
     if num_seqs == 0 or max_seq_len == 0:
         return out
     k_perm, v_perm = _perm_args(bits, head_dim, cache.device)
@@ -150,51 +153,75 @@ def _rotate(x: torch.Tensor, had_block: int) -> torch.Tensor:
     return (y @ _hadamard(had_block, x.device)).reshape(shape).to(x.dtype)
 
 
-def extend_via_sdpa(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_meta: torch.Tensor | None,
-    v_meta: torch.Tensor | None,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    scale: float,
-    bits: int,
-    had_block: int,
-    rotate_v: bool,
-    seq_lens_host: list[int],
-    query_start_host: list[int],
-) -> torch.Tensor:
-    """Extend attention: dequantize each sequence's pages once, then FlashAttention (SDPA).
+@dataclass
+class SdpaPlan:
+    """Host copies and workspaces of the SDPA extend path, shared by a step's layers.
 
-    Same contract as :func:`sawkv.kernels.paged_attention_extend` without a sliding window
-    (checked by the caller), plus host copies of ``seq_lens`` and ``query_start_loc``: one
-    SDPA call per sequence with the bottom-right causal mask (query i sits at position
-    ``seq_len - q_len + i``). Keys are stored rotated and centered, so the query is rotated once
-    (softmax ignores the shared ``q.mu``); with rotated values the output is rotated back.
+    ``starts`` ``[num_seqs + 1]`` first K/V row of each sequence (host list; ``row_starts`` its
+    device copy); ``query_start_host`` the host ``query_start_loc``; ``kbuf, vbuf
+    [starts[-1], num_kv_heads, head_dim]`` the dequantized K/V rows (overwritten by each layer).
     """
-    import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
 
-    num_seqs = len(seq_lens_host)
+    starts: list[int]
+    query_start_host: list[int]
+    max_seq_len: int
+    row_starts: torch.Tensor
+    kbuf: torch.Tensor
+    vbuf: torch.Tensor
+
+
+def plan_sdpa(
+    q: torch.Tensor, fmt: PageFormat, seq_lens_host: list[int], query_start_host: list[int]
+) -> SdpaPlan:
+    """Row offsets and K/V workspaces for :func:`extend_via_sdpa` (``q [T, Hq, d]``)."""
     starts = [0]
     for n in seq_lens_host:
         starts.append(starts[-1] + n)
-    num_heads, head_dim = k_cache.shape[1], q.shape[-1]
     # Codes dequantize into fp16, not bf16, when q is 16-bit: 3 more mantissa bits keep the
     # attention within 5e-3 of the fp32 reference (bf16 rows measured 5.2e-3 at 5K tokens).
     # The writer clamps values to +-65504 before quantizing, so rows fit fp16 (the kernel
     # clamps again for the rounding of scale and min); q is clamped to fp16's range.
-    work = torch.float16 if bits < 16 and q.dtype == torch.bfloat16 else q.dtype
-    kbuf = torch.empty((starts[-1], num_heads, head_dim), dtype=work, device=q.device)
-    vbuf = torch.empty_like(kbuf)
+    work = torch.float16 if fmt.bits < 16 and q.dtype == torch.bfloat16 else q.dtype
+    kbuf = torch.empty((starts[-1], fmt.num_kv_heads, fmt.head_dim), dtype=work, device=q.device)
     row_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
-    common = dict(bits=bits, max_seq_len=max(seq_lens_host, default=0))
-    dequant_pages(k_cache, k_meta, block_tables, seq_lens, row_starts, kbuf, is_key=True, **common)
-    dequant_pages(v_cache, v_meta, block_tables, seq_lens, row_starts, vbuf, is_key=False, **common)
+    return SdpaPlan(starts, list(query_start_host), max(seq_lens_host, default=0), row_starts,
+                    kbuf, torch.empty_like(kbuf))  # fmt: skip
+
+
+def extend_via_sdpa(
+    q: torch.Tensor,
+    pages: KVPages,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    out: torch.Tensor,
+    fmt: PageFormat,
+    *,
+    scale: float,
+    plan: SdpaPlan,
+) -> torch.Tensor:
+    """Extend attention: dequantize each sequence's pages once, then FlashAttention (SDPA).
+
+    Same contract as :func:`sawkv.kernels.paged_attention_extend` without a sliding window
+    (checked by the caller), plus the step's :class:`SdpaPlan` (host lengths, workspaces): one
+    SDPA call per sequence (or one varlen call) with the bottom-right causal mask (query i sits
+    at position ``seq_len - q_len + i``). Keys are stored rotated and centered, so the query is
+    rotated once (softmax ignores the shared ``q.mu``); with rotated values the output is
+    rotated back.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    num_seqs = len(plan.starts) - 1
+    starts, query_start_host = plan.starts, plan.query_start_host
+    kbuf, vbuf, row_starts, work = plan.kbuf, plan.vbuf, plan.row_starts, plan.kbuf.dtype
+    had_block = fmt.had_block
+    k_cache, v_cache, k_meta, v_meta = pages
+    common = dict(max_seq_len=plan.max_seq_len)
+    dequant_pages(k_cache, k_meta, block_tables, seq_lens, row_starts, kbuf, fmt, is_key=True,
+                  **common)  # fmt: skip
+    dequant_pages(v_cache, v_meta, block_tables, seq_lens, row_starts, vbuf, fmt, is_key=False,
+                  **common)  # fmt: skip
     qr = _rotate(q, had_block) if had_block else q
     if work != q.dtype:
         qr = qr.float().clamp(-65504.0, 65504.0).to(work)
@@ -220,7 +247,7 @@ def extend_via_sdpa(
                 qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
             )
             o[q0:q1] = o_s[0].transpose(0, 1)  # [q_len, Hq, d]
-    out.copy_(_rotate(o, had_block) if rotate_v and had_block else o)
+    out.copy_(_rotate(o, had_block) if fmt.rotate_v else o)
     return out
 
 

@@ -8,21 +8,18 @@ import torch
 import triton
 import triton.language as tl
 
-from sawkv.kernels.checks import check_attention_inputs, check_out, check_tensor
-from sawkv.kernels.tiles import (
+from sawkv.kernels.checks import check_out, check_pages
+from sawkv.kernels.launch import (
     EXTEND_CONFIG,
-    LOG2E,
     KernelConfig,
-    _attend_tile,
-    _common_checks,
     _dot_code,
     _interpreting,
-    _load_query,
     _meta_args,
     _perm_args,
-    _rotate_rows_kernel,
-    _store_out,
 )
+from sawkv.kernels.page_format import KVPages, PageFormat
+from sawkv.kernels.plan import ExtendPlan, plan_extend
+from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _rotate_rows_kernel, _store_out
 
 __all__ = ["paged_attention_extend", "EXTEND_CONFIG"]
 
@@ -125,26 +122,22 @@ def _extend_kernel(
 
 
 def paged_attention_extend(
-    q,
-    k_cache,
-    v_cache,
-    k_meta,
-    v_meta,
-    block_tables,
-    seq_lens,
-    query_start_loc,
+    q: torch.Tensor,
+    pages: KVPages,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    fmt: PageFormat,
     *,
-    scale,
-    bits,
-    had_block,
-    rotate_v,
-    sliding_window=0,
-    out=None,
-    max_query_len: int | None = None,
+    scale: float,
+    sliding_window: int = 0,
+    out: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    impl: str = "auto",
+    max_query_len: int | None = None,
     seq_lens_host: list[int] | None = None,
     query_start_host: list[int] | None = None,
-    impl: str = "auto",
+    plan: ExtendPlan | None = None,
 ) -> torch.Tensor:
     """Attention of several new tokens per sequence over the paged cache (chunked prefill).
 
@@ -161,73 +154,67 @@ def paged_attention_extend(
         q: ``[num_tokens, num_q_heads, head_dim]``, the new tokens of all sequences concatenated.
         seq_lens: ``[num_seqs]`` int32 including the new tokens.
         query_start_loc: ``[num_seqs + 1]`` int32 cumulative query lengths.
-        max_query_len: host-side bound on any q_len, to size the grid (default num_tokens).
-        seq_lens_host, query_start_host: host copies of ``seq_lens`` / ``query_start_loc``
-            (read from the device, one sync, if None and the SDPA path needs them).
-        impl: "auto" dequantizes each sequence once and runs FlashAttention (SDPA) when there
-            is no sliding window and q is bf16/fp16 on CUDA (``dequant.py``); "triton" forces
-            the fused paged kernel below; "sdpa" forces the former (CPU included).
+        config, impl, max_query_len, seq_lens_host, query_start_host: see
+            :func:`sawkv.kernels.plan.plan_extend` (ignored with ``plan``); impl "auto"
+            dequantizes each sequence once and runs FlashAttention (SDPA) for bf16/fp16 q on
+            CUDA without a sliding window (``dequant.py``), else runs the fused kernel below.
+        plan: an :class:`ExtendPlan` for this step's shapes and ``fmt`` (skips checks and
+            allocations); None plans here.
         Other arguments as in :func:`paged_attention_decode`.
     Returns:
         ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
     """
-    num_q_heads, num_kv_heads, block_size, head_dim, num_seqs = check_attention_inputs(
-        q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, bits, had_block, sliding_window
-    )
-    config = config or EXTEND_CONFIG
-    _common_checks(q, head_dim, bits, had_block, rotate_v, k_cache, block_tables, config)
-    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,), q.device)
-    if query_start_loc.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"query_start_loc must have num_seqs + 1 = {num_seqs + 1} entries, "
-            f"got {query_start_loc.shape[0]}"
-        )
-    check_out(out, q.shape, q.dtype, q.device)
+    if plan is None:
+        check_pages(pages, fmt, q.device)
+        check_out(out, q.shape, q.dtype, q.device)
+        plan = plan_extend(
+            q, block_tables, seq_lens, query_start_loc, fmt, sliding_window=sliding_window,
+            max_query_len=max_query_len, seq_lens_host=seq_lens_host,
+            query_start_host=query_start_host, config=config, impl=impl,
+        )  # fmt: skip
+    elif plan.num_tokens != q.shape[0] or plan.fmt != fmt:
+        raise ValueError("the extend plan was made for another step shape or page format")
     out = torch.empty_like(q) if out is None else out
-    num_tokens = q.shape[0]
-    if num_seqs == 0 or num_tokens == 0:
+    if plan.num_seqs == 0 or plan.num_tokens == 0:
         return out
-    if impl not in ("auto", "triton", "sdpa"):
-        raise ValueError(f"impl must be auto, triton or sdpa, got {impl!r}")
-    fast = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-    if impl == "sdpa" or (impl == "auto" and fast and not sliding_window):
-        if sliding_window:
-            raise ValueError("the SDPA extend path has no sliding window; use impl='triton'")
+    if plan.impl == "sdpa":
         from sawkv.kernels.dequant import extend_via_sdpa
 
-        lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
-        qsl = query_start_loc.tolist() if query_start_host is None else query_start_host
         return extend_via_sdpa(
-            q, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, query_start_loc, out,
-            scale=scale, bits=bits, had_block=had_block, rotate_v=rotate_v, seq_lens_host=lens,
-            query_start_host=qsl,
+            q, pages, block_tables, seq_lens, query_start_loc, out, fmt, scale=scale,
+            plan=plan.sdpa,
         )  # fmt: skip
-    rot_v = bool(rotate_v and had_block)
-    # with rotated values the kernel writes fp32 un-rotated rows, rotated back into out below
-    dest = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rot_v else out
+    _launch_triton(q, pages, block_tables, seq_lens, query_start_loc, fmt, scale, sliding_window,
+                   out, plan)  # fmt: skip
+    return out
+
+
+def _launch_triton(q, pages, block_tables, seq_lens, qsl, fmt, scale, sliding_window, out, plan):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, had_block, config = fmt.num_kv_heads, fmt.had_block, plan.config
+    dest = out if plan.rotated is None else plan.rotated
     g = num_q_heads // num_kv_heads
     g_pad = triton.next_power_of_2(g)
     block_r = max(config.block_r, g_pad, 16)
     block_q = block_r // g_pad
-    max_q = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
-    k_meta_arg, v_meta_arg, meta_strides = _meta_args(k_cache, v_cache, k_meta, v_meta)
-    k_perm, v_perm = _perm_args(bits, head_dim, q.device)
-    _extend_kernel[(triton.cdiv(max_q, block_q), num_seqs, num_kv_heads)](
+    k_meta_arg, v_meta_arg, meta_strides = _meta_args(pages)
+    k_perm, v_perm = _perm_args(fmt.bits, head_dim, q.device)
+    k_cache, v_cache = pages[0], pages[1]
+    _extend_kernel[(triton.cdiv(plan.max_query_len, block_q), plan.num_seqs, num_kv_heads)](
         q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens,
-        query_start_loc, dest,
+        qsl, dest,
         1.0 / math.sqrt(had_block) if had_block else 1.0, scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         dest.stride(0), dest.stride(1),
-        G=g, G_PAD=g_pad, D=head_dim, BLOCK_SIZE=block_size, BITS=bits, HAD=had_block,
-        ROT_V=bool(rotate_v and had_block), BLOCK_N=config.block_n, BLOCK_R=block_r,
-        DOT=_dot_code(q.dtype, bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
+        G=g, G_PAD=g_pad, D=head_dim, BLOCK_SIZE=fmt.block_size, BITS=fmt.bits, HAD=had_block,
+        ROT_V=fmt.rotate_v, BLOCK_N=config.block_n, BLOCK_R=block_r,
+        DOT=_dot_code(q.dtype, fmt.bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip
-    if rot_v:
+    if plan.rotated is not None:
         rows = num_tokens * num_q_heads
         _rotate_rows_kernel[(triton.cdiv(rows, 64),)](
             dest, out, rows, 1.0 / math.sqrt(had_block), D=head_dim, HAD=had_block,
             BLOCK_ROWS=64, num_warps=4,
         )  # fmt: skip
-    return out

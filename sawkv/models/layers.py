@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sawkv.attention.backend import AttentionBackend, LayerKV, StepContext
+from sawkv.attention.backend import AttentionBackend, StepContext
+from sawkv.cache.kv_cache import LayerKV
 from sawkv.config import ModelConfig
 from sawkv.models.batch_invariant import batch_invariant_linear
 

@@ -17,6 +17,7 @@ from sawkv.attention.reference import (
     paged_attention_decode_ref,
     paged_attention_extend_ref,
 )
+from sawkv.kernels import KVPages, PageFormat
 from sawkv.kernels.page_layout import from_pages
 from sawkv.quant import parse_method
 
@@ -58,11 +59,13 @@ def build(method_name, lens, *, head_dim=64, num_kv_heads=2, block_size=16, seed
         pos = torch.arange(n)
         slots.append(tables[s, pos // block_size].long() * block_size + pos % block_size)
     slot_mapping = torch.cat(slots)
-    flags = dict(bits=bits, had_block=m.had_block or 0, rotate_v=m.rotate_v)
+    fmt = PageFormat(bits, head_dim, num_kv_heads, block_size, m.had_block or 0, m.rotate_v,
+                     torch.float32 if bits == 16 else None)  # fmt: skip
     kmu = k_mean if m.center_k else None
-    cache_write_ref(k, v, kc, vc, km, vm, slot_mapping, kmu, **flags)
+    pages = KVPages(kc, vc, km, vm)
+    cache_write_ref(k, v, pages, slot_mapping, fmt, kmu)
     return dict(
-        method=m, pages=(kc, vc, km, vm), tables=tables, k=k, v=v, k_mean=kmu, flags=flags,
+        method=m, pages=pages, tables=tables, k=k, v=v, k_mean=kmu, fmt=fmt,
         seq_lens=torch.tensor(lens, dtype=torch.int32), slots=slot_mapping, lens=lens,
     )  # fmt: skip
 
@@ -122,7 +125,7 @@ def test_write_skips_negative_slots():
     before = kc.clone()
     slots = torch.full((3,), -1, dtype=torch.int64)
     k = torch.randn(3, 2, 64)
-    cache_write_ref(k, k, kc, vc, km, vm, slots, None, bits=4, had_block=32, rotate_v=False)
+    cache_write_ref(k, k, KVPages(kc, vc, km, vm), slots, PageFormat(4, 64, 2, 16, had_block=32))
     assert torch.equal(kc, before)
 
 
@@ -134,8 +137,8 @@ def test_decode_equals_attention_over_fake_quant(name, window):
     q = torch.randn(len(lens), 8, 64)  # GQA ratio 4
     scale = 64**-0.5
     out = paged_attention_decode_ref(
-        q, *case["pages"], case["tables"], case["seq_lens"], scale=scale, sliding_window=window,
-        **case["flags"],
+        q, case["pages"], case["tables"], case["seq_lens"], case["fmt"], scale=scale,
+        sliding_window=window,
     )  # fmt: skip
     fk, fv = fake_kv(case)
     start = 0
@@ -154,8 +157,8 @@ def test_extend_equals_causal_attention_over_fake_quant(name):
     q = torch.randn(16, 2, 64)
     scale = 0.1
     out = paged_attention_extend_ref(
-        q, *case["pages"], case["tables"], case["seq_lens"], qsl, scale=scale, sliding_window=12,
-        **case["flags"],
+        q, case["pages"], case["tables"], case["seq_lens"], qsl, case["fmt"], scale=scale,
+        sliding_window=12,
     )  # fmt: skip
     fk, fv = fake_kv(case)
     start = 0
@@ -170,9 +173,9 @@ def test_extend_last_token_matches_decode():
     case = build("int4-bdr32-kv-kc", [40, 17], num_kv_heads=2)
     qsl = torch.tensor([0, 40, 57], dtype=torch.int32)
     q = torch.randn(57, 4, 64)
-    args = (*case["pages"], case["tables"], case["seq_lens"])
-    ext = paged_attention_extend_ref(q, *args, qsl, scale=0.125, **case["flags"])
-    dec = paged_attention_decode_ref(q[[39, 56]], *args, scale=0.125, **case["flags"])
+    args = (case["pages"], case["tables"], case["seq_lens"])
+    ext = paged_attention_extend_ref(q, *args, qsl, case["fmt"], scale=0.125)
+    dec = paged_attention_decode_ref(q[[39, 56]], *args, case["fmt"], scale=0.125)
     torch.testing.assert_close(ext[[39, 56]], dec, rtol=1e-5, atol=1e-5)
 
 
@@ -183,12 +186,11 @@ def test_key_centering_is_exact_for_attention():
     outs = []
     for mu in (case["k"].mean(0), None):
         kc, vc = torch.zeros_like(case["pages"][0]), torch.zeros_like(case["pages"][1])
-        flags = dict(bits=16, had_block=64, rotate_v=False)
-        cache_write_ref(case["k"], case["v"], kc, vc, None, None, case["slots"], mu, **flags)
+        pages = KVPages(kc, vc, None, None)
+        fmt = PageFormat(16, 64, 2, 16, had_block=64, dtype=torch.float32)
+        cache_write_ref(case["k"], case["v"], pages, case["slots"], fmt, mu)
         outs.append(
-            paged_attention_decode_ref(
-                q, kc, vc, None, None, case["tables"], case["seq_lens"], scale=0.125, **flags
-            )
+            paged_attention_decode_ref(q, pages, case["tables"], case["seq_lens"], fmt, scale=0.125)
         )
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
@@ -200,7 +202,7 @@ def test_centered_cache_matches_uncentered_attention(name, tol):
     case = build(name, [64], num_kv_heads=1, mean=True)
     q = torch.randn(1, 1, 64) * 0.3
     out = paged_attention_decode_ref(
-        q, *case["pages"], case["tables"], case["seq_lens"], scale=0.125, **case["flags"]
+        q, case["pages"], case["tables"], case["seq_lens"], case["fmt"], scale=0.125
     )
     exact = softmax_attention(q, case["k"], case["v"], 0.125, torch.tensor([63]))
     rel = (out - exact).norm() / exact.norm()
@@ -209,27 +211,31 @@ def test_centered_cache_matches_uncentered_attention(name, tol):
 
 def test_validation_errors():
     case = build("int4", [20])
-    kc, vc, km, vm = case["pages"]
+    kc, vc, km, vm = pages = case["pages"]
+    fmt, tables, seq_lens = case["fmt"], case["tables"], case["seq_lens"]
     q = torch.randn(1, 4, 64)
-    ok = dict(scale=0.1, bits=4, had_block=0, rotate_v=False)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        paged_attention_decode_ref(q[:, :3], kc, vc, km, vm, case["tables"], case["seq_lens"], **ok)
+        paged_attention_decode_ref(q[:, :3], pages, tables, seq_lens, fmt, scale=0.1)
     with pytest.raises(ValueError, match="had_block"):
-        paged_attention_decode_ref(
-            q, kc, vc, km, vm, case["tables"], case["seq_lens"], **{**ok, "had_block": 24}
-        )
+        PageFormat(4, 64, 2, 16, had_block=24)
     with pytest.raises(ValueError, match="k_meta"):
-        paged_attention_decode_ref(
-            q, kc, vc, km[..., :1], vm, case["tables"], case["seq_lens"], **ok
-        )
+        paged_attention_decode_ref(q, (kc, vc, km[..., :1], vm), tables, seq_lens, fmt, scale=0.1)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_attention_decode_ref(q, kc, vc, km, vm, case["tables"].long(), case["seq_lens"], **ok)
+        paged_attention_decode_ref(q, pages, tables.long(), seq_lens, fmt, scale=0.1)
     with pytest.raises(ValueError, match="last dim"):
-        paged_attention_decode_ref(
-            q, kc, vc, km, vm, case["tables"], case["seq_lens"], **{**ok, "bits": 8}
-        )
+        paged_attention_decode_ref(q, pages, tables, seq_lens, PageFormat(8, 64, 2, 16), scale=0.1)
+    with pytest.raises(ValueError, match="fmt"):
+        paged_attention_decode_ref(q, pages, tables, seq_lens, None, scale=0.1)
     with pytest.raises(ValueError, match="slot_mapping"):
-        cache_write_ref(
-            q[:, :2], q[:, :2], kc, vc, km, vm, torch.zeros(1, dtype=torch.int16), None, bits=4,
-            had_block=0, rotate_v=False,
-        )  # fmt: skip
+        cache_write_ref(q[:, :2], q[:, :2], pages, torch.zeros(1, dtype=torch.int16), fmt)
+
+
+def test_page_format_sizes_match_the_tensors():
+    """page_size_bytes counts exactly the bytes of one block index of the allocated pages."""
+    for fmt in (PageFormat(4, 128, 8, 16, had_block=128, rotate_v=True), PageFormat(8, 64, 2, 32),
+                PageFormat(16, 64, 2, 16, dtype=torch.bfloat16)):  # fmt: skip
+        pages = fmt.empty_pages(3)
+        per_block = sum(t[0].numel() * t.element_size() for t in pages if t is not None)
+        assert fmt.page_size_bytes == per_block
+        assert pages.k_cache.shape == fmt.page_shape(3)
+        assert (pages.k_meta is None) == (fmt.bits == 16)

@@ -86,16 +86,16 @@ def test_mixed_pages_have_each_layers_format_and_real_size(mixed_llm):
     per_block = 0
     for i, kv in enumerate(runner.kv):
         m = recipe.layers[i]
-        assert kv.k_cache.shape[-1] == (D // 2 if m.bits == 4 else D)
-        assert kv.k_cache.dtype == torch.uint8 and kv.k_meta is not None
+        assert kv.pages.k_cache.shape[-1] == (D // 2 if m.bits == 4 else D)
+        assert kv.pages.k_cache.dtype == torch.uint8 and kv.pages.k_meta is not None
         assert (kv.k_mean is not None) == m.center_k
-        backend = runner.model.layers[i].self_attn.backend
-        assert (backend.bits, backend.had_block, backend.rotate_v) == (
+        assert runner.model.layers[i].self_attn.kv is kv
+        assert (kv.fmt.bits, kv.fmt.had_block, kv.fmt.rotate_v) == (
             m.bits,
             m.had_block or 0,
             m.rotate_v,
         )
-        tensors = (kv.k_cache, kv.v_cache, kv.k_meta, kv.v_meta)
+        tensors = kv.pages
         per_block += sum(t[0].numel() * t.element_size() for t in tensors)
     assert llm.engine.spec.bytes_per_block == per_block
     assert llm.engine.block_manager.num_blocks == (32 << 20) // per_block

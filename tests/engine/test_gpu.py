@@ -146,18 +146,18 @@ def test_varlen_extend_matches_reference(bits, had, rot_v):
     from sawkv.kernels import dequant, paged_attention_extend
 
     lens, q_lens = [300, 17, 1000, 64, 129], [300, 5, 250, 1, 64]
-    pages, tables, seq_lens = paged_case(
+    pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=128, num_kv_heads=2, block_size=16, bits=bits, had_block=had,
         rotate_v=rot_v, dtype=torch.bfloat16, seed=5,
     )  # fmt: skip
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), 8, 128).bfloat16()
-    kw = dict(scale=128**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
-    ref = paged_attention_extend_ref(q, *pages, tables, seq_lens, qsl, **kw)
-    cuda = [None if t is None else t.cuda() for t in pages]
+    scale = 128**-0.5
+    ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, scale=scale)
+    cuda = type(pages)(*(None if t is None else t.cuda() for t in pages))
     out = torch.full_like(q, float("nan")).cuda()
-    paged_attention_extend(q.cuda(), *cuda, tables.cuda(), seq_lens.cuda(), qsl.cuda(), out=out,
-                           impl="sdpa", **kw)  # fmt: skip
+    paged_attention_extend(q.cuda(), cuda, tables.cuda(), seq_lens.cuda(), qsl.cuda(), fmt,
+                           out=out, impl="sdpa", scale=scale)  # fmt: skip
     assert dequant._VARLEN_OK.get(str(out.device)) is True, "varlen FlashAttention did not run"
     err = (out.float().cpu() - ref.float()).norm() / ref.float().norm()
     assert err < 5e-3, err

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sawkv.attention.backend import LayerKV
 from sawkv.attention.reference import paged_attention_extend_ref
 from sawkv.attention.torch_backend import TorchBackend
+from sawkv.cache.kv_cache import LayerKV
 from sawkv.engine.device_step import BlockTable, upload
 from sawkv.engine.step_inputs import StepPlanner
+from sawkv.kernels import PageFormat
 
 BS, HKV, HQ, D, NUM_BLOCKS = 16, 2, 4, 64, 20  # INT4 pages hold tokens in groups of 16
 
@@ -28,17 +29,9 @@ def plan_and_upload(planner, table, tables, starts, q_lens):
     return upload(planner.plan(seqs, list(q_lens)), table, BS).ctx
 
 
-def make_kv(bits, window):
-    page_dim = D // 2 if bits == 4 else D
-    dtype = torch.float32 if bits == 16 else torch.uint8
-    meta = (lambda: None) if bits == 16 else (
-        lambda: torch.zeros(NUM_BLOCKS, HKV, BS, 2, dtype=torch.float16)
-    )  # fmt: skip
-    return LayerKV(
-        torch.zeros(NUM_BLOCKS, HKV, BS, page_dim, dtype=dtype),
-        torch.zeros(NUM_BLOCKS, HKV, BS, page_dim, dtype=dtype),
-        meta(), meta(), None, window,
-    )  # fmt: skip
+def make_kv(bits, had_block, window):
+    fmt = PageFormat(bits, D, HKV, BS, had_block, dtype=torch.float32 if bits == 16 else None)
+    return LayerKV(fmt.empty_pages(NUM_BLOCKS), fmt, None, window)
 
 
 CASES = {
@@ -53,9 +46,11 @@ CASES = {
 def test_split_step_equals_single_extend(case, bits, had_block, window):
     torch.manual_seed(0)
     tables, seq_lens, q_lens = CASES[case]
-    kv = make_kv(bits, window)
-    backend = TorchBackend(bits=bits, had_block=had_block, rotate_v=False)
-    planner, table = StepPlanner(4, 8, BS), BlockTable(4, 8, torch.device("cpu"))
+    kv = make_kv(bits, had_block, window)
+    backend = TorchBackend()
+    threshold = backend.reorder_batch_threshold
+    planner = StepPlanner(4, 8, BS, decode_threshold=threshold)
+    table = BlockTable(4, 8, torch.device("cpu"))
     old = [n - q for n, q in zip(seq_lens, q_lens)]  # context already cached
     pre = plan_and_upload(planner, table, tables, [0] * len(old), old)
     n_old = pre.slot_mapping.shape[0]
@@ -73,8 +68,7 @@ def test_split_step_equals_single_extend(case, bits, had_block, window):
     q, k, v = torch.randn(t, HQ, D), torch.randn(t, HKV, D), torch.randn(t, HKV, D)
     got = backend.forward(q, k, v, kv, ctx, scale=0.125)
     ref = paged_attention_extend_ref(
-        q, kv.k_cache, kv.v_cache, kv.k_meta, kv.v_meta, ctx.block_tables, ctx.seq_lens,
-        ctx.query_start_loc, scale=0.125, bits=bits, had_block=had_block, rotate_v=False,
+        q, kv.pages, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt, scale=0.125,
         sliding_window=window,
     )  # fmt: skip
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

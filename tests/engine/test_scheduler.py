@@ -44,7 +44,9 @@ def test_chunked_prefill_respects_budget():
     assert a.num_output_tokens == 2 and b.num_output_tokens == 2
 
 
-def test_few_token_sequences_come_first():
+def test_running_sequences_come_first_in_fcfs_order():
+    # the scheduler does not order by query length: the model runner does that for the
+    # attention backend (tests/engine/test_step_inputs.py)
     sched = make(max_num_batched_tokens=40)
     add(sched, "a", 3)
     advance(sched.schedule())  # a decodes from now on
@@ -55,12 +57,12 @@ def test_few_token_sequences_come_first():
         ("b", 39),
     ]
     advance(batch)
-    add(sched, "c", 2, 200)  # b's second chunk (21) goes after c's short prompt (2)
+    add(sched, "c", 2, 200)  # waiting c is admitted after the running a and b
     batch = sched.schedule()
     assert [(s.request_id, n) for s, n in zip(batch.seqs, batch.num_new_tokens)] == [
         ("a", 1),
-        ("c", 2),
         ("b", 21),
+        ("c", 2),
     ]
 
 

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from sawkv.attention.torch_backend import TorchBackend
 from sawkv.engine.device_step import BlockTable, upload
-from sawkv.engine.step_inputs import StepPlanner
+from sawkv.engine.model_runner import ModelRunner
+from sawkv.engine.scheduler import ScheduledBatch
+from sawkv.engine.step_inputs import StepPlanner, reorder_batch
 
 BS, ROWS, COLS = 4, 3, 8
 
@@ -56,7 +59,10 @@ def check(planner, table, seqs, q_lens):
 
 
 def test_plan_matches_reference_and_edits_are_incremental():
-    planner, table = StepPlanner(ROWS, COLS, BS), BlockTable(ROWS, COLS, torch.device("cpu"))
+    planner, table = (
+        StepPlanner(ROWS, COLS, BS, decode_threshold=16),
+        BlockTable(ROWS, COLS, torch.device("cpu")),
+    )
     a, b = seq("a", 10, 0, [5, 2, 9]), seq("b", 4, 0, [7])
     first = check(planner, table, [a, b], [10, 4])  # two prefills, both sampled
     assert first.kind == "prefill" and len(first.table_values) == 4
@@ -72,7 +78,7 @@ def test_plan_matches_reference_and_edits_are_incremental():
     b.num_computed_tokens = 0
     third = check(planner, table, [a, b], [1, 4])
     assert third.kind == "mixed" and sorted(third.table_values.tolist()) == [3, 4]
-    assert third.num_decode_seqs == 2  # both have at most DECODE_MAX_QUERY new tokens
+    assert third.num_decode_seqs == 2  # both have at most decode_threshold new tokens
     # a leaves the step: its row goes to c, which is sent whole
     c = seq("c", 20, 0, [1, 6, 8, 0, 12])
     fourth = check(planner, table, [c, b], [20, 1])
@@ -81,7 +87,33 @@ def test_plan_matches_reference_and_edits_are_incremental():
 
 
 def test_too_many_sequences_in_a_step():
-    planner = StepPlanner(2, COLS, BS)
+    planner = StepPlanner(2, COLS, BS, decode_threshold=16)
     seqs = [seq(f"s{i}", 2, 0, [i]) for i in range(3)]
     with pytest.raises(RuntimeError, match="more than 2 sequences"):
         planner.plan(seqs, [2, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "q_lens, want",
+    [([1, 2, 40], None), ([40, 1, 17, 3], [1, 3, 0, 2]), ([20, 30], None), ([5, 60, 1], [0, 2, 1])],
+)
+def test_reorder_batch_puts_short_queries_first(q_lens, want):
+    assert reorder_batch(q_lens, 16) == want
+
+
+def test_runner_reorders_for_the_backend_and_maps_samples_back():
+    """The runner puts few-token sequences first (the backend's threshold) and reports sampled
+    rows as indices into the scheduler's batch, so the engine samples for the right sequence."""
+    backend = TorchBackend()
+    runner = SimpleNamespace(
+        backend=backend,
+        planner=StepPlanner(ROWS, COLS, BS, decode_threshold=backend.reorder_batch_threshold),
+    )
+    big = seq("big", 20, 0, [1, 6, 8, 0, 12])  # a 20-token prefill chunk, sampled
+    small = seq("small", 3, 2, [4])  # one decode token, sampled
+    inputs = ModelRunner.plan(runner, ScheduledBatch([big, small], [20, 1]))
+    assert inputs.num_decode_seqs == 1  # small went first
+    assert inputs.seq_lens.tolist() == [3, 20]
+    assert inputs.input_ids[0] == small.token_ids[2]
+    assert inputs.logits_indices.tolist() == [0, 20]
+    assert inputs.sampled_seqs.tolist() == [1, 0]  # row 0 is batch.seqs[1] (small)

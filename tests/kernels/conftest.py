@@ -31,6 +31,7 @@ def _reimport_interpreted() -> None:
             "sawkv.kernels.decode",
             "sawkv.kernels.extend",
             "sawkv.kernels.tiles",
+            "sawkv.kernels.dequant",
             "sawkv.kernels.rotation",
         )
     ]
@@ -38,8 +39,8 @@ def _reimport_interpreted() -> None:
         del sys.modules[name]
     package = sys.modules.get("sawkv.kernels")
     if package is not None:
-        for attr in ("cache_write", "paged_attention_decode", "paged_attention_extend",
-                     "decode", "extend", "tiles", "rotation", "write_groups"):  # fmt: skip
+        for attr in ("cache_write", "paged_attention_decode", "paged_attention_extend", "decode",
+                     "extend", "tiles", "rotation", "dequant", "write_groups"):  # fmt: skip
             package.__dict__.pop(attr, None)
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from sawkv.attention.reference import cache_write_ref
+from sawkv.kernels import KVPages, PageFormat
 
 
 def empty_pages(num_blocks, num_kv_heads, block_size, head_dim, bits, dtype=torch.float32, seed=0):
@@ -15,19 +16,21 @@ def empty_pages(num_blocks, num_kv_heads, block_size, head_dim, bits, dtype=torc
     shape = (num_blocks, num_kv_heads, block_size)
     if bits == 16:
         k = torch.full((*shape, head_dim), float("nan"), dtype=dtype)
-        return k, k.clone(), None, None
+        return KVPages(k, k.clone(), None, None)
     p = head_dim // 2 if bits == 4 else head_dim
     k = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, generator=g)
     v = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, generator=g)
     meta = torch.full((*shape, 2), float("nan"), dtype=torch.float16)
-    return k, v, meta, meta.clone()
+    return KVPages(k, v, meta, meta.clone())
 
 
 def paged_case(lens, *, head_dim, num_kv_heads, block_size, bits, had_block, rotate_v,
                dtype=torch.float32, seed=0):  # fmt: skip
     """K/V of ``lens`` sequences written by ``cache_write_ref`` into shuffled pages.
 
-    Returns ``(pages, block_tables, seq_lens)``; unused table entries are -1."""
+    Returns ``(pages, block_tables, seq_lens, fmt)``; unused table entries are -1."""
+    fmt = PageFormat(bits, head_dim, num_kv_heads, block_size, had_block, rotate_v,
+                     dtype if bits == 16 else None)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     total = sum(lens)
     num_blocks = sum(math.ceil(n / block_size) for n in lens) + 2
@@ -45,7 +48,5 @@ def paged_case(lens, *, head_dim, num_kv_heads, block_size, bits, had_block, rot
         c += nb
         pos = torch.arange(n)
         slots.append(tables[s, pos // block_size].long() * block_size + pos % block_size)
-    cache_write_ref(
-        k, v, *pages, torch.cat(slots), k_mean, bits=bits, had_block=had_block, rotate_v=rotate_v
-    )
-    return pages, tables, torch.tensor(lens, dtype=torch.int32)
+    cache_write_ref(k, v, pages, torch.cat(slots), fmt, k_mean)
+    return pages, tables, torch.tensor(lens, dtype=torch.int32), fmt

@@ -15,7 +15,7 @@ import torch
 from paged_setup import empty_pages
 
 from sawkv.attention.reference import cache_write_ref
-from sawkv.kernels import cache_write
+from sawkv.kernels import PageFormat, cache_write
 from sawkv.quant import unpack_int4
 
 # Pairwise-style grid: every head_dim, block_size, had_block (0, 16 .. head_dim), bits and
@@ -57,10 +57,10 @@ def _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype, slots=None):
         slots[n // 2] = -1  # padding token: skipped
     page_dtype = dtype if bits == 16 else torch.float32
     ours = empty_pages(num_blocks, h, bs, d, bits, page_dtype)
-    ref = tuple(None if t is None else t.clone() for t in ours)
-    flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
-    cache_write(k, v, *ours, slots, k_mean, **flags)
-    cache_write_ref(k, v, *ref, slots, k_mean, **flags)
+    ref = type(ours)(*(None if t is None else t.clone() for t in ours))
+    fmt = PageFormat(bits, d, h, bs, had, rot_v, page_dtype if bits == 16 else None)
+    cache_write(k, v, ours, slots, fmt, k_mean)
+    cache_write_ref(k, v, ref, slots, fmt, k_mean)
     return ours, ref
 
 
@@ -127,12 +127,12 @@ def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, ch
     k = 3 * torch.randn(n, h, d, generator=g) + 1
     v = torch.randn(n, h, d, generator=g)
     k_mean = k.mean(0)
-    flags = dict(bits=bits, had_block=had, rotate_v=rot_v)
+    fmt = PageFormat(bits, d, h, bs, had, rot_v)
     pages = [empty_pages(num_blocks, h, bs, d, bits, torch.float32, seed=1) for _ in range(3)]
     ours, tokens, ref = pages
-    cache_write(k, v, *ours, slots, k_mean, **flags)
-    cache_write(k, v, *tokens, slots, k_mean, **flags, group_path=False)
-    cache_write_ref(k, v, *ref, slots, k_mean, **flags)
+    cache_write(k, v, ours, slots, fmt, k_mean)
+    cache_write(k, v, tokens, slots, fmt, k_mean, group_path=False)
+    cache_write_ref(k, v, ref, slots, fmt, k_mean)
     for page, want, tok in zip(ours[:2], ref[:2], tokens[:2]):
         diff = (_codes(page, bits) - _codes(want, bits)).abs()
         assert diff.max() <= (0 if had == 0 else 1)
@@ -154,9 +154,10 @@ def test_group_path_checks_every_slot_of_a_run():
     k = torch.randn(32, 1, d)
     v = torch.randn(32, 1, d)
     ours = empty_pages(3, 1, bs, d, 4)
-    ref = tuple(t.clone() for t in ours)
-    cache_write(k, v, *ours, slots, None, bits=4, had_block=0, rotate_v=False)
-    cache_write_ref(k, v, *ref, slots, None, bits=4, had_block=0, rotate_v=False)
+    ref = type(ours)(*(t.clone() for t in ours))
+    fmt = PageFormat(4, d, 1, bs)
+    cache_write(k, v, ours, slots, fmt)
+    cache_write_ref(k, v, ref, slots, fmt)
     for a, b in zip(ours, ref):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -172,9 +173,10 @@ def test_awkward_values_match_reference_exactly():
     slots = torch.tensor([0, 1, 17, 30])
     for bits in (4, 8):
         ours = empty_pages(2, 1, 16, 64, bits)
-        ref = tuple(t.clone() for t in ours)
-        cache_write(k, v, *ours, slots, None, bits=bits, had_block=0, rotate_v=False)
-        cache_write_ref(k, v, *ref, slots, None, bits=bits, had_block=0, rotate_v=False)
+        ref = type(ours)(*(t.clone() for t in ours))
+        fmt = PageFormat(bits=bits, head_dim=64, num_kv_heads=1, block_size=16)
+        cache_write(k, v, ours, slots, fmt)
+        cache_write_ref(k, v, ref, slots, fmt)
         for a, b in zip(ours, ref):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -184,7 +186,7 @@ def test_int64_slots_and_all_padding():
     k = torch.randn(3, 1, 64)
     before = [t.clone() for t in ours]
     slots = torch.full((3,), -1, dtype=torch.int64)
-    cache_write(k, k, *ours, slots, None, bits=4, had_block=32, rotate_v=False)
+    cache_write(k, k, ours, slots, PageFormat(4, 64, 1, 16, had_block=32))
     for a, b in zip(ours, before):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -193,22 +195,27 @@ def test_launcher_validation():
     k = torch.randn(3, 2, 64)
     pages = empty_pages(4, 2, 16, 64, 4)
     slots = torch.arange(3)
-    ok = dict(bits=4, had_block=0, rotate_v=False)
+    fmt = PageFormat(bits=4, head_dim=64, num_kv_heads=2, block_size=16)
     with pytest.raises(ValueError, match="k_cache last dim"):
-        cache_write(k, k, *empty_pages(4, 2, 16, 64, 8), slots, None, **ok)
+        cache_write(k, k, empty_pages(4, 2, 16, 64, 8), slots, fmt)
     with pytest.raises(ValueError, match="had_block"):
-        cache_write(k, k, *pages, slots, None, **{**ok, "had_block": 48})
+        PageFormat(bits=4, head_dim=64, num_kv_heads=2, block_size=16, had_block=48)
     with pytest.raises(ValueError, match="rotate_v"):
-        cache_write(k, k, *pages, slots, None, **{**ok, "rotate_v": True})
+        PageFormat(bits=4, head_dim=64, num_kv_heads=2, block_size=16, rotate_v=True)
+    with pytest.raises(ValueError, match="block_size"):
+        PageFormat(bits=4, head_dim=64, num_kv_heads=2, block_size=8)
+    with pytest.raises(ValueError, match="dtype"):
+        PageFormat(bits=16, head_dim=64, num_kv_heads=2, block_size=16)
     with pytest.raises(ValueError, match="k_mean"):
-        cache_write(k, k, *pages, slots, torch.zeros(2, 32), **ok)
+        cache_write(k, k, pages, slots, fmt, torch.zeros(2, 32))
     with pytest.raises(ValueError, match="KV heads"):
-        cache_write(k[:, :1], k[:, :1], *pages, slots, None, **ok)
+        cache_write(k[:, :1], k[:, :1], pages, slots, fmt)
     with pytest.raises(ValueError, match="slot_mapping"):
-        cache_write(k, k, *pages, slots.float(), None, **ok)
+        cache_write(k, k, pages, slots.float(), fmt)
     with pytest.raises(ValueError, match="head_dim"):
         k96 = torch.randn(3, 2, 96)
-        cache_write(k96, k96, *empty_pages(4, 2, 16, 96, 4), slots, None, **ok)
+        fmt96 = PageFormat(bits=4, head_dim=96, num_kv_heads=2, block_size=16)
+        cache_write(k96, k96, empty_pages(4, 2, 16, 96, 4), slots, fmt96)
     with pytest.raises(ValueError, match="k_meta"):
         kc, vc, km, vm = pages
-        cache_write(k, k, kc, vc, km.float(), vm, slots, None, **ok)
+        cache_write(k, k, (kc, vc, km.float(), vm), slots, fmt)

@@ -9,13 +9,16 @@ below any real bug, which shows up as O(1) differences).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from paged_setup import paged_case
 
 from sawkv.attention.reference import paged_attention_decode_ref, paged_attention_extend_ref
-from sawkv.kernels import paged_attention_decode, paged_attention_extend
-from sawkv.kernels.tiles import KernelConfig
+from sawkv.kernels import PageFormat, paged_attention_decode, paged_attention_extend, plan_decode
+from sawkv.kernels.launch import KernelConfig
+from sawkv.kernels.plan import pick_num_splits
 
 
 def _tol(dtype):
@@ -44,16 +47,16 @@ DECODE_CASES = [
 )
 def test_decode_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, window, splits,
                                   block_n, dtype):  # fmt: skip
-    pages, tables, seq_lens = paged_case(
+    pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
         rotate_v=rot_v, dtype=dtype,
     )  # fmt: skip
     q = torch.randn(len(lens), h * ratio, d).to(dtype)
-    kw = dict(scale=d**-0.5, bits=bits, had_block=had, rotate_v=rot_v, sliding_window=window)
+    kw = dict(scale=d**-0.5, sliding_window=window)
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     cfg = KernelConfig(block_n=block_n, num_splits=splits)
-    paged_attention_decode(q, *pages, tables, seq_lens, out=out, config=cfg, **kw)
-    ref = paged_attention_decode_ref(q, *pages, tables, seq_lens, **kw)
+    paged_attention_decode(q, pages, tables, seq_lens, fmt, out=out, config=cfg, **kw)
+    ref = paged_attention_decode_ref(q, pages, tables, seq_lens, fmt, **kw)
     torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
 
 
@@ -73,17 +76,17 @@ EXTEND_CASES = [
 )
 def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window,
                                   block_r, dtype):  # fmt: skip
-    pages, tables, seq_lens = paged_case(
+    pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
         rotate_v=rot_v, dtype=dtype,
     )  # fmt: skip
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
-    kw = dict(scale=d**-0.5, bits=bits, had_block=had, rotate_v=rot_v, sliding_window=window)
+    kw = dict(scale=d**-0.5, sliding_window=window)
     out = torch.full_like(q, float("nan"))
     cfg = KernelConfig(block_n=32, block_r=block_r)
-    paged_attention_extend(q, *pages, tables, seq_lens, qsl, out=out, config=cfg, **kw)
-    ref = paged_attention_extend_ref(q, *pages, tables, seq_lens, qsl, **kw)
+    paged_attention_extend(q, pages, tables, seq_lens, qsl, fmt, out=out, config=cfg, **kw)
+    ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, **kw)
     torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
 
 
@@ -95,53 +98,93 @@ def test_extend_via_dequant_and_sdpa_matches_reference(
     d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype
 ):
     # the prefill path on CUDA: pages dequantized once by a Triton kernel, then SDPA
-    pages, tables, seq_lens = paged_case(
+    pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
         rotate_v=rot_v, dtype=dtype, seed=3,
     )  # fmt: skip
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
-    kw = dict(scale=d**-0.5, bits=bits, had_block=had, rotate_v=rot_v)
     out = torch.full_like(q, float("nan"))
-    paged_attention_extend(q, *pages, tables, seq_lens, qsl, out=out, impl="sdpa", **kw)
-    ref = paged_attention_extend_ref(q, *pages, tables, seq_lens, qsl, **kw)
+    paged_attention_extend(
+        q, pages, tables, seq_lens, qsl, fmt, out=out, impl="sdpa", scale=d**-0.5
+    )
+    ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, scale=d**-0.5)
     torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
 
 
 def test_decode_split_count_does_not_change_result():
-    pages, tables, seq_lens = paged_case(
+    pages, tables, seq_lens, fmt = paged_case(
         [120, 7], head_dim=64, num_kv_heads=1, block_size=16, bits=4, had_block=32, rotate_v=True
     )
     q = torch.randn(2, 4, 64)
-    kw = dict(scale=0.125, bits=4, had_block=32, rotate_v=True)
     cfgs = [KernelConfig(block_n=16, num_splits=s) for s in (1, 5)]
-    outs = [paged_attention_decode(q, *pages, tables, seq_lens, config=c, **kw) for c in cfgs]
+    outs = [
+        paged_attention_decode(q, pages, tables, seq_lens, fmt, scale=0.125, config=c) for c in cfgs
+    ]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
 
 
 def test_launcher_validation():
-    pages, tables, seq_lens = paged_case(
+    pages, tables, seq_lens, fmt = paged_case(
         [20], head_dim=64, num_kv_heads=2, block_size=16, bits=4, had_block=0, rotate_v=False
     )
     q = torch.randn(1, 4, 64)
-    ok = dict(scale=0.1, bits=4, had_block=0, rotate_v=False)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        paged_attention_decode(q[:, :3], *pages, tables, seq_lens, **ok)
+        paged_attention_decode(q[:, :3], pages, tables, seq_lens, fmt, scale=0.1)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_attention_decode(q, *pages, tables.long(), seq_lens, **ok)
+        paged_attention_decode(q, pages, tables.long(), seq_lens, fmt, scale=0.1)
     with pytest.raises(ValueError, match="seq_lens"):
-        paged_attention_decode(q, *pages, tables, seq_lens.long(), **ok)
+        paged_attention_decode(q, pages, tables, seq_lens.long(), fmt, scale=0.1)
     with pytest.raises(ValueError, match="sequences"):
-        paged_attention_decode(q.expand(2, 4, 64), *pages, tables, seq_lens, **ok)
+        paged_attention_decode(q.expand(2, 4, 64), pages, tables, seq_lens, fmt, scale=0.1)
     with pytest.raises(ValueError, match="out"):
-        paged_attention_decode(q, *pages, tables, seq_lens, out=torch.empty(1, 4, 32), **ok)
+        paged_attention_decode(
+            q, pages, tables, seq_lens, fmt, scale=0.1, out=torch.empty(1, 4, 32)
+        )
     with pytest.raises(ValueError, match="rotate_v"):
-        paged_attention_decode(q, *pages, tables, seq_lens, **{**ok, "rotate_v": True})
+        replace(fmt, rotate_v=True)
     with pytest.raises(ValueError, match="block_n"):
-        paged_attention_decode(q, *pages, tables, seq_lens, config=KernelConfig(block_n=24), **ok)
+        cfg = KernelConfig(block_n=24)
+        paged_attention_decode(q, pages, tables, seq_lens, fmt, scale=0.1, config=cfg)
     with pytest.raises(ValueError, match="query_start_loc"):
         qsl = torch.tensor([0, 1, 1], dtype=torch.int32)
-        paged_attention_extend(q, *pages, tables, seq_lens, qsl, **ok)
+        paged_attention_extend(q, pages, tables, seq_lens, qsl, fmt, scale=0.1)
+    with pytest.raises(ValueError, match="k_cache"):  # pages of another format
+        paged_attention_decode(q, pages, tables, seq_lens, replace(fmt, bits=8), scale=0.1)
     with pytest.raises(ValueError, match="float pages"):
-        fp = torch.zeros(3, 2, 16, 64, dtype=torch.float16)
-        paged_attention_decode(q, fp, fp, None, None, tables, seq_lens, **{**ok, "bits": 16})
+        fp16 = replace(fmt, bits=16, dtype=torch.float16)
+        paged_attention_decode(q, fp16.empty_pages(3), tables, seq_lens, fp16, scale=0.1)
+
+
+def test_planned_launch_matches_unplanned_and_rejects_other_shapes():
+    """A plan made once serves several layers (pages) of its format; a plan for another step
+    shape or format is refused instead of launching over the wrong workspace."""
+    pages, tables, seq_lens, fmt = paged_case(
+        [50, 9], head_dim=64, num_kv_heads=1, block_size=16, bits=4, had_block=32, rotate_v=True
+    )
+    # another layer's pages under the same block tables: the same bytes read the other way round
+    other = type(pages)(pages.v_cache, pages.k_cache, pages.v_meta, pages.k_meta)
+    q = torch.randn(2, 4, 64)
+    cfg = KernelConfig(block_n=16, num_splits=2)
+    plan = plan_decode(q, tables, seq_lens, fmt, config=cfg)
+    assert plan.num_splits == 2 and plan.part_o.shape == (2, 4, 2, 64)
+    for layer in (pages, other):
+        got = paged_attention_decode(q, layer, tables, seq_lens, fmt, scale=0.125, plan=plan)
+        want = paged_attention_decode_ref(q, layer, tables, seq_lens, fmt, scale=0.125)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="plan"):
+        paged_attention_decode(q[:1], pages, tables[:1], seq_lens[:1], fmt, scale=0.1, plan=plan)
+    with pytest.raises(ValueError, match="plan"):
+        paged_attention_decode(q, pages, tables, seq_lens, replace(fmt, had_block=0,
+                               rotate_v=False), scale=0.1, plan=plan)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "num_seqs, width, sms, want",
+    [(1, 64, 132, 16), (64, 64, 132, 2), (256, 64, 132, 1), (1, 2, 132, 1)],
+)
+def test_triton_split_count(num_seqs, width, sms, want):
+    """~2 waves of programs, >= 4 tiles per split, a power of two (from the block-table width)."""
+    fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=2, block_size=16)
+    cfg = KernelConfig(block_n=16)
+    assert pick_num_splits("triton", cfg, num_seqs, fmt, width * 16, sms) == want
