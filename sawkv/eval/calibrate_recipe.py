@@ -12,11 +12,11 @@ seen, and no single corpus decides):
    ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries (64 query
    positions per window, all keys).
 3. **Search by end-to-end KL** (:mod:`sawkv.eval.recipe_search`; the KL of the next-token
-   distributions to full precision on the first ``sens_len`` tokens of each text): start from
+   distributions to full precision on short chunks of each text's window): start from
    the best of a few uniform INT4 recipes and the lowest-local-error recipe, then coordinate
    descent over layers (each layer's ``num_alternatives`` lowest-error formats; a change is
-   kept only if the KL drops), so the recipe never scores worse on calibration windows than
-   the uniform methods tried.
+   kept only if the KL drops by more than its noise), so the recipe never scores worse on
+   calibration windows than the uniform methods tried.
 4. **INT8 under the budget**: of the ``num_sens_layers`` layers with the largest INT4
    attention-output error, those whose INT8 (same transform) lowers the KL most, while the
    average bits per element (metadata included) stays within the budget; by default 0.25
@@ -60,23 +60,25 @@ class RecipeConfig:
     """Calibration settings of a recipe.
 
     ``tokens_per_text`` tokens of each of ``texts`` (calibration split) in windows of
-    ``window_len`` drive the key means and the per-layer format choice; the first
-    ``sens_len`` tokens of the first window of each text drive the KL sensitivity (one forward
-    per configuration, all texts in one batch): coordinate descent tries each layer's
-    ``num_alternatives`` lowest-error INT4 formats in up to ``num_passes`` passes; the
-    ``num_sens_layers`` layers with the largest INT4 attention-output error are the INT8
-    candidates (0: every layer). ``budget`` None means
-    :func:`~sawkv.quant.recipe.default_budget`.
+    ``window_len`` drive the key means and the per-layer format choice; ``num_sens_windows``
+    chunks of ``sens_len`` tokens of the first window of each text drive the end-to-end KL
+    (one batched forward per configuration): coordinate descent tries each layer's
+    ``num_alternatives`` lowest-error INT4 formats in up to ``num_passes`` passes and keeps a
+    change only if its KL drop exceeds ``min_z`` standard errors; the ``num_sens_layers``
+    layers with the largest INT4 attention-output error are the INT8 candidates (0: every
+    layer). ``budget`` None means :func:`~sawkv.quant.recipe.default_budget`.
     """
 
     texts: tuple[str, ...] = CALIB_TEXTS
     tokens_per_text: int = 512
     window_len: int = 512
     sens_len: int = 128
+    num_sens_windows: int = 2
     num_queries: int = 64
     num_sens_layers: int = 8
-    num_alternatives: int = 3
+    num_alternatives: int = 2
     num_passes: int = 1
+    min_z: float = 2.0
     budget: float | None = None
     min_had_block: int = 16
     high_bits: int = 8
@@ -92,15 +94,20 @@ class RecipeConfig:
             )
         if self.num_sens_layers < 0:
             raise ValueError(f"num_sens_layers must be >= 0, got {self.num_sens_layers}")
-        if self.num_alternatives < 1 or self.num_passes < 0:
+        if self.num_alternatives < 1 or self.num_passes < 0 or self.min_z < 0:
             raise ValueError(
-                f"need num_alternatives >= 1 and num_passes >= 0, got "
-                f"{self.num_alternatives}, {self.num_passes}"
+                f"need num_alternatives >= 1, num_passes >= 0 and min_z >= 0, got "
+                f"{self.num_alternatives}, {self.num_passes}, {self.min_z}"
             )
         if self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
         if not 2 <= self.sens_len <= self.window_len:
             raise ValueError(f"sens_len must be in [2, window_len], got {self.sens_len}")
+        if not 1 <= self.num_sens_windows <= self.window_len // self.sens_len:
+            raise ValueError(
+                f"num_sens_windows must be in [1, window_len // sens_len], got "
+                f"{self.num_sens_windows}"
+            )
         if self.budget is not None and not 4 <= self.budget <= 16:
             raise ValueError(f"budget must be in [4, 16] bits per element, got {self.budget}")
         if self.high_bits not in (8,):
@@ -135,6 +142,20 @@ def calib_windows(tokenizer, cfg: RecipeConfig) -> list[torch.Tensor]:
         cached_windows(tokenizer, t, cfg.tokens_per_text, cfg.window_len, "calib", bos)
         for t in cfg.texts
     ]
+
+
+def sens_windows(per_text: list[torch.Tensor], cfg: RecipeConfig) -> torch.Tensor:
+    """``[num_texts * num_sens_windows, sens_len (+1 with BOS)]``: per text, chunks of
+    ``sens_len`` tokens spread evenly over its first calibration window, each with the
+    window's BOS (if any) in front."""
+    out = []
+    for w in per_text:
+        bos = w.shape[1] - cfg.window_len  # 1 if the windows carry a BOS
+        stride = cfg.window_len // cfg.num_sens_windows
+        for j in range(cfg.num_sens_windows):
+            chunk = w[0, bos + j * stride : bos + j * stride + cfg.sens_len]
+            out.append(torch.cat([w[0, :bos], chunk]))
+    return torch.stack(out)
 
 
 # ---- 1. capture ---------------------------------------------------------------------------
@@ -395,16 +416,15 @@ def calibrate_recipe(
     candidates = candidate_formats(head_dim, 4, cfg.min_had_block)
     local, errors = best_formats(captured, k_means, candidates, progress, "int4")
     del captured
-    sens = torch.stack([w[0, : cfg.sens_len + (w.shape[1] - cfg.window_len)] for w in per_text])
-    score = KLScorer(model, sens, k_means)
+    score = KLScorer(model, sens_windows(per_text, cfg), k_means)
     starts = {m.name: [m] * num_layers for m in uniform_candidates(head_dim, errors)}
     starts["local"] = local
     start, layers, kl_starts = best_start(score, starts)
     if progress is not None:
         progress("start", len(starts), len(starts))
     layers, kl_low, changes = coordinate_descent(
-        score, layers, kl_starts[start], errors, candidates, cfg.num_alternatives,
-        cfg.num_passes, progress,
+        score, layers, errors, candidates, cfg.num_alternatives, cfg.num_passes, cfg.min_z,
+        progress,
     )  # fmt: skip
     n_high = num_high_layers(
         num_layers, plain_int4_bits(head_dim), cfg.high_bits + 32 / head_dim, budget
@@ -422,6 +442,8 @@ def calibrate_recipe(
         "tokens_per_text": cfg.tokens_per_text,
         "window_len": cfg.window_len,
         "sens_len": cfg.sens_len,
+        "num_sens_windows": cfg.num_sens_windows,
+        "min_z": cfg.min_z,
         "start": start,
         "kl_starts": kl_starts,
         "descent": changes,

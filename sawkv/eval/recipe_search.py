@@ -9,7 +9,7 @@ per-token KL divergence of the model's next-token distribution to full precision
 1. **start**: the best of a few uniform recipes (every layer the same INT4 format,
    :func:`uniform_candidates`) and the per-layer lowest-local-error recipe;
 2. **coordinate descent**: layer by layer, its few INT4 formats with the lowest local error;
-   a change is kept only if the KL drops;
+   a change is kept only if the KL drops by more than its noise (``min_z`` standard errors);
 3. **INT8**: the layers whose INT8 (same transform) lowers the KL most, within the budget;
    a layer is promoted only if its KL drops.
 
@@ -58,16 +58,32 @@ class KLScorer:
         self.ref = F.log_softmax(logits.float(), -1)
 
     @torch.no_grad()
-    def __call__(self, layers: Layers) -> float:
+    def per_token(self, layers: Layers) -> torch.Tensor:
+        """``[num_windows, seq_len]`` per-token KL of ``layers`` (``layers[i]``: layer i)."""
         from sawkv.eval.calibrate_recipe import fake_quant_cache
 
         cache = fake_quant_cache(list(layers), self.k_means)
         logits = self.model(self.ids, past_key_values=cache, use_cache=True).logits
         self.num_calls += 1
-        total = 0.0
-        for ref, out in zip(self.ref, logits):  # one window at a time: [seq_len, vocab]
-            total += float((ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum())
-        return total / self.ref.shape[0] / self.ref.shape[1]
+        # one window at a time: [seq_len, vocab] temporaries
+        return torch.stack([(ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum(-1)
+                            for ref, out in zip(self.ref, logits)]).cpu()  # fmt: skip
+
+    def __call__(self, layers: Layers) -> float:
+        return float(self.per_token(layers).double().mean())
+
+
+def block_se(diff: torch.Tensor, block_len: int = 32) -> float:
+    """Standard error of ``diff.mean()`` for ``diff [num_windows, seq_len]``, from the means of
+    blocks of ``block_len`` consecutive tokens (neighbouring tokens' KLs are correlated, so a
+    per-token SE would be too small)."""
+    n = diff.shape[1] // block_len * block_len
+    if n == 0:
+        return 0.0
+    blocks = diff[:, :n].double().reshape(-1, block_len).mean(1)
+    if blocks.numel() < 2:
+        return 0.0
+    return float(blocks.std() / blocks.numel() ** 0.5)
 
 
 def uniform_candidates(head_dim: int, errors: list[dict[str, float]], num_top: int = 2) -> Layers:
@@ -107,19 +123,25 @@ def local_ranking(errors: dict[str, float], candidates: Layers, k: int) -> Layer
 def coordinate_descent(
     score: KLScorer,
     layers: Layers,
-    kl: float,
     errors: list[dict[str, float]],
     candidates: Layers,
-    num_alternatives: int = 3,
+    num_alternatives: int = 2,
     num_passes: int = 1,
+    min_z: float = 2.0,
     progress: Progress | None = None,
 ) -> tuple[Layers, float, list[dict]]:
     """Greedy passes over layers: try each layer's ``num_alternatives`` lowest-local-error
-    formats, keep the one that lowers the KL most (none if none does).
+    formats, keep the one that lowers the KL most, if its drop exceeds ``min_z`` standard
+    errors of the paired per-token difference (:func:`block_se`).
 
-    Returns ``(layers, kl, changes)``, each change ``{layer, from, to, kl}``.
+    A single layer moves the KL by a few percent, as much as the choice of calibration tokens
+    does: without the ``min_z`` test the descent fits the noise of its windows (measured on
+    SmolLM2: KL -24% on its windows, +7% on held-out calibration windows).
+
+    Returns ``(layers, kl, changes)``, each change ``{layer, from, to, kl, z}``.
     """
     layers, changes = list(layers), []
+    cur = score.per_token(layers)
     total = num_passes * len(layers)
     for p in range(num_passes):
         num_changes = len(changes)
@@ -128,18 +150,22 @@ def coordinate_descent(
             for m in local_ranking(errors[i], candidates, num_alternatives):
                 if m == layers[i]:
                     continue
-                trial = score(layers[:i] + [m] + layers[i + 1 :])
-                if trial < kl and (best is None or trial < best[1]):
-                    best = (m, trial)
+                trial = score.per_token(layers[:i] + [m] + layers[i + 1 :])
+                diff = cur - trial
+                drop = float(diff.double().mean())
+                z = drop / max(block_se(diff), 1e-30)
+                if drop > 0 and z > min_z and (best is None or drop > best[2]):
+                    best = (m, trial, drop, z)
             if best is not None:
+                kl = float(best[1].double().mean())
                 changes.append({"layer": i, "from": layers[i].name, "to": best[0].name,
-                                "kl": best[1]})  # fmt: skip
-                layers[i], kl = best
+                                "kl": kl, "z": best[3]})  # fmt: skip
+                layers[i], cur = best[0], best[1]
             if progress is not None:
                 progress("descent", p * len(layers) + i + 1, total)
         if len(changes) == num_changes:
             break
-    return layers, kl, changes
+    return layers, float(cur.double().mean()), changes
 
 
 def promote_high(

@@ -24,6 +24,7 @@ from sawkv.eval.calibrate_recipe import (
 )
 from sawkv.eval.recipe_search import (
     KLScorer,
+    block_se,
     coordinate_descent,
     local_ranking,
     promote_high,
@@ -135,12 +136,17 @@ class TableScore:
     """A KL stand-in: the sum over layers of ``cost[layer][format name]`` (separable, so the
     best recipe is known by brute force); counts calls like :class:`KLScorer`."""
 
-    def __init__(self, cost: list[dict[str, float]]):
-        self.cost, self.num_calls = cost, 0
+    def __init__(self, cost: list[dict[str, float]], noise: float = 0.0):
+        self.cost, self.num_calls, self.noise = cost, 0, noise
+        self.gen = torch.Generator().manual_seed(8)
 
     def __call__(self, layers) -> float:
+        return float(self.per_token(layers).double().mean())
+
+    def per_token(self, layers) -> torch.Tensor:
         self.num_calls += 1
-        return sum(c[m.name] for c, m in zip(self.cost, layers))
+        kl = sum(c[m.name] for c, m in zip(self.cost, layers))
+        return kl + self.noise * torch.randn(4, 64, generator=self.gen, dtype=torch.float64)
 
 
 def random_tables(num_layers: int, names: list[str], seed: int) -> list[dict[str, float]]:
@@ -156,7 +162,7 @@ def test_coordinate_descent_finds_the_best_of_each_layers_top_k(k):
     errors, cost = random_tables(6, names, 4), random_tables(6, names, 5)
     start = [parse_method("int4-bdr64-kv-kc", 64)] * 6
     score = TableScore(cost)
-    layers, kl, changes = coordinate_descent(score, start, score(start), errors, cands, k)
+    layers, kl, changes = coordinate_descent(score, start, errors, cands, k)
     for i in range(6):  # brute force: the current format or one of the top-k by local error
         allowed = {m.name for m in local_ranking(errors[i], cands, k)} | {start[i].name}
         want = min(allowed, key=lambda n: cost[i][n])
@@ -171,8 +177,33 @@ def test_coordinate_descent_keeps_the_start_when_nothing_helps():
     start = [parse_method("int4-bdr32-kv-kc", 32)] * 4
     cost = [{n: 0.0 if n == start[0].name else 1.0 for n in names} for _ in range(4)]
     score = TableScore(cost)
-    layers, kl, changes = coordinate_descent(score, start, 0.0, random_tables(4, names, 6), cands)
+    layers, kl, changes = coordinate_descent(score, start, random_tables(4, names, 6), cands)
     assert layers == start and kl == 0.0 and changes == []
+
+
+def test_coordinate_descent_ignores_drops_within_the_noise():
+    """Per-token KLs with noise of SE ~0.1 / 16: a true drop of 0.001 is no evidence, one of
+    0.2 is."""
+    cands = candidate_formats(64, 4)
+    names = [m.name for m in cands]
+    start = [parse_method("int4-bdr64-kv-kc", 64)] * 2
+    errors = [{n: 0.0 if n == "int4-bdr32-kv-kc" else 1.0 for n in names}] * 2
+    cost = [{n: 1.0 for n in names} for _ in range(2)]
+    cost[0]["int4-bdr32-kv-kc"], cost[1]["int4-bdr32-kv-kc"] = 0.999, 0.8
+    score = TableScore(cost, noise=0.1)
+    layers, _, changes = coordinate_descent(score, start, errors, cands, 1, min_z=2.0)
+    assert [m.name for m in layers] == ["int4-bdr64-kv-kc", "int4-bdr32-kv-kc"]
+    assert [c["layer"] for c in changes] == [1] and changes[0]["z"] > 2
+
+
+def test_block_se_matches_the_textbook_formula():
+    g = torch.Generator().manual_seed(9)
+    diff = torch.randn(3, 100, generator=g, dtype=torch.float64)
+    blocks = torch.stack([diff[w, b * 32 : (b + 1) * 32].mean() for w in range(3)
+                          for b in range(3)])  # fmt: skip
+    want = (blocks.var(unbiased=True) / len(blocks)).sqrt()
+    assert block_se(diff, 32) == pytest.approx(float(want))
+    assert block_se(diff[:, :10], 32) == 0.0
 
 
 def test_promote_high_takes_the_largest_positive_drop_only():
@@ -277,7 +308,8 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     assert "int4-bdr32-kv-kc" in kl_starts and "local" in kl_starts
     assert recipe.info["kl_all_int4"] <= min(kl_starts.values())
     # the reported KL is what the served cache (SawKVCache, real pages) gives on those windows
-    sens = torch.stack([cached_windows(tok, "austen", 128, 128, "calib", False)[0, :48]])
+    win = cached_windows(tok, "austen", 128, 128, "calib", False)[0]
+    sens = torch.stack([win[:48], win[64:112]])  # two chunks spread over the window
     assert kl_served(model, sens, recipe) == pytest.approx(recipe.info["kl_recipe"], rel=1e-3)
     # the KLs it reports are the ones an independent cache sees
     wins = [torch.cat([w[:48] for w in [torch.arange(100, 148)]])]
