@@ -59,10 +59,11 @@ class VariantScorer(KLScorer):
     """:class:`KLScorer` over ``(k_layers, v_layers, num_sink)`` variants."""
 
     @torch.no_grad()
-    def variant(self, k_layers, v_layers, num_sink: int = 0) -> float:
+    def variant(self, k_layers, v_layers, num_sink: int = 0, k_means=None) -> float:
         import torch.nn.functional as F
 
-        cache = variant_cache(k_layers, v_layers, self.k_means, num_sink)
+        k_means = self.k_means if k_means is None else k_means
+        cache = variant_cache(k_layers, v_layers, k_means, num_sink)
         logits = self.model(self.ids, past_key_values=cache, use_cache=True).logits
         total = 0.0
         for ref, out in zip(self.ref, logits):
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--window-len", type=int, default=1024)
     ap.add_argument("--skip", type=int, default=1024, help="calibration tokens skipped")
     ap.add_argument("--texts", default="austen,paulgraham,wikipedia,owt")
+    ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -113,10 +115,24 @@ def main() -> None:
     if args.v2:
         v2 = [parse_method(n, d) for n in json.loads(args.v2.read_text())["layers"]]
         variants["v2 recipe"] = (v2, v2, 0)
+    # key means over the first window_len calibration tokens of each text (before the skipped
+    # part, so disjoint from the scored tokens) instead of the recipe's 512-token windows
+    long_means = None
+    if args.skip >= args.window_len:
+        from sawkv.eval.calibrate import keys_mean
+
+        long_means = keys_mean(model, torch.stack([w[: args.window_len + bos] for w in wins]))
+        uni = [parse_method("int4-bdr64-kv-kc", d)] * L
+        variants[f"uniform int4-bdr64-kv-kc, key means of {args.window_len}-token windows"] = (
+            uni, uni, 0, long_means)  # fmt: skip
+        variants[f"v3 recipe, key means of {args.window_len}-token windows"] = (
+            rec, rec, 0, long_means)  # fmt: skip
+    keep = [k for k in args.only.split(",") if k]
+    variants = {n: v for n, v in variants.items() if not keep or any(k in n for k in keep)}
     results = {}
-    for name, (kl, vl, sink) in variants.items():
+    for name, (kl, vl, sink, *means) in variants.items():
         t0 = time.perf_counter()
-        results[name] = score.variant(kl, vl, sink)
+        results[name] = score.variant(kl, vl, sink, *means)
         print(f"{results[name]:.5f}  {name}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.out:
         info = {"model": args.model, "window_len": args.window_len, "skip": args.skip}
