@@ -136,7 +136,8 @@ def coordinate_descent(
 
     A single layer moves the KL by a few percent, as much as the choice of calibration tokens
     does: without the ``min_z`` test the descent fits the noise of its windows (measured on
-    SmolLM2: KL -24% on its windows, +7% on held-out calibration windows).
+    SmolLM2 with one chunk per text: KL 0.0254 vs 0.0351 for uniform ``int4-bdr64-kv-kc`` on
+    its windows, 0.0366 vs 0.0345 on held-out calibration windows).
 
     Returns ``(layers, kl, changes)``, each change ``{layer, from, to, kl, z}``.
     """
