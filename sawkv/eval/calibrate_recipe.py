@@ -6,19 +6,22 @@ seen, and no single corpus decides):
 
 1. **Capture** post-RoPE Q, K, V of every layer (one plain forward per window) and the key
    means mu (per layer and KV head, over every token, attention sinks included).
-2. **Format per layer** (local, cheap): for every candidate INT4 format (Hadamard block b in
-   {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize the
+2. **Local errors** (cheap): for every candidate INT4 format (Hadamard block b in
+   {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize each
    layer's K and V and measure the relative error of its causal attention output
    ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries (64 query
-   positions per window, all keys). The lowest error wins; the layer's INT8 format keeps the
-   same transform.
-3. **Sensitivity** (end to end): with every layer at its INT4 format, the KL divergence of the
-   next-token distributions to full precision; then, for each candidate layer (the 8 with the
-   largest INT4 attention-output error), the KL with only that layer raised to INT8. The drop
-   is the layer's sensitivity.
-4. **Budget**: the layers with the largest drops go to INT8 while the average bits per element
-   (metadata included) stays within the budget; by default 0.25 above plain per-token INT4
-   (4.75 at d=64, 4.5 at d=128, 4.375 at d=256), i.e. one layer in sixteen.
+   positions per window, all keys).
+3. **Search by end-to-end KL** (:mod:`sawkv.eval.recipe_search`; the KL of the next-token
+   distributions to full precision on short chunks of each text's window): start from
+   the best of a few uniform INT4 recipes and the lowest-local-error recipe, then coordinate
+   descent over layers (each layer's ``num_alternatives`` lowest-error formats; a change is
+   kept only if the KL drops by more than its noise), so the recipe never scores worse on
+   calibration windows than the uniform methods tried.
+4. **INT8 under the budget**: of the ``num_sens_layers`` layers with the largest INT4
+   attention-output error, those whose INT8 (same transform) lowers the KL most, while the
+   average bits per element (metadata included) stays within the budget; by default 0.25
+   above plain per-token INT4 (4.75 at d=64, 4.5 at d=128, 4.375 at d=256), i.e. one layer
+   in sixteen.
 
 Group sizes are not candidates (the paged kernels do not serve them), nor are full-precision
 sink tokens (they would need their own page format in the kernels). K and V share one format
@@ -31,12 +34,19 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
+from sawkv.eval.recipe_search import (
+    KLScorer,
+    best_start,
+    coordinate_descent,
+    promote_high,
+    uniform_candidates,
+)
 from sawkv.hf.cache import attention_shape
 from sawkv.quant.methods import KVMethod
 from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
@@ -50,19 +60,25 @@ class RecipeConfig:
     """Calibration settings of a recipe.
 
     ``tokens_per_text`` tokens of each of ``texts`` (calibration split) in windows of
-    ``window_len`` drive the key means and the per-layer format choice; the first
-    ``sens_len`` tokens of the first window of each text drive the KL sensitivity (one forward
-    per candidate layer and text): the ``num_sens_layers`` layers with the largest INT4
-    attention-output error are the candidates (0: every layer). ``budget`` None means
-    :func:`~sawkv.quant.recipe.default_budget`.
+    ``window_len`` drive the key means and the per-layer format choice; ``num_sens_windows``
+    chunks of ``sens_len`` tokens of the first window of each text drive the end-to-end KL
+    (one batched forward per configuration): coordinate descent tries each layer's
+    ``num_alternatives`` lowest-error INT4 formats in up to ``num_passes`` passes and keeps a
+    change only if its KL drop exceeds ``min_z`` standard errors; the ``num_sens_layers``
+    layers with the largest INT4 attention-output error are the INT8 candidates (0: every
+    layer). ``budget`` None means :func:`~sawkv.quant.recipe.default_budget`.
     """
 
     texts: tuple[str, ...] = CALIB_TEXTS
     tokens_per_text: int = 512
     window_len: int = 512
     sens_len: int = 128
+    num_sens_windows: int = 2
     num_queries: int = 64
     num_sens_layers: int = 8
+    num_alternatives: int = 2
+    num_passes: int = 1
+    min_z: float = 2.0
     budget: float | None = None
     min_had_block: int = 16
     high_bits: int = 8
@@ -78,10 +94,20 @@ class RecipeConfig:
             )
         if self.num_sens_layers < 0:
             raise ValueError(f"num_sens_layers must be >= 0, got {self.num_sens_layers}")
+        if self.num_alternatives < 1 or self.num_passes < 0 or self.min_z < 0:
+            raise ValueError(
+                f"need num_alternatives >= 1, num_passes >= 0 and min_z >= 0, got "
+                f"{self.num_alternatives}, {self.num_passes}, {self.min_z}"
+            )
         if self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
         if not 2 <= self.sens_len <= self.window_len:
             raise ValueError(f"sens_len must be in [2, window_len], got {self.sens_len}")
+        if not 1 <= self.num_sens_windows <= self.window_len // self.sens_len:
+            raise ValueError(
+                f"num_sens_windows must be in [1, window_len // sens_len], got "
+                f"{self.num_sens_windows}"
+            )
         if self.budget is not None and not 4 <= self.budget <= 16:
             raise ValueError(f"budget must be in [4, 16] bits per element, got {self.budget}")
         if self.high_bits not in (8,):
@@ -116,6 +142,20 @@ def calib_windows(tokenizer, cfg: RecipeConfig) -> list[torch.Tensor]:
         cached_windows(tokenizer, t, cfg.tokens_per_text, cfg.window_len, "calib", bos)
         for t in cfg.texts
     ]
+
+
+def sens_windows(per_text: list[torch.Tensor], cfg: RecipeConfig) -> torch.Tensor:
+    """``[num_texts * num_sens_windows, sens_len (+1 with BOS)]``: per text, chunks of
+    ``sens_len`` tokens spread evenly over its first calibration window, each with the
+    window's BOS (if any) in front."""
+    out = []
+    for w in per_text:
+        bos = w.shape[1] - cfg.window_len  # 1 if the windows carry a BOS
+        stride = cfg.window_len // cfg.num_sens_windows
+        for j in range(cfg.num_sens_windows):
+            chunk = w[0, bos + j * stride : bos + j * stride + cfg.sens_len]
+            out.append(torch.cat([w[0, :bos], chunk]))
+    return torch.stack(out)
 
 
 # ---- 1. capture ---------------------------------------------------------------------------
@@ -371,50 +411,48 @@ def calibrate_recipe(
             f"({plain_int4_bits(head_dim)} bits per element): no servable recipe fits"
         )
     per_text = calib_windows(tokenizer, cfg)
-    windows = torch.cat(per_text)
-    captured = capture_qkv(model, windows, cfg.num_queries, progress)
+    captured = capture_qkv(model, torch.cat(per_text), cfg.num_queries, progress)
     k_means = key_means_of(captured)
-    low, low_err = best_formats(
-        captured, k_means, candidate_formats(head_dim, 4, cfg.min_had_block), progress, "int4"
-    )
-    # INT8 errors are ~256x smaller and barely depend on the transform: a layer's INT8 format
-    # keeps its INT4 transform (Hadamard block, -kv, -kc).
-    high = [replace(m, bits=cfg.high_bits) for m in low]
+    candidates = candidate_formats(head_dim, 4, cfg.min_had_block)
+    local, errors = best_formats(captured, k_means, candidates, progress, "int4")
     del captured
-    sens_windows = [w[0, : cfg.sens_len + (w.shape[1] - cfg.window_len)] for w in per_text]
+    score = KLScorer(model, sens_windows(per_text, cfg), k_means)
+    starts = {m.name: [m] * num_layers for m in uniform_candidates(head_dim, errors)}
+    starts["local"] = local
+    start, layers, kl_starts = best_start(score, starts)
+    if progress is not None:
+        progress("start", len(starts), len(starts))
+    layers, kl_low, changes = coordinate_descent(
+        score, layers, errors, candidates, cfg.num_alternatives, cfg.num_passes, cfg.min_z,
+        progress,
+    )  # fmt: skip
     n_high = num_high_layers(
         num_layers, plain_int4_bits(head_dim), cfg.high_bits + 32 / head_dim, budget
     )
-    # End-to-end KL is the truth but costs a forward per layer and window: only the layers
-    # whose INT4 attention-output error is largest are probed (all of them if asked).
-    errs = [e[m.name] for e, m in zip(low_err, low)]
+    # End-to-end KL costs a forward per probe: only the layers whose INT4 attention-output
+    # error is largest are probed (all of them if asked).
+    errs = [e[m.name] for e, m in zip(errors, layers)]
     by_err = sorted(range(num_layers), key=lambda i: (-errs[i], i))
     probed = sorted(by_err[: cfg.num_sens_layers or num_layers]) if n_high else []
-    configs = [low] + [low[:i] + [high[i]] + low[i + 1 :] for i in probed]
-    kls = mean_kls(model, sens_windows, configs, k_means, progress)
-    kl_low = kls[0]
-    drops = {i: kl_low - kl for i, kl in zip(probed, kls[1:])}
-    order = sorted(probed, key=lambda i: (-drops[i], i))
-    promoted = sorted(order[:n_high])
-    layers = [high[i] if i in promoted else low[i] for i in range(num_layers)]
-    # the recipe itself differs from the single-layer probes only when n_high > 1
-    if len(promoted) == 1:
-        kl_recipe = kls[1 + probed.index(promoted[0])]
-    elif not promoted:
-        kl_recipe = kl_low
-    else:
-        kl_recipe = mean_kls(model, sens_windows, [layers], k_means)[0]
+    layers, kl_recipe, drops, promoted = promote_high(
+        score, layers, kl_low, probed, n_high, cfg.high_bits, progress
+    )
     info = {
         "texts": list(cfg.texts),
         "tokens_per_text": cfg.tokens_per_text,
         "window_len": cfg.window_len,
         "sens_len": cfg.sens_len,
+        "num_sens_windows": cfg.num_sens_windows,
+        "min_z": cfg.min_z,
+        "start": start,
+        "kl_starts": kl_starts,
+        "descent": changes,
         "int8_layers": promoted,
         "kl_all_int4": kl_low,
         "kl_recipe": kl_recipe,
         "kl_drop_int8": {str(i): d for i, d in drops.items()},
         "int4_attn_error": errs,
-        "int8_formats": [m.name for m in high],
+        "num_kl_forwards": score.num_calls,
         "seconds": round(time.perf_counter() - t0, 1),
         **cfg.extra,
     }

@@ -22,6 +22,14 @@ from sawkv.eval.calibrate_recipe import (
     num_high_layers,
     query_positions,
 )
+from sawkv.eval.recipe_search import (
+    KLScorer,
+    block_se,
+    coordinate_descent,
+    local_ranking,
+    promote_high,
+    uniform_candidates,
+)
 from sawkv.hf.cache import SawKVCache
 from sawkv.quant import parse_method
 from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
@@ -119,6 +127,134 @@ def test_config_validation():
         RecipeConfig(budget=3.0)
     with pytest.raises(ValueError, match="at least one text"):
         RecipeConfig(texts=())
+    with pytest.raises(ValueError, match="num_alternatives"):
+        RecipeConfig(num_alternatives=0)
+
+
+# ---- the end-to-end search, against brute force on a separable stand-in for the KL ---------
+class TableScore:
+    """A KL stand-in: the sum over layers of ``cost[layer][format name]`` (separable, so the
+    best recipe is known by brute force); counts calls like :class:`KLScorer`."""
+
+    def __init__(self, cost: list[dict[str, float]], noise: float = 0.0):
+        self.cost, self.num_calls, self.noise = cost, 0, noise
+        self.gen = torch.Generator().manual_seed(8)
+
+    def __call__(self, layers) -> float:
+        return float(self.per_token(layers).double().mean())
+
+    def per_token(self, layers) -> torch.Tensor:
+        self.num_calls += 1
+        kl = sum(c[m.name] for c, m in zip(self.cost, layers))
+        return kl + self.noise * torch.randn(4, 64, generator=self.gen, dtype=torch.float64)
+
+
+def random_tables(num_layers: int, names: list[str], seed: int) -> list[dict[str, float]]:
+    g = torch.Generator().manual_seed(seed)
+    return [dict(zip(names, torch.rand(len(names), generator=g).tolist()))
+            for _ in range(num_layers)]  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_coordinate_descent_finds_the_best_of_each_layers_top_k(k):
+    cands = candidate_formats(64, 4)
+    names = [m.name for m in cands]
+    errors, cost = random_tables(6, names, 4), random_tables(6, names, 5)
+    start = [parse_method("int4-bdr64-kv-kc", 64)] * 6
+    score = TableScore(cost)
+    layers, kl, changes = coordinate_descent(score, start, errors, cands, k)
+    for i in range(6):  # brute force: the current format or one of the top-k by local error
+        allowed = {m.name for m in local_ranking(errors[i], cands, k)} | {start[i].name}
+        want = min(allowed, key=lambda n: cost[i][n])
+        assert layers[i].name == want
+    assert kl == pytest.approx(score(layers)) and kl <= score(start)
+    assert [c["layer"] for c in changes] == [i for i in range(6) if layers[i] != start[i]]
+
+
+def test_coordinate_descent_keeps_the_start_when_nothing_helps():
+    cands = candidate_formats(32, 4)
+    names = [m.name for m in cands]
+    start = [parse_method("int4-bdr32-kv-kc", 32)] * 4
+    cost = [{n: 0.0 if n == start[0].name else 1.0 for n in names} for _ in range(4)]
+    score = TableScore(cost)
+    layers, kl, changes = coordinate_descent(score, start, random_tables(4, names, 6), cands)
+    assert layers == start and kl == 0.0 and changes == []
+
+
+def test_coordinate_descent_ignores_drops_within_the_noise():
+    """Per-token KLs with noise of SE ~0.1 / 16: a true drop of 0.001 is no evidence, one of
+    0.2 is."""
+    cands = candidate_formats(64, 4)
+    names = [m.name for m in cands]
+    start = [parse_method("int4-bdr64-kv-kc", 64)] * 2
+    errors = [{n: 0.0 if n == "int4-bdr32-kv-kc" else 1.0 for n in names}] * 2
+    cost = [{n: 1.0 for n in names} for _ in range(2)]
+    cost[0]["int4-bdr32-kv-kc"], cost[1]["int4-bdr32-kv-kc"] = 0.999, 0.8
+    score = TableScore(cost, noise=0.1)
+    layers, _, changes = coordinate_descent(score, start, errors, cands, 1, min_z=2.0)
+    assert [m.name for m in layers] == ["int4-bdr64-kv-kc", "int4-bdr32-kv-kc"]
+    assert [c["layer"] for c in changes] == [1] and changes[0]["z"] > 2
+
+
+def test_block_se_matches_the_textbook_formula():
+    g = torch.Generator().manual_seed(9)
+    diff = torch.randn(3, 100, generator=g, dtype=torch.float64)
+    blocks = torch.stack([diff[w, b * 32 : (b + 1) * 32].mean() for w in range(3)
+                          for b in range(3)])  # fmt: skip
+    want = (blocks.var(unbiased=True) / len(blocks)).sqrt()
+    assert block_se(diff, 32) == pytest.approx(float(want))
+    assert block_se(diff[:, :10], 32) == 0.0
+
+
+def test_promote_high_takes_the_largest_positive_drop_only():
+    m4 = parse_method("int4-bdr64-kv-kc", 64)
+    m8 = parse_method("int8-bdr64-kv-kc", 64)
+    base = {m4.name: 1.0, m8.name: 1.0}
+    cost = [dict(base) for _ in range(5)]
+    cost[1][m8.name], cost[3][m8.name] = 0.7, 0.5  # drops 0.3 and 0.5
+    cost[4][m8.name] = 1.2  # INT8 can hurt (a worse key mean or noise): never promoted
+    score = TableScore(cost)
+    layers, kl, drops, promoted = promote_high(score, [m4] * 5, 5.0, [1, 3, 4], 1)
+    assert promoted == [3] and layers[3] == m8 and kl == pytest.approx(4.5)
+    assert drops == pytest.approx({1: 0.3, 3: 0.5, 4: -0.2})
+    layers, kl, _, promoted = promote_high(score, [m4] * 5, 5.0, [1, 3, 4], 2)
+    assert promoted == [1, 3] and kl == pytest.approx(4.2)
+    cost[1][m8.name] = cost[3][m8.name] = 1.1
+    layers, kl, _, promoted = promote_high(score, [m4] * 5, 5.0, [1, 3, 4], 1)
+    assert promoted == [] and layers == [m4] * 5 and kl == 5.0
+
+
+def test_uniform_candidates_include_the_previous_default():
+    names = [m.name for m in candidate_formats(64, 4)]
+    errors = [{n: 1.0 for n in names} for _ in range(3)]
+    errors[0]["int4-bdr16-kv"] = 0.1  # lowest mean log error
+    got = [m.name for m in uniform_candidates(64, errors, num_top=1)]
+    assert got == ["int4-bdr32-kv-kc", "int4-bdr64-kv-kc", "int4-bdr64-kc", "int4-bdr16-kv"]
+    assert len(uniform_candidates(256, [{n.replace("64", "256"): 1.0 for n in names}])) >= 4
+
+
+def kl_served(model, windows: torch.Tensor, method) -> float:
+    """Mean per-token KL to full precision with K/V in a :class:`SawKVCache` (the served
+    numerics), one window at a time."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ref = F.log_softmax(model(w[None]).logits[0].float(), -1)
+            out = model(w[None], past_key_values=SawKVCache(model, method)).logits[0]
+            total += float((ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum())
+            count += len(w)
+    return total / count
+
+
+def test_kl_scorer_matches_the_served_cache(tiny):
+    model, tok = tiny
+    wins = torch.stack([torch.arange(100, 140), torch.arange(900, 940)])
+    layers = [parse_method(n, 32) for n in ["int4-bdr32-kv-kc", "int8-bdr16-kc"] * 8]
+    means = torch.randn(16, 1, 32, generator=torch.Generator().manual_seed(7))
+    recipe = Recipe(tuple(layers), 32, 1, k_means=means)
+    score = KLScorer(model, wins, means)
+    assert score(layers) == pytest.approx(kl_served(model, wins, recipe), rel=1e-3)
+    assert score.num_calls == 1
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +281,7 @@ def tiny():
 
 
 def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
+    from sawkv.eval.tasks import cached_windows
     from sawkv.models.hub import cache_dir
 
     model, tok = tiny
@@ -152,19 +289,28 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
                        num_queries=16)  # fmt: skip
     seen = []
     recipe = calibrate_recipe(model, tok, cfg, lambda *a: seen.append(a[0]))
-    assert {"capture", "int4", "sensitivity"} <= set(seen)
+    assert {"capture", "int4", "start", "descent", "int8"} <= set(seen)
     assert recipe.bits_per_element() <= default_budget(32) + 1e-9
-    names = [m.name for m in recipe.layers]
-    assert sum(n.startswith("int8") for n in names) == 1
-    # the promoted layer is the one whose INT8 lowered the KL most, and each INT4 layer the
-    # lowest-error candidate
+    # the promoted layer is the probed one whose INT8 lowered the KL most, if any did (on a
+    # random model the INT4 errors of tuned layers may cancel, so INT8 can raise the KL)
     drops = {int(i): d for i, d in recipe.info["kl_drop_int8"].items()}
     errs = recipe.info["int4_attn_error"]
     assert len(drops) == 8 and min(errs[i] for i in drops) >= max(
         e for i, e in enumerate(errs) if i not in drops
     )  # the probed layers are those with the largest INT4 error
-    assert recipe.info["int8_layers"] == [max(drops, key=lambda i: drops[i])]
+    best = max(drops, key=lambda i: drops[i])
+    assert recipe.info["int8_layers"] == ([best] if drops[best] > 0 else [])
+    names = [m.name for m in recipe.layers]
+    assert [i for i, n in enumerate(names) if n.startswith("int8")] == recipe.info["int8_layers"]
     assert recipe.info["kl_recipe"] <= recipe.info["kl_all_int4"]
+    # never worse on the calibration windows than any uniform recipe it tried
+    kl_starts = recipe.info["kl_starts"]
+    assert "int4-bdr32-kv-kc" in kl_starts and "local" in kl_starts
+    assert recipe.info["kl_all_int4"] <= min(kl_starts.values())
+    # the reported KL is what the served cache (SawKVCache, real pages) gives on those windows
+    win = cached_windows(tok, "austen", 128, 128, "calib", False)[0]
+    sens = torch.stack([win[:48], win[64:112]])  # two chunks spread over the window
+    assert kl_served(model, sens, recipe) == pytest.approx(recipe.info["kl_recipe"], rel=1e-3)
     # the KLs it reports are the ones an independent cache sees
     wins = [torch.cat([w[:48] for w in [torch.arange(100, 148)]])]
     kl_rec = mean_kls(model, wins, [list(recipe.layers)], recipe.k_means)[0]
