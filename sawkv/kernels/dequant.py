@@ -146,11 +146,16 @@ def _hadamard(b: int, device: torch.device) -> torch.Tensor:
     return _HADAMARD[key]
 
 
-def _rotate(x: torch.Tensor, had_block: int) -> torch.Tensor:
-    """``x [..., d]`` times the block-diagonal Hadamard, in fp32, back in x's dtype."""
+def _rotate(x: torch.Tensor, had_block: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [..., d]`` times the block-diagonal Hadamard in fp32, rounded once to ``dtype``
+    (default x's; fp16 results are clamped to its range, as the pages are)."""
     shape = x.shape
     y = x.float().reshape(*shape[:-1], shape[-1] // had_block, had_block)
-    return (y @ _hadamard(had_block, x.device)).reshape(shape).to(x.dtype)
+    y = (y @ _hadamard(had_block, x.device)).reshape(shape)
+    dtype = dtype or x.dtype
+    if dtype == torch.float16:
+        y = y.clamp_(-65504.0, 65504.0)
+    return y.to(dtype)
 
 
 @dataclass
@@ -222,9 +227,12 @@ def extend_via_sdpa(
                   **common)  # fmt: skip
     dequant_pages(v_cache, v_meta, block_tables, seq_lens, row_starts, vbuf, fmt, is_key=False,
                   **common)  # fmt: skip
-    qr = _rotate(q, had_block) if had_block else q
-    if work != q.dtype:
-        qr = qr.float().clamp(-65504.0, 65504.0).to(work)
+    if had_block:  # rotated in fp32 and rounded once, straight to the working dtype
+        qr = _rotate(q, had_block, work)
+    elif work != q.dtype:
+        qr = q.float().clamp(-65504.0, 65504.0).to(work)
+    else:
+        qr = q
     o = None
     if num_seqs > 1 and qr.is_cuda:
         # One varlen FlashAttention call for the whole batch: a host loop of per-sequence SDPA
@@ -247,7 +255,7 @@ def extend_via_sdpa(
                 qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
             )
             o[q0:q1] = o_s[0].transpose(0, 1)  # [q_len, Hq, d]
-    out.copy_(_rotate(o, had_block) if fmt.rotate_v else o)
+    out.copy_(_rotate(o, had_block, out.dtype) if fmt.rotate_v else o)
     return out
 
 

@@ -112,6 +112,24 @@ def test_extend_via_dequant_and_sdpa_matches_reference(
     torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
 
 
+@pytest.mark.parametrize("bits, had, rot_v", [(4, 64, True), (4, 0, False), (8, 32, False)])
+def test_sdpa_extend_bf16_model(bits, had, rot_v):
+    """A bf16 model on quantized pages: the SDPA path works in fp16 (q rotated in fp32 and
+    rounded once to fp16, output rotated back straight into bf16); relative error against the
+    fp32 reference within the 5e-3 goal plus bf16 output rounding."""
+    pages, tables, seq_lens, fmt = paged_case(
+        [70, 33], head_dim=64, num_kv_heads=2, block_size=16, bits=bits, had_block=had,
+        rotate_v=rot_v, dtype=torch.bfloat16, seed=5,
+    )  # fmt: skip
+    qsl = torch.tensor([0, 20, 53], dtype=torch.int32)
+    q = (3 * torch.randn(53, 4, 64)).bfloat16()
+    out = torch.full_like(q, float("nan"))
+    paged_attention_extend(q, pages, tables, seq_lens, qsl, fmt, out=out, impl="sdpa", scale=0.125)
+    ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, scale=0.125).float()
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < 8e-3, err
+
+
 def test_decode_split_count_does_not_change_result():
     pages, tables, seq_lens, fmt = paged_case(
         [120, 7], head_dim=64, num_kv_heads=1, block_size=16, bits=4, had_block=32, rotate_v=True
