@@ -182,12 +182,8 @@ class LLMEngine:
         if prof is not None:
             prof.device_end()
             prof.mark("execute")
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_computed_tokens < seq.num_prompt_tokens:  # prefill (or recompute)
-                self.num_prompt_tokens_total += min(
-                    seq.num_prompt_tokens - seq.num_computed_tokens, n
-                )
-            seq.num_computed_tokens += n
+        self._advance(batch)
+        for seq in batch.seqs:
             self.block_manager.register_full_blocks(seq)
         outs = []
         if logits is not None:
@@ -225,12 +221,7 @@ class LLMEngine:
             logits = self.runner.execute(inputs, prev.tokens if prev is not None else None)
             if prof is not None:
                 prof.device_end(wait=False)
-            for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                if seq.num_computed_tokens < seq.num_prompt_tokens:
-                    self.num_prompt_tokens_total += min(
-                        seq.num_prompt_tokens - seq.num_computed_tokens, n
-                    )
-                seq.num_computed_tokens += n
+            self._advance(batch)
             if logits is not None:
                 seqs = [batch.seqs[i] for i in inputs.sampled_seqs.tolist()]
                 tokens = self.sampler.sample(
@@ -249,6 +240,15 @@ class LLMEngine:
             prof.mark("post")
             prof.end(inputs.kind, inputs.num_seqs, inputs.num_tokens)
         return outs
+
+    def _advance(self, batch) -> None:
+        """The batch's tokens are in the pages now: move each sequence's computed count."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:  # prefill (or recompute)
+                self.num_prompt_tokens_total += min(
+                    seq.num_prompt_tokens - seq.num_computed_tokens, n
+                )
+            seq.num_computed_tokens += n
 
     def _launch_readback(self, seqs: list[Sequence], tokens: torch.Tensor) -> _Pending:
         """Append a placeholder per sampled sequence and start copying ``tokens`` to the host
@@ -274,29 +274,8 @@ class LLMEngine:
             p.event.synchronize()
         outs = []
         for seq, slot, token in zip(p.seqs, p.slots, p.host.tolist()):
-            if seq.is_finished:  # aborted, or stopped one step earlier
-                continue
-            seq.token_ids[slot] = token
-            seq.output_ids.append(token)
-            self.num_generation_tokens_total += 1
-            reason = self._check_stop(seq, token, num_tokens=slot + 1)
-            if reason is not None:
-                del seq.token_ids[slot + 1 :]  # a later placeholder of the dropped step
-                if seq in self.scheduler.waiting:  # preempted while its token was pending
-                    self.scheduler.waiting.remove(seq)
-                self.scheduler.finish(seq, reason)
-                self.seqs.pop(seq.request_id, None)
-            outs.append(
-                RequestOutput(
-                    request_id=seq.request_id,
-                    prompt_token_ids=seq.prompt_token_ids,
-                    new_token_ids=[token],
-                    output_token_ids=seq.output_ids,
-                    finished=reason is not None,
-                    finish_reason=reason,
-                    text=seq.text,
-                )
-            )
+            if not seq.is_finished:  # else aborted, or stopped one step earlier
+                outs.append(self._append(seq, token, slot))
         return outs
 
     # ---- profiling --------------------------------------------------------------------------
@@ -312,12 +291,21 @@ class LLMEngine:
         summary, self.profiler = self.profiler.summary(), None
         return summary
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _append(self, seq: Sequence, token: int, slot: int | None = None) -> RequestOutput:
+        """Record ``seq``'s new token (appended, or put in its placeholder at ``slot`` under
+        async scheduling), apply stops, and describe the step's progress."""
+        if slot is None:
+            slot = len(seq.token_ids)
+            seq.token_ids.append(token)
+        else:
+            seq.token_ids[slot] = token
         seq.output_ids.append(token)
         self.num_generation_tokens_total += 1
-        reason = self._check_stop(seq, token)
+        reason = self._check_stop(seq, token, num_tokens=slot + 1)
         if reason is not None:
+            del seq.token_ids[slot + 1 :]  # async: the placeholder of a step whose sample drops
+            if seq in self.scheduler.waiting:  # async: preempted while its token was pending
+                self.scheduler.waiting.remove(seq)
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
         return RequestOutput(

@@ -233,8 +233,6 @@ def cache_write(
     consts = dict(BLOCK_SIZE=fmt.block_size, D=head_dim, BITS=fmt.bits, HAD=had_block,
                   ROT_V=fmt.rotate_v, HAS_MEAN=k_mean is not None)  # fmt: skip
     if group_path and fmt.bits != 16 and block_t is None:
-        from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel
-
         grid = (triton.cdiv(num_tokens, 16), fmt.num_kv_heads)
         _cache_write_groups_kernel[grid](*args, **consts, NONE=_NONE, num_warps=num_warps or 4)
         return
@@ -266,5 +264,8 @@ def _interpreting() -> bool:
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+# write_groups builds on this module's helpers, so it is imported once they exist (not per call)
+from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel  # noqa: E402
 
 __all__ = ["cache_write"]

@@ -170,6 +170,7 @@ class SdpaPlan:
     starts: list[int]
     query_start_host: list[int]
     max_seq_len: int
+    max_query_len: int
     row_starts: torch.Tensor
     kbuf: torch.Tensor
     vbuf: torch.Tensor
@@ -189,8 +190,9 @@ def plan_sdpa(
     work = torch.float16 if fmt.bits < 16 and q.dtype == torch.bfloat16 else q.dtype
     kbuf = torch.empty((starts[-1], fmt.num_kv_heads, fmt.head_dim), dtype=work, device=q.device)
     row_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
-    return SdpaPlan(starts, list(query_start_host), max(seq_lens_host, default=0), row_starts,
-                    kbuf, torch.empty_like(kbuf))  # fmt: skip
+    max_q = max((b - a for a, b in zip(query_start_host, query_start_host[1:])), default=0)
+    return SdpaPlan(starts, list(query_start_host), max(seq_lens_host, default=0), max_q,
+                    row_starts, kbuf, torch.empty_like(kbuf))  # fmt: skip
 
 
 def extend_via_sdpa(
@@ -238,8 +240,8 @@ def extend_via_sdpa(
         # One varlen FlashAttention call for the whole batch: a host loop of per-sequence SDPA
         # calls costs ~10 launches per sequence and layer, which dominated steps that prefill
         # many short prompts (64 x 256 tokens: 23K launches per step on a 36-layer model).
-        o = _flash_varlen(qr, kbuf, vbuf, query_start_loc, row_starts, query_start_host, starts,
-                          scale)  # fmt: skip
+        o = _flash_varlen(qr, kbuf, vbuf, query_start_loc, row_starts, plan.max_query_len,
+                          plan.max_seq_len, scale)  # fmt: skip
     if o is None:
         o = torch.empty_like(qr)
         for s in range(num_seqs):
@@ -269,8 +271,8 @@ def _flash_varlen(
     v: torch.Tensor,
     cu_q: torch.Tensor,
     cu_k: torch.Tensor,
-    q_host: list[int],
-    k_host: list[int],
+    max_q: int,
+    max_k: int,
     scale: float,
 ) -> torch.Tensor | None:
     """Causal varlen FlashAttention-2 (``aten._flash_attention_forward``), or None where this
@@ -278,7 +280,8 @@ def _flash_varlen(
 
     Args:
         q: ``[T_q, Hq, d]`` fp16/bf16; k, v: ``[T_k, H, d]`` (GQA: ``Hq % H == 0``).
-        cu_q, cu_k: ``[S + 1]`` int32 device cumulative lengths; q_host, k_host their host copies.
+        cu_q, cu_k: ``[S + 1]`` int32 device cumulative lengths; max_q, max_k the longest
+            query and key runs (host ints, from the step's plan).
     Returns:
         ``[T_q, Hq, d]``. FlashAttention-2 aligns the causal mask bottom-right, so query i of a
         sequence attends to keys ``0 .. k_len - q_len + i``, as in the per-sequence path.
@@ -286,11 +289,9 @@ def _flash_varlen(
     key = str(q.device)
     if _VARLEN_OK.get(key) is False:
         return None
-    max_q = max(b - a for a, b in zip(q_host, q_host[1:]))
-    max_k = max(b - a for a, b in zip(k_host, k_host[1:]))
     try:
         o = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q.to(torch.int32), cu_k, max_q, max_k, 0.0, True, False, scale=scale
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
         )[0]
     except torch.OutOfMemoryError:
         raise
