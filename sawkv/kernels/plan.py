@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # dequant.py imports triton; plans must not
 
 # Resident CTAs per SM of the CUDA decode kernel by head dim (registers per thread of the
 # default variant, 128 threads).
-_CTAS_PER_SM = {64: 5, 128: 5, 256: 3}
+_CTAS_PER_SM = {64: 4, 128: 4, 256: 3}
 MAX_SPLITS = 64
 
 

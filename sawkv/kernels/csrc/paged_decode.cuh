@@ -99,6 +99,18 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src));
 }
 
+// dst is a shared-state-space address (__cvta_generic_to_shared), precomputed once per lane
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* gmem_src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src));
+}
+
+// predicated without a branch, so the warp does not diverge around the metadata copy
+__device__ __forceinline__ void cp_async16_if(uint32_t dst, const void* gmem_src, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}"
+      ::"r"(dst), "l"(gmem_src), "r"((int)pred));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 
 template <int N>
@@ -172,8 +184,8 @@ struct Geometry {
 };
 
 // Dynamic shared memory: the per-warp ring of the main loop (STAGES steps of U groups, each
-// group K and V codes plus 128 bytes of metadata), aliased with the query staging area before
-// the loop and the merge buffer after it. ~13 KB per warp keeps 4 CTAs (16 warps) per SM.
+// group K and V codes plus 128 bytes of metadata), aliased with the merge buffer after the loop.
+// The fp16 query lives in static shared memory, so the first loads fly during the prologue.
 template <int BITS, int D, int NT, int U>
 struct Smem {
   static constexpr int kCodeBytes = 16 * Geometry<BITS, D>::P;  // one group's K (or V) codes
@@ -181,7 +193,7 @@ struct Smem {
   static constexpr int kFit = 13056 / (U * kGroupBytes);
   static constexpr int kStages = kFit < 2 ? 2 : kFit > 4 ? 4 : kFit;
   static constexpr int kRing = kWarps * kStages * U * kGroupBytes;
-  static constexpr int kStaging = 8 * NT * D * (4 + 2);  // fp32 query/merge rows + fp16 query
+  static constexpr int kStaging = 8 * NT * D * 4;  // fp32 merge rows
   // + [G][num_splits <= 64] merge weights after the staging area
   static constexpr int kBytes = kRing > kStaging + 4096 ? kRing : kStaging + 4096;
 };
@@ -189,7 +201,7 @@ struct Smem {
 }  // namespace detail
 
 template <int BITS, int D, int NT, int U>
-__global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 3)
+__global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 3)
     paged_decode_kernel(const DecodeParams p) {
   using namespace detail;
   using Geo = Geometry<BITS, D>;
@@ -202,8 +214,8 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
   constexpr int kGroupBytes = Mem::kGroupBytes;
   constexpr int STAGES = Mem::kStages;
   extern __shared__ __align__(16) uint8_t smem[];
-  float* sbuf = reinterpret_cast<float*>(smem);             // rotated query, then merge buffer
-  __half* sq = reinterpret_cast<__half*>(smem + QROWS * D * 4);
+  float* sbuf = reinterpret_cast<float*>(smem);  // the merge buffer after the loop
+  __shared__ __align__(16) __half sq[QROWS * D];  // scaled fp16 query rows
   __shared__ float s_qsum[QROWS];
   __shared__ float s_m[kWarps][QROWS], s_l[kWarps][QROWS], s_vm[kWarps][QROWS];
   __shared__ float s_red[kWarps];
@@ -224,43 +236,142 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
   const int lo = start16 + split * chunk;
   const int hi = min(seq_len, lo + chunk);
 
-  // ---- query: load, rotate, scale, fp16 with a power-of-two range factor -------------------
-  for (int i = tid; i < QROWS * D; i += kThreads) {
-    int r = i / D, c = i % D;
-    float x = 0.f;
-    if (r < G) {
-      int64_t off = (int64_t)s * p.stride_qs + (int64_t)(h * G + r) * p.stride_qh + c;
-      x = p.is_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.q)[off])
-                    : __half2float(reinterpret_cast<const __half*>(p.q)[off]);
+  // ---- this warp's 16-token groups, streamed through its own shared-memory ring ----------
+  // cp.async keeps STAGES steps of U groups in flight per warp without holding them in
+  // registers, so occupancy stays high; lanes copy and read back their own code bytes, the
+  // group's 128 metadata bytes are copied by lanes 0-7 and read by all after __syncwarp.
+  // Addresses that do not change per group are computed once here: at the register cap the
+  // compiler would otherwise rematerialize them every step (half the loop's instructions).
+  const int nsub = hi > lo ? (hi - lo + 15) >> 4 : 0;
+  const int per_w = (nsub + kWarps - 1) / kWarps;
+  const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
+  const int* bt = p.block_tables + (int64_t)s * p.stride_bt;
+  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
+  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
+  const __half* mbase = (lane < 4 ? p.k_meta : p.v_meta) + (int64_t)h * p.stride_meta_h +
+                        8 * (lane & 3);  // lanes 0-3: K metadata, 4-7: V, 16 bytes each
+  const bool meta_lane = lane < 8;
+  uint8_t* ring = smem + warp * (STAGES * U * kGroupBytes);
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const uint32_t dst_code = ring_s + lane * Geo::kLaneBytes;
+  const uint32_t dst_meta = ring_s + 2 * kCodeBytes + 16 * (lane & 7);
+  const int64_t stride_page_b = p.stride_page_b, stride_meta_b = p.stride_meta_b;
+  const int in_page_mask = p.block_size - 1, block_shift = p.block_shift;
+
+  // lane l holds the byte offsets (codes; metadata in halves) of group pid_base + l, so each
+  // group's addresses cost two shuffles and three adds instead of 64-bit products
+  int pid_base = sub_begin;
+  int64_t code_off_l = 0, meta_off_l = 0;
+  auto refresh_pages = [&](int first) {
+    pid_base = first;
+    const int j = first + lane;
+    if (j < sub_end) {
+      const int tok = lo + 16 * j;
+      const int64_t page = __ldg(bt + (tok >> block_shift));
+      const int in_page = tok & in_page_mask;
+      code_off_l = page * stride_page_b + in_page * Geo::P;
+      meta_off_l = page * stride_meta_b + 2 * in_page;
     }
-    sbuf[i] = x;
+  };
+  auto issue = [&](int j, int slot) {
+    if (j >= sub_end) return;  // warp-uniform
+    if (j - pid_base >= 32) refresh_pages(j);
+    const int src = j - pid_base;
+    const int64_t code_off = __shfl_sync(kFull, code_off_l, src);
+    const int64_t meta_off = __shfl_sync(kFull, meta_off_l, src);
+    const uint32_t dst = dst_code + slot * kGroupBytes;
+#pragma unroll
+    for (int i = 0; i < Geo::kVec; ++i) {
+      cp_async16_s(dst + 16 * i, kbase + code_off + 16 * i);
+      cp_async16_s(dst + kCodeBytes + 16 * i, vbase + code_off + 16 * i);
+    }
+    cp_async16_if(dst_meta + slot * kGroupBytes, mbase + meta_off, meta_lane);
+  };
+
+  // the first stages' loads go out before the query prologue, which hides their latency
+  const int num_steps = (sub_end - sub_begin + U - 1) / U;
+  refresh_pages(sub_begin);
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+#pragma unroll
+    for (int k = 0; k < U; ++k) issue(sub_begin + st * U + k, st * U + k);
+    cp_async_commit();
   }
-  __syncthreads();
-  if (p.had_block > 0) fwht_rows<D>(sbuf, QROWS, p.had_block);
+
+  // ---- query: load, rotate, scale, fp16 with a power-of-two range factor -------------------
+  // Warp w holds rows w, w + 4, ...; lane l holds elements [l * EL, (l + 1) * EL) of a row, so
+  // the Hadamard butterflies are in registers below distance EL and shuffles above it.
+  constexpr int EL = D / 32;
+  constexpr int RW = QROWS / kWarps;
+  float qv[RW][EL];
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+    const int r = warp + kWarps * rr;
+    const int64_t off = (int64_t)s * p.stride_qs + (int64_t)(h * G + r) * p.stride_qh + lane * EL;
+#pragma unroll
+    for (int e = 0; e < EL; ++e) {
+      float x = 0.f;
+      if (r < G)
+        x = p.is_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.q)[off + e])
+                      : __half2float(reinterpret_cast<const __half*>(p.q)[off + e]);
+      qv[rr][e] = x;
+    }
+  }
+  const int had = p.had_block;
+  if (had > 0) {
+#pragma unroll
+    for (int len = 1; len < EL; len <<= 1) {
+      if (len < had) {
+#pragma unroll
+        for (int rr = 0; rr < RW; ++rr)
+#pragma unroll
+          for (int e = 0; e < EL; ++e)
+            if (!(e & len)) {
+              const float u = qv[rr][e], v = qv[rr][e + len];
+              qv[rr][e] = u + v;
+              qv[rr][e + len] = u - v;
+            }
+      }
+    }
+    for (int lx = 1; lx * EL < had; lx <<= 1) {
+      const bool upper = lane & lx;
+#pragma unroll
+      for (int rr = 0; rr < RW; ++rr)
+#pragma unroll
+        for (int e = 0; e < EL; ++e) {
+          const float o = __shfl_xor_sync(kFull, qv[rr][e], lx);
+          qv[rr][e] = upper ? o - qv[rr][e] : qv[rr][e] + o;
+        }
+    }
+  }
+  const float qmul = had > 0 ? p.qscale * rsqrtf((float)had) : p.qscale;
   float amax = 0.f;
-  for (int i = tid; i < QROWS * D; i += kThreads) {
-    float x = sbuf[i] * p.qscale;
-    sbuf[i] = x;
-    amax = fmaxf(amax, fabsf(x));
-  }
-  amax = warp_max_rows(amax);
-  amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 1));
-  amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, 2));
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr)
+#pragma unroll
+    for (int e = 0; e < EL; ++e) {
+      qv[rr][e] *= qmul;
+      amax = fmaxf(amax, fabsf(qv[rr][e]));
+    }
+  amax = warp_max_all(amax);
   if (lane == 0) s_red[warp] = amax;
   __syncthreads();
   amax = fmaxf(fmaxf(s_red[0], s_red[1]), fmaxf(s_red[2], s_red[3]));
-  int e = 0;
-  if (amax > 0.f && amax <= 3.0e38f) frexpf(amax, &e);
-  e = min(max(e, -100), 100);
-  const float f = ldexpf(1.f, 14 - e), finv = ldexpf(1.f, e - 14);
-  for (int i = tid; i < QROWS * D; i += kThreads) sq[i] = __float2half_rn(sbuf[i] * f);
-  __syncthreads();
-  for (int r = warp; r < QROWS; r += kWarps) {
+  int e2 = 0;
+  if (amax > 0.f && amax <= 3.0e38f) frexpf(amax, &e2);
+  e2 = min(max(e2, -100), 100);
+  const float f = ldexpf(1.f, 14 - e2), finv = ldexpf(1.f, e2 - 14);
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+    const int r = warp + kWarps * rr;
     float acc = 0.f;
-    for (int c = lane; c < D; c += 32) acc += __half2float(sq[r * D + c]);
-    acc += __shfl_xor_sync(kFull, acc, 1);
-    acc += __shfl_xor_sync(kFull, acc, 2);
-    acc = warp_sum_rows(acc);
+#pragma unroll
+    for (int e = 0; e < EL; ++e) {
+      const __half x = __float2half_rn(qv[rr][e] * f);
+      sq[r * D + lane * EL + e] = x;
+      acc += __half2float(x);
+    }
+    acc = warp_sum_all(acc);
     if (lane == 0) s_qsum[r] = acc;
   }
   __syncthreads();
@@ -285,44 +396,6 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int c = 0; c < 2; ++c) qsum[nt][c] = s_qsum[nt * 8 + 2 * t + c] * finv;
-  __syncthreads();  // the query staging area becomes the ring
-
-  // ---- this warp's 16-token groups, streamed through its own shared-memory ring ----------
-  // cp.async keeps STAGES steps of U groups in flight per warp without holding them in
-  // registers, so occupancy stays high; lanes copy and read back their own code bytes, the
-  // group's 128 metadata bytes are copied by lanes 0-7 and read by all after __syncwarp.
-  const int nsub = hi > lo ? (hi - lo + 15) >> 4 : 0;
-  const int per_w = (nsub + kWarps - 1) / kWarps;
-  const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
-  const int* bt = p.block_tables + (int64_t)s * p.stride_bt;
-  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
-  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
-  const __half* mbase = (lane < 4 ? p.k_meta : p.v_meta) + (int64_t)h * p.stride_meta_h +
-                        8 * (lane & 3);  // lanes 0-3: K metadata, 4-7: V, 16 bytes each
-  uint8_t* ring = smem + warp * (STAGES * U * kGroupBytes);
-
-  int pid_base = sub_begin, pid = 0;  // lane l holds the page of group pid_base + l
-  auto refresh_pages = [&](int first) {
-    pid_base = first;
-    const int j = first + lane;
-    pid = j < sub_end ? __ldg(bt + ((lo + 16 * j) >> p.block_shift)) : 0;
-  };
-  auto issue = [&](int j, int slot) {
-    if (j >= sub_end) return;  // warp-uniform
-    if (j - pid_base >= 32) refresh_pages(j);
-    const int page = __shfl_sync(kFull, pid, j - pid_base);
-    const int in_page = (lo + 16 * j) & (p.block_size - 1);
-    const int64_t code_off = (int64_t)page * p.stride_page_b + (int64_t)in_page * Geo::P;
-    uint8_t* dst = ring + slot * kGroupBytes + lane * Geo::kLaneBytes;
-#pragma unroll
-    for (int i = 0; i < Geo::kVec; ++i) {
-      cp_async16(dst + 16 * i, kbase + code_off + 16 * i);
-      cp_async16(dst + kCodeBytes + 16 * i, vbase + code_off + 16 * i);
-    }
-    if (lane < 8)
-      cp_async16(ring + slot * kGroupBytes + 2 * kCodeBytes + 16 * lane,
-                 mbase + (int64_t)page * p.stride_meta_b + 2 * in_page);
-  };
 
   float m_run[NT][2], l_run[NT][2], vm_run[NT][2];
   float acc[STEPS][NT][4];
@@ -337,16 +410,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[w][nt][i] = 0.f;
   int E = -126;  // acc holds sum p * scale_v * 2^-E * code; value scales <= 2^(E + 4)
-  float v_limit = 0.f;
-
-  const int num_steps = (sub_end - sub_begin + U - 1) / U;
-  refresh_pages(sub_begin);
-#pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-#pragma unroll
-    for (int k = 0; k < U; ++k) issue(sub_begin + st * U + k, st * U + k);
-    cp_async_commit();
-  }
+  float v_limit = 0.f, vnorm = ldexpf(1.f, 126);  // vnorm = 2^-E, changed only when E grows
   for (int it = 0; it < num_steps; ++it) {
     {
       const int st = it + STAGES - 1, slot = st % STAGES;
@@ -461,6 +525,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
       const float e_fac = exp2f((float)(E - E_new));
       E = E_new;
       v_limit = ldexpf(1.f, E + 4);
+      vnorm = ldexpf(1.f, -E);
       float fac[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -481,7 +546,6 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[w][nt][i] *= fac[nt][i & 1];
     }
-    const float vnorm = ldexpf(1.f, -E);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -633,15 +697,22 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 5 : 
       if (lane == 0) s_l[0][q] = L;
     }
     __syncthreads();
-    for (int i = tid; i < G * D; i += kThreads) {
-      const int q = i / D, d = i % D;
-      const float* po = p.part_o + (head0 + q) * ns * D + d;
+    // one thread per 4 outputs: 16-byte loads, 16 in flight (a few L2 round trips in all)
+    for (int i = tid; i < G * (D / 4); i += kThreads) {
+      const int q = i / (D / 4), d = 4 * (i % (D / 4));
+      const float4* po = reinterpret_cast<const float4*>(p.part_o + (head0 + q) * ns * D + d);
       const float* wq = s_w + q * ns;
-      float o = 0.f;
-#pragma unroll 8
-      for (int j = 0; j < ns; ++j) o += wq[j] * __ldcg(po + (int64_t)j * D);
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+      for (int j = 0; j < ns; ++j) {
+        const float4 x = __ldcg(po + (int64_t)j * (D / 4));
+        const float w = wq[j];
+        o.x += w * x.x, o.y += w * x.y, o.z += w * x.z, o.w += w * x.w;
+      }
       const float L = s_l[0][q];
-      sbuf[q * D + d] = L > 0.f ? o / L : 0.f;
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      float* dst = sbuf + q * D + d;
+      dst[0] = o.x * inv, dst[1] = o.y * inv, dst[2] = o.z * inv, dst[3] = o.w * inv;
     }
   } else {
     for (int i = tid; i < G * D; i += kThreads) {
