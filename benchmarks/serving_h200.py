@@ -218,7 +218,12 @@ def cmd_merge(args) -> None:
             if isinstance(data, dict) and isinstance(data.get("runs"), list):
                 rows = merge_runs(rows, data["runs"])
     out = Path(args.out)
-    meta = {"title": "sawkv serve, dummy Qwen3-8B, one H200", "date": time.strftime("%Y-%m-%d")}
+    meta = {"title": f"sawkv serve, dummy Qwen3-8B, one {args.device}", "device": args.device,
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    if args.commit:
+        meta["commit"] = args.commit
+    if args.note:
+        meta["notes"] = args.note
     rows = save_runs(out, rows, append=out.is_file(), **meta)["runs"]
     print_table(rows, meta["title"])
     plot_runs(rows, out.with_suffix(".png"), meta["title"])
@@ -261,6 +266,9 @@ def main() -> None:
     m = sub.add_parser("merge")
     m.add_argument("inputs", nargs="+", help="directories or JSON files with 'runs'")
     m.add_argument("--out", default="benchmarks/results/serving_h200.json")
+    m.add_argument("--device", default="H200", help="GPU the rows were measured on")
+    m.add_argument("--commit", default=None, help="commit the rows were measured at")
+    m.add_argument("--note", action="append", default=[], help="free-text note (repeatable)")
     args = p.parse_args()
     {"run": cmd_run, "offline": cmd_offline, "merge": cmd_merge, "plan": cmd_plan}[args.cmd](args)
 
