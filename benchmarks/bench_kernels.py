@@ -126,10 +126,31 @@ def num_sets(bytes_per_set: int) -> int:
 
 
 def git_commit() -> str:
+    """HEAD, with ``+dirty`` when tracked files differ from it: the device machine runs a copy
+    of the working tree whose ``.git`` may lag behind it, so HEAD alone can name the wrong code."""
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+        head = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+        dirty = subprocess.check_output(
+            ["git", "status", "--porcelain", "--untracked-files=no"], text=True
+        ).strip()
+        return head + ("+dirty" if dirty else "")
     except Exception:
         return os.environ.get("SAWKV_COMMIT", "unknown")
+
+
+def source_digest() -> str:
+    """SHA-1 (12 hex digits) of the package's kernel and attention sources as they ran."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "sawkv"
+    digest = hashlib.sha1()
+    for sub in ("kernels", "attention", "quant"):
+        for f in sorted((root / sub).rglob("*")):
+            if f.suffix in (".py", ".cu", ".cuh"):
+                digest.update(f.relative_to(root).as_posix().encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 # ---- correctness ---------------------------------------------------------------------------------
@@ -775,6 +796,7 @@ def main() -> None:
         device=torch.cuda.get_device_name(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=git_commit(),
+        sources=source_digest(),
         torch=torch.__version__,
         shape=dict(
             num_q_heads=NUM_Q_HEADS,

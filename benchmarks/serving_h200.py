@@ -15,6 +15,10 @@ finishes, so a call cut short keeps what it measured; ``merge`` gathers the slic
     bash benchmarks/serving_h200.sh offline --methods int4-bdr128 --workload long=64
     python3 benchmarks/serving_h200.py merge DIR... --out benchmarks/results/serving_h200.json
 
+Each method leaves three files (rows, server log, metrics); the device tool brings back only a
+few files per call, so end the device command with ``cd $OUT && tar czf res.tgz * `` and remove
+the directories (a session lost a JSON that way).
+
 ``--workload NAME[=c1,c2]`` (repeatable): long D(16384, 1024) c in {1, 16, 64, 128}; reasoning
 D(1024, 4096) c = 256; short D(256, 1024) c in {1, 16, 64, 128}. ``default`` starts the server
 without ``--kv-cache-dtype`` (the row carries the method the server reports).
