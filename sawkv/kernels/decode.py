@@ -239,8 +239,7 @@ def paged_attention_decode(
         return decode_cuda.paged_decode_cuda(
             q, pages, block_tables, seq_lens, out, fmt, scale=scale,
             sliding_window=sliding_window, num_splits=plan.num_splits,
-            groups_per_step=plan.config.groups_per_step,
-            swizzle=plan.config.decode_swizzle, part_o=plan.part_o,
+            groups_per_step=plan.config.groups_per_step, part_o=plan.part_o,
             part_ml=plan.part_ml,
         )  # fmt: skip
     _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan)

@@ -120,7 +120,6 @@ def paged_decode_cuda(
     sliding_window: int,
     num_splits: int,
     groups_per_step: int = 0,
-    swizzle: bool = False,
     part_o: torch.Tensor | None = None,
     part_ml: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -128,8 +127,7 @@ def paged_decode_cuda(
 
     Arguments as in :func:`sawkv.kernels.paged_attention_decode` (already checked there), plus
     ``num_splits`` (see :func:`sawkv.kernels.plan.pick_num_splits`), ``groups_per_step``
-    (16-token groups a warp loads per step; 0 = the kernel's default), ``swizzle`` (the ring
-    layout without shared-memory bank conflicts, at the default groups per step) and the planned
+    (16-token groups a warp loads per step; 0 = the kernel's default) and the planned
     workspaces ``part_o [num_seqs, Hq, num_splits, d]`` / ``part_ml [..., 2]`` fp32 (allocated
     here if None). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out`` the same shape and dtype.
     Returns ``out``.
@@ -154,6 +152,6 @@ def paged_decode_cuda(
     mod.paged_decode(
         q, out, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, part_o, part_ml,
         tickets, fmt.bits, num_splits, scale * 1.4426950408889634, fmt.had_block,
-        bool(fmt.rotate_v), sliding_window, groups_per_step, bool(swizzle),
+        bool(fmt.rotate_v), sliding_window, groups_per_step,
     )  # fmt: skip
     return out

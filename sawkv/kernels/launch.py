@@ -30,12 +30,9 @@ class KernelConfig:
     trans_qk: bool = False
     maxnreg: int | None = None
     # decode only: "auto" takes the CUDA kernel for INT4/INT8 pages when it builds, "triton"
-    # forces this module's kernel; groups_per_step tunes the CUDA kernel (0 = its default);
-    # decode_swizzle takes its bank-conflict-free ring layout (default groups per step only;
-    # off until it is timed against the plain layout on the GPU)
+    # forces this module's kernel; groups_per_step tunes the CUDA kernel (0 = its default)
     impl: str = "auto"
     groups_per_step: int = 0
-    decode_swizzle: bool = False
 
 
 # Measured on the H100 (benchmarks/bench_kernels.py --sweep / --sweep-occupancy, Qwen3-8B shape):

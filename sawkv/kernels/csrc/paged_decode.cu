@@ -10,15 +10,13 @@
 // One translation unit per (bits, head_dim) instantiates this (decode_cuda.py writes them), so
 // ninja compiles the 24 kernel variants in parallel.
 template <int BITS, int D>
-void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u,
-                 bool swizzle);
+void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u);
 
 void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, torch::Tensor v_cache,
                   torch::Tensor k_meta, torch::Tensor v_meta, torch::Tensor block_tables,
                   torch::Tensor seq_lens, torch::Tensor part_o, torch::Tensor part_ml,
                   torch::Tensor tickets, int64_t bits, int64_t num_splits, double qscale,
-                  int64_t had_block, bool rotate_v, int64_t window, int64_t groups_per_step,
-                  bool swizzle) {
+                  int64_t had_block, bool rotate_v, int64_t window, int64_t groups_per_step) {
   const c10::cuda::CUDAGuard guard(q.device());
   sawkv::DecodeParams p;
   p.q = q.data_ptr();
@@ -60,7 +58,7 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
               "paged decode: head_dim must be 64, 128 or 256, got ", head_dim);
 #define SAWKV_CASE(B, DD) \
-  if (bits == B && head_dim == DD) dispatch_nt<B, DD>(p, grid, stream, groups_per_step, swizzle);
+  if (bits == B && head_dim == DD) dispatch_nt<B, DD>(p, grid, stream, groups_per_step);
   SAWKV_CASE(4, 64) SAWKV_CASE(4, 128) SAWKV_CASE(4, 256)
   SAWKV_CASE(8, 64) SAWKV_CASE(8, 128) SAWKV_CASE(8, 256)
 #undef SAWKV_CASE

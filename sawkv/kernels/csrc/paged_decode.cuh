@@ -183,27 +183,6 @@ struct Geometry {
   static constexpr int kSteps = D / 16;                // k-steps (keys) = m-tiles (values)
 };
 
-// Where the 16-byte chunks of a group's K (or V) codes sit in the ring. Lane r reads its
-// kVec chunks r * kVec + i (i = 0..kVec-1, contiguous in the page). Without SWZ, chunk
-// r * kVec + i sits at slot r * kVec + i: each cp.async instruction gathers 16 bytes per lane at
-// a kLaneBytes stride (every 32-byte sector is requested kVec / 2 times from L2), and a
-// quarter-warp's 16-byte reads and writes hit kVec-way bank conflicts. With SWZ, the copy takes
-// chunks ip * 32 + lane (512 contiguous bytes per instruction) and puts chunk r * kVec + i at
-// slot i * 32 + (r ^ sw(i)), sw(i) = i * 8 / kVec: conflict-free both ways.
-template <int KVEC>
-struct RingSwizzle {
-  static __device__ __forceinline__ int sw(int i) { return KVEC > 1 ? (i * 8 / KVEC) & 7 : 0; }
-  // byte offset of the chunk that instruction ip of this lane copies (global chunk ip*32+lane)
-  static __device__ __forceinline__ uint32_t write_off(int ip, int lane) {
-    const int c = ip * 32 + lane, r = c / KVEC, i = c % KVEC;
-    return 16u * (i * 32 + (r ^ sw(i)));
-  }
-  // byte offset of this lane's i-th chunk
-  static __device__ __forceinline__ uint32_t read_off(int i, int lane) {
-    return 16u * (i * 32 + (lane ^ sw(i)));
-  }
-};
-
 // Dynamic shared memory: the per-warp ring of the main loop (STAGES steps of U groups, each
 // group K and V codes plus 128 bytes of metadata), aliased with the merge buffer after the loop.
 // The fp16 query lives in static shared memory, so the first loads fly during the prologue.
@@ -221,7 +200,7 @@ struct Smem {
 
 }  // namespace detail
 
-template <int BITS, int D, int NT, int U, bool SWZ>
+template <int BITS, int D, int NT, int U>
 __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 3)
     paged_decode_kernel(const DecodeParams p) {
   using namespace detail;
@@ -267,21 +246,14 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   const int per_w = (nsub + kWarps - 1) / kWarps;
   const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
   const int* bt = p.block_tables + (int64_t)s * p.stride_bt;
-  using Swz = RingSwizzle<Geo::kVec>;
-  constexpr int kSrcLane = SWZ ? 16 : Geo::kLaneBytes;  // this lane's first source byte / lane
-  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * kSrcLane;
-  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * kSrcLane;
+  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
+  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
   const __half* mbase = (lane < 4 ? p.k_meta : p.v_meta) + (int64_t)h * p.stride_meta_h +
                         8 * (lane & 3);  // lanes 0-3: K metadata, 4-7: V, 16 bytes each
   const bool meta_lane = lane < 8;
   uint8_t* ring = smem + warp * (STAGES * U * kGroupBytes);
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  const uint32_t dst_code = ring_s + (SWZ ? 0 : lane * Geo::kLaneBytes);
-  const uint32_t dst_swz = SWZ ? Swz::write_off(0, lane) : 0;
-  uint32_t rd_off[Geo::kVec];  // where this lane's chunks sit in a slot
-#pragma unroll
-  for (int i = 0; i < Geo::kVec; ++i)
-    rd_off[i] = SWZ ? Swz::read_off(i, lane) : lane * Geo::kLaneBytes + 16 * i;
+  const uint32_t dst_code = ring_s + lane * Geo::kLaneBytes;
   const uint32_t dst_meta = ring_s + 2 * kCodeBytes + 16 * (lane & 7);
   const int64_t stride_page_b = p.stride_page_b, stride_meta_b = p.stride_meta_b;
   const int in_page_mask = p.block_size - 1, block_shift = p.block_shift;
@@ -310,13 +282,8 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
     const uint32_t dst = dst_code + slot * kGroupBytes;
 #pragma unroll
     for (int i = 0; i < Geo::kVec; ++i) {
-      // with kVec <= 4 the chunks a lane copies land 512 / kVec bytes apart (see RingSwizzle)
-      const uint32_t w = !SWZ ? 16 * i
-                         : Geo::kVec <= 4 ? dst_swz + i * (512 / Geo::kVec)
-                                          : Swz::write_off(i, lane);
-      const int src = SWZ ? 512 * i : 16 * i;
-      cp_async16_s(dst + w, kbase + code_off + src);
-      cp_async16_s(dst + kCodeBytes + w, vbase + code_off + src);
+      cp_async16_s(dst + 16 * i, kbase + code_off + 16 * i);
+      cp_async16_s(dst + kCodeBytes + 16 * i, vbase + code_off + 16 * i);
     }
     cp_async16_if(dst_meta + slot * kGroupBytes, mbase + meta_off, meta_lane);
   };
@@ -467,8 +434,9 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       uint4 kcode[Geo::kVec];
 #pragma unroll
       for (int i = 0; i < Geo::kVec; ++i) {
-        kcode[i] = *reinterpret_cast<const uint4*>(gb + rd_off[i]);
-        vcode[k][i] = *reinterpret_cast<const uint4*>(gb + kCodeBytes + rd_off[i]);
+        kcode[i] = *reinterpret_cast<const uint4*>(gb + lane * Geo::kLaneBytes + 16 * i);
+        vcode[k][i] =
+            *reinterpret_cast<const uint4*>(gb + kCodeBytes + lane * Geo::kLaneBytes + 16 * i);
       }
       const uint32_t* meta = reinterpret_cast<const uint32_t*>(gb + 2 * kCodeBytes);
       const uint32_t kmeta[2] = {meta[g], meta[g + 8]};

@@ -8,10 +8,10 @@
 
 namespace {
 
-template <int BITS, int D, int NT, int U, bool SWZ = false>
+template <int BITS, int D, int NT, int U>
 void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
   constexpr int bytes = sawkv::detail::Smem<BITS, D, NT, U>::kBytes;
-  auto* kernel = sawkv::paged_decode_kernel<BITS, D, NT, U, SWZ>;
+  auto* kernel = sawkv::paged_decode_kernel<BITS, D, NT, U>;
   static const bool ready = [&] {  // > 48 KB of dynamic shared memory needs an opt-in, once
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
            cudaSuccess;
@@ -23,18 +23,9 @@ void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
 // U (16-token groups per warp step): 1 at d >= 128 keeps 5 CTAs (20 warps) per SM within 96
 // registers; 2 at d = 64. Larger U adds independent work per warp but costs occupancy.
 // `u` = 0 takes the default; only these combinations are compiled.
-// `swizzle` takes the ring layout without bank conflicts (RingSwizzle), compiled for the default
-// U only while it is being measured against the plain layout.
 template <int BITS, int D, int NT>
-void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u,
-                bool swizzle) {
-  constexpr int kDefaultU = D >= 128 ? 1 : 2;
-  if (u == 0) u = kDefaultU;
-  if (swizzle) {
-    TORCH_CHECK(u == kDefaultU, "paged decode: the swizzled ring is built for ", kDefaultU,
-                " groups per step at head_dim ", D, ", got ", u);
-    return launch<BITS, D, NT, kDefaultU, true>(p, grid, stream);
-  }
+void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
+  if (u == 0) u = D >= 128 ? 1 : 2;
   if (u == 1) return launch<BITS, D, NT, 1>(p, grid, stream);
   if constexpr (D <= 128) {
     if (u == 2) return launch<BITS, D, NT, 2>(p, grid, stream);
@@ -48,13 +39,11 @@ void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, in
 }  // namespace
 
 template <int BITS, int D>
-void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u,
-                 bool swizzle) {
+void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
   // query heads per KV head: one n8 tile up to 8, two up to 16
-  if (p.G > 8) return dispatch_u<BITS, D, 2>(p, grid, stream, u, swizzle);
-  return dispatch_u<BITS, D, 1>(p, grid, stream, u, swizzle);
+  if (p.G > 8) return dispatch_u<BITS, D, 2>(p, grid, stream, u);
+  return dispatch_u<BITS, D, 1>(p, grid, stream, u);
 }
 
-#define SAWKV_INSTANTIATE_DECODE(B, DD)                                                      \
-  template void dispatch_nt<B, DD>(const sawkv::DecodeParams&, dim3, cudaStream_t, int64_t, \
-                                   bool);
+#define SAWKV_INSTANTIATE_DECODE(B, DD)                                                  \
+  template void dispatch_nt<B, DD>(const sawkv::DecodeParams&, dim3, cudaStream_t, int64_t);
