@@ -218,6 +218,9 @@ def throughput_cmd(
     async_scheduling: Annotated[
         bool, typer.Option(help="plan the next step while the GPU runs this one")
     ] = False,
+    detokenize: Annotated[
+        bool, typer.Option(help="turn each output token into text, as a server must")
+    ] = True,
     seed: Annotated[int, typer.Option()] = 0,
     json_path: JsonPath = None,
     append: Append = False,
@@ -251,7 +254,8 @@ def throughput_cmd(
             task = progress.add_task(f"{label} D({input_len},{output_len}) c={c}", total=n)
             advance = lambda task=task: progress.advance(task)  # noqa: E731
             rows.append(run_offline(engine, prompts, output_len, c, on_done=advance,
-                                    method=label, model=model))  # fmt: skip
+                                    detokenize=detokenize, method=label,
+                                    model=model))  # fmt: skip
     for row in rows:
         _print_breakdown(row)
     _finish(rows, json_path, append, plot, {"title": f"sawkv bench throughput {model}"})

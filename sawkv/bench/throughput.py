@@ -44,18 +44,23 @@ def run_offline(
     *,
     on_done: Callable[[], None] | None = None,
     warmup: bool = True,
+    detokenize: bool = True,
     **labels,
 ) -> dict:
     """Run every prompt (greedy, ``ignore_eos``, ``output_len`` tokens), ``concurrency`` at a
-    time. Returns a :func:`sawkv.bench.metrics.summarize` row with ``mode="offline"``, the
-    workload labels, KV capacity and the step breakdown (host vs device, per step kind)."""
+    time; ``detokenize`` turns each token into text in the engine, as ``LLMEngine.generate``
+    does (``False``: token ids only, as the server's requests). Returns a
+    :func:`sawkv.bench.metrics.summarize` row with ``mode="offline"``, the workload labels,
+    ``detokenize``, KV capacity and the step breakdown (host vs device, per step kind)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if engine.has_unfinished_requests():
         raise RuntimeError("the engine has unfinished requests: run_offline needs it idle")
     if warmup:
         warm_up(engine, prompts[0][: min(len(prompts[0]), 16)])
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=detokenize
+    )
     pending = deque(enumerate(prompts))
     results = [RequestResult(len(p)) for p in prompts]
     sent: dict[str, tuple[int, float, float]] = {}  # request id -> (index, sent at, last token)
@@ -99,6 +104,7 @@ def run_offline(
         kv_capacity_tokens=capacity,
         max_concurrent_seqs=capacity // seq_len,
         num_preemptions=stats["num_preemptions"] - preemptions0,
+        detokenize=detokenize,
         step_breakdown=breakdown,
     )
     return row

@@ -126,6 +126,9 @@ class _GenerationRequest(BaseModel):
                 stop=self.stop or [],
                 stop_token_ids=self.stop_token_ids or [],
                 ignore_eos=self.ignore_eos,
+                # the response's OutputTextStream turns ids into text, off the engine thread;
+                # the engine decodes only when a stop string needs the text
+                detokenize=False,
             )
         except ValueError as e:
             # SamplingParams messages start with the field name ("top_p must be ...").

@@ -76,3 +76,16 @@ def test_stop_string_is_held_back_and_cut(smollm2_tokenizer):
 def test_no_tokenizer_gives_empty_text():
     stream = OutputTextStream(None, [1, 2], stop=[])
     assert stream.update([3, 4], finished=True) == ""
+
+
+def test_server_requests_leave_text_to_the_response_stream():
+    """The engine thread must not decode every token a second time for the server: requests
+    built from the API ask for token ids only; stop strings still reach the engine."""
+    from sawkv.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    plain = CompletionRequest(model="m", prompt="hi", max_tokens=4).to_sampling_params(4)
+    assert plain.detokenize is False
+    stopped = CompletionRequest(model="m", prompt="hi", stop=["x"]).to_sampling_params(4)
+    assert stopped.detokenize is False and stopped.stop == ["x"]
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert chat.to_sampling_params(4).detokenize is False
