@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call's worth of kernel measurements, in priority order, each step under its own
+# time limit, results packed into one file (the device tool returns only a few files per call):
+#
+#   bash benchmarks/gpu_session.sh kernels    # ~9 min: GPU tests, kernel checks + timings,
+#                                             #   CUDA knob sweep, ncu of the decode kernel
+#   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
+#                                             #   short c=16,64,128 (needs `carry: [".whl"]`)
+#
+# Everything lands in $OUT/<part>.tgz; unpack it here and commit what the README quotes.
+# SAWKV_EXT_DIR keeps the CUDA extension between calls on the same warm machine.
+set -u
+cd "$(dirname "$0")/.."
+export SAWKV_EXT_DIR=$PWD/.ext PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT to the folder whose files come back}
+part=${1:?kernels or serving}
+work=$(mktemp -d)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$work/gpu.txt"
+
+ncu_decode() {  # $1 method, $2 batch, $3 context: counters and stall reasons of one launch
+  timeout 60 ncu --clock-control none -k regex:paged_decode -c 1 --print-details all \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section SchedulerStats --section Occupancy --section LaunchStats \
+    --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    python benchmarks/profile_decode.py --method "$1" --batch "$2" --context "$3" \
+    > "$work/ncu_${1}_${2}x${3}.txt" 2>&1
+  grep -E " Duration|DRAM Throughput|Issued Warp|Eligible Warps|stalled" \
+    "$work/ncu_${1}_${2}x${3}.txt" | head -20
+}
+
+case "$part" in
+  kernels)
+    timeout 200 python -m pytest -q -x tests/engine/test_gpu.py 2>&1 | tail -5
+    timeout 240 python benchmarks/bench_kernels.py --only check,long,decode,write \
+      --out "$work" > "$work/bench_kernels_log.txt" 2>&1
+    tail -25 "$work/bench_kernels_log.txt"
+    ncu_decode int4-bdr128 256 2048
+    ncu_decode int8 256 2048
+    ncu_decode int4-bdr128 1 32768
+    ;;
+  serving)
+    method=${2:?serving needs a method: bf16, int4-bdr128, int8}
+    timeout 540 bash benchmarks/serving_h200.sh run --methods "$method" --workload long=64 \
+      --workload short=16,64,128 --budget-s 520 --out "$work/serving_$method" 2>&1 | tail -12
+    ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
+tar czf "$OUT/$part.tgz" -C "$work" . && ls -la "$OUT"
