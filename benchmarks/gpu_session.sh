@@ -6,6 +6,11 @@
 #                                             #   CUDA knob sweep, ncu of the decode kernel
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
 #                                             #   short c=16,64,128 (needs `carry: [".whl"]`)
+#   bash benchmarks/gpu_session.sh ab .alt/paged_decode.cuh
+#                                             # ~7 min: checks + decode timings of the kernel as
+#                                             #   committed, then of an alternative source (e.g.
+#                                             #   `git show BRANCH:sawkv/kernels/csrc/paged_decode.cuh
+#                                             #   > .alt/paged_decode.cuh`, `carry: [".alt"]`)
 #
 # Everything lands in $OUT/<part>.tgz; unpack it here and commit what the README quotes.
 # SAWKV_EXT_DIR keeps the CUDA extension between calls on the same warm machine.
@@ -42,6 +47,16 @@ case "$part" in
     method=${2:?serving needs a method: bf16, int4-bdr128, int8}
     timeout 540 bash benchmarks/serving_h200.sh run --methods "$method" --workload long=64 \
       --workload short=16,64,128 --budget-s 520 --out "$work/serving_$method" 2>&1 | tail -12
+    ;;
+  ab)
+    alt=${2:?ab needs the alternative paged_decode.cuh}
+    cp "$alt" "$work/alt_paged_decode.cuh"
+    for variant in base alt; do
+      [ "$variant" = alt ] && cp "$work/alt_paged_decode.cuh" sawkv/kernels/csrc/paged_decode.cuh
+      timeout 270 python benchmarks/bench_kernels.py --only check,decode --name "kernels_$variant" \
+        --out "$work" > "$work/ab_$variant.txt" 2>&1
+      echo "== $variant"; grep -E "^decode|Error|error" "$work/ab_$variant.txt" | tail -16
+    done
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
