@@ -72,7 +72,19 @@ def print_table(rows: list[dict], title: str = "sawkv bench") -> None:
 
 def plot_runs(rows: list[dict], path: Path, title: str = "") -> None:
     """One column per workload D(input_len, output_len); rows: output tok/s, TTFT p50 and
-    TPOT p50 against concurrency (log2), one line per (mode, method)."""
+    TPOT p50 against concurrency (log2), one line per (mode, method). Writes a PNG."""
+    fig = runs_figure(rows, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def runs_figure(rows: list[dict], title: str = ""):
+    """The figure of :func:`plot_runs`. A method keeps one color in every panel (a workload
+    that some methods did not run must not shift the others' colors), and each column has a
+    legend of the lines it shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +93,10 @@ def plot_runs(rows: list[dict], path: Path, title: str = "") -> None:
     workloads = sorted({(r["input_len"], r["output_len"]) for r in rows})
     if not workloads:
         raise ValueError("no rows to plot")
+    keys = sorted({(r["mode"], str(r["method"])) for r in rows})
+    methods = sorted({method for _, method in keys})
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     fields = (("output_tok_s", None, "output tok/s"), ("ttft_s", "p50", "TTFT p50 (s)"),
               ("tpot_ms", "p50", "TPOT p50 (ms)"))  # fmt: skip
     fig, axes = plt.subplots(3, len(workloads), figsize=(4.5 * len(workloads), 9), squeeze=False)
@@ -94,16 +110,15 @@ def plot_runs(rows: list[dict], path: Path, title: str = "") -> None:
             xs = [r["concurrency"] for r in rs]
             for ax, (name, pct, label) in zip(axes[:, col], fields):
                 ys = [r[name] if pct is None else r[name][pct] for r in rs]
-                ax.plot(xs, ys, "o-" if mode == "http" else "x--", label=f"{method} ({mode})")
+                ax.plot(xs, ys, "o-" if mode == "http" else "x--", color=color[method],
+                        label=f"{method} ({mode})")  # fmt: skip
                 ax.set_ylabel(label)
         axes[0, col].set_title(f"D({il}, {ol})")
+        axes[0, col].legend(fontsize=7)
         for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency")
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

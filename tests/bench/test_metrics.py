@@ -72,3 +72,28 @@ def test_arrival_times():
     assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.05)  # exponential, mean 1/rate
     with pytest.raises(ValueError, match="positive"):
         arrival_times(1, 0.0)
+
+
+def _row(method, in_len, out_len, c, tok_s):
+    pct = {"p50": 0.1, "p90": 0.2, "p99": 0.3}
+    return {"mode": "http", "method": method, "input_len": in_len, "output_len": out_len,
+            "concurrency": c, "output_tok_s": tok_s, "ttft_s": pct, "tpot_ms": pct}  # fmt: skip
+
+
+def test_plot_keeps_each_method_color_across_workloads():
+    """A workload only one method ran must not draw it in another method's color."""
+    from sawkv.bench.report import runs_figure
+
+    rows = [_row("bf16", 256, 1024, 16, 1.0), _row("int4", 256, 1024, 16, 2.0),
+            _row("int4", 1024, 4096, 256, 3.0)]  # fmt: skip
+    fig = runs_figure(rows)
+    colors: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colors.setdefault(line.get_label(), set()).add(line.get_color())
+        if ax.get_title():  # the top panel of each column names its lines
+            labels = {t.get_text() for t in ax.get_legend().get_texts()}
+            assert labels == {line.get_label() for line in ax.get_lines()}
+    assert set(colors) == {"bf16 (http)", "int4 (http)"}
+    assert all(len(c) == 1 for c in colors.values())
+    assert colors["bf16 (http)"] != colors["int4 (http)"]
