@@ -104,7 +104,7 @@ __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* gmem_src)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem_src));
 }
 
-// predicated without a branch, so the warp does not diverge around the metadata copy
+// the metadata copy of lanes 0-7, predicated in PTX (ptxas may still turn it into a short jump)
 __device__ __forceinline__ void cp_async16_if(uint32_t dst, const void* gmem_src, bool pred) {
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n @p cp.async.cg.shared.global [%0], [%1], 16;\n}"
@@ -240,8 +240,8 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   // cp.async keeps STAGES steps of U groups in flight per warp without holding them in
   // registers, so occupancy stays high; lanes copy and read back their own code bytes, the
   // group's 128 metadata bytes are copied by lanes 0-7 and read by all after __syncwarp.
-  // Addresses that do not change per group are computed once here: at the register cap the
-  // compiler would otherwise rematerialize them every step (half the loop's instructions).
+  // Addresses that do not change per group are computed once here; with fewer registers (5
+  // CTAs per SM) the compiler rematerialized them every group (~50 of ~330 instructions).
   const int nsub = hi > lo ? (hi - lo + 15) >> 4 : 0;
   const int per_w = (nsub + kWarps - 1) / kWarps;
   const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
