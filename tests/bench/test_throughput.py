@@ -12,21 +12,13 @@ from sawkv.bench.datasets import random_prompts
 from sawkv.bench.throughput import build_engine, run_offline
 from sawkv.cli import app
 
-TINY = {
-    "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-    "vocab_size": 512, "max_position_embeddings": 512, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-}  # fmt: skip
 ENGINE = dict(load_format="dummy", num_gpu_blocks=16, block_size=16, max_model_len=128,
               max_num_batched_tokens=64, device="cpu")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_qwen3")
-    (path / "config.json").write_text(json.dumps(TINY))
-    return str(path)
+def tiny_dir(tiny_qwen3):
+    return tiny_qwen3()
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])

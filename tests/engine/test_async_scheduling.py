@@ -6,8 +6,6 @@ runs under async scheduling changes nobody else's numerics."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from sawkv import SamplingParams
@@ -15,16 +13,8 @@ from sawkv.engine.llm_engine import LLMEngine
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cfg = {
-        "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "vocab_size": 500, "max_position_embeddings": 512,
-        "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    }  # fmt: skip
-    path = tmp_path_factory.mktemp("qwen3tiny")
-    (path / "config.json").write_text(json.dumps(cfg))
-    return str(path)
+def model_dir(tiny_qwen3):
+    return tiny_qwen3(vocab_size=500)
 
 
 def engine(model_dir, async_scheduling, **kw):

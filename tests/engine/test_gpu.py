@@ -3,8 +3,6 @@ and CUDA-graph decode vs eager decode, on small random models with kernel-suppor
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -16,16 +14,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    cfg = {
-        "architectures": ["Qwen3ForCausalLM"], "hidden_size": 512, "intermediate_size": 1024,
-        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
-        "head_dim": 128, "vocab_size": 1000, "max_position_embeddings": 4096,
-        "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    }  # fmt: skip
-    path = tmp_path_factory.mktemp("qwen3tiny")
-    (path / "config.json").write_text(json.dumps(cfg))
-    return str(path)
+def model_dir(tiny_qwen3):
+    return tiny_qwen3(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                      head_dim=128, vocab_size=1000, max_position_embeddings=4096)  # fmt: skip
 
 
 def make(model_dir, kv, **kw):

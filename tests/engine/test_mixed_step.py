@@ -3,30 +3,17 @@ extend call gives the same attention as one extend call over the whole batch (to
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from sawkv.attention.reference import paged_attention_extend_ref
 from sawkv.attention.torch_backend import TorchBackend
 from sawkv.cache.kv_cache import LayerKV
-from sawkv.engine.device_step import BlockTable, upload
+from sawkv.engine.device_step import BlockTable
 from sawkv.engine.step_inputs import StepPlanner
 from sawkv.kernels import PageFormat
 
 BS, HKV, HQ, D, NUM_BLOCKS = 16, 2, 4, 64, 20  # INT4 pages hold tokens in groups of 16
-
-
-def plan_and_upload(planner, table, tables, starts, q_lens):
-    """One step of sequences with page tables ``tables`` computing ``q_lens`` tokens from
-    ``starts``, planned on the host and uploaded as the runner does it."""
-    seqs = [
-        SimpleNamespace(request_id=f"s{i}", token_ids=[0] * (a + q), num_tokens=a + q,
-                        num_computed_tokens=a, block_table=t)
-        for i, (t, a, q) in enumerate(zip(tables, starts, q_lens))
-    ]  # fmt: skip
-    return upload(planner.plan(seqs, list(q_lens)), table, BS).ctx
 
 
 def make_kv(bits, had_block, window):
@@ -43,7 +30,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("bits,had_block,window", [(16, 0, 0), (4, 32, 0), (8, 0, 5)])
-def test_split_step_equals_single_extend(case, bits, had_block, window):
+def test_split_step_equals_single_extend(case, bits, had_block, window, plan_and_upload):
     torch.manual_seed(0)
     tables, seq_lens, q_lens = CASES[case]
     kv = make_kv(bits, had_block, window)

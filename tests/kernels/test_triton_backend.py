@@ -4,14 +4,12 @@ format), reused by every later layer of that format, gives the reference's outpu
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from sawkv.attention.torch_backend import TorchBackend
 from sawkv.attention.triton_backend import TritonBackend
 from sawkv.cache.kv_cache import LayerKV
-from sawkv.engine.device_step import BlockTable, upload
+from sawkv.engine.device_step import BlockTable
 from sawkv.engine.step_inputs import StepPlanner
 from sawkv.kernels import KVPages, PageFormat
 
@@ -23,16 +21,7 @@ FORMATS = [
 ]
 
 
-def _step(planner, table, tables, starts, q_lens):
-    seqs = [
-        SimpleNamespace(request_id=f"s{i}", token_ids=[0] * (a + q), num_tokens=a + q,
-                        num_computed_tokens=a, block_table=t)
-        for i, (t, a, q) in enumerate(zip(tables, starts, q_lens))
-    ]  # fmt: skip
-    return upload(planner.plan(seqs, list(q_lens)), table, BS).ctx
-
-
-def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats():
+def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats(plan_and_upload):
     torch.manual_seed(0)
     ours, ref = TritonBackend(), TorchBackend()
     layers = [LayerKV(f.empty_pages(NUM_BLOCKS), f, torch.randn(HKV, D)) for f in FORMATS]
@@ -43,8 +32,8 @@ def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats():
     planner = StepPlanner(2, 4, BS, decode_threshold=ours.reorder_batch_threshold)
     table = BlockTable(2, 4, torch.device("cpu"))
     old = [n - q for n, q in zip(seq_lens, q_lens)]
-    steps = [_step(planner, table, tables, [0, 0], old)]
-    steps.append(_step(planner, table, tables, old, q_lens))
+    steps = [plan_and_upload(planner, table, tables, [0, 0], old)]
+    steps.append(plan_and_upload(planner, table, tables, old, q_lens))
     assert steps[1].decode_part is not None and steps[1].extend_part is not None
     for ctx in steps:
         n = ctx.slot_mapping.shape[0]
