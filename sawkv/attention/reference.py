@@ -28,6 +28,7 @@ from sawkv.kernels.checks import (
 )
 from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.page_layout import GROUP, from_pages, group_perm
+from sawkv.kernels.sinks import SinkKV
 from sawkv.quant.hadamard import rotate
 from sawkv.quant.int4 import dequantize_int, pack_int4, quantize_int, unpack_int4
 
@@ -119,6 +120,27 @@ def _rotate_q(q: torch.Tensor, had_block: int) -> torch.Tensor:
     return rotate(q, had_block) if had_block else q
 
 
+def _with_sinks(k, v, sinks: SinkKV | None, fmt: PageFormat, seqs: slice | None = None):
+    """Dequantized ``k, v [S, H, L, d]`` (stored space) with the rows of positions below
+    ``sinks.num_sink`` replaced by the exact sinks, centered and rotated as the pages store
+    them. ``seqs`` picks the sequences of ``sinks`` that ``k, v`` hold."""
+    if sinks is None:
+        return k, v
+    sk, sv = sinks.k.float(), sinks.v.float()
+    if seqs is not None:
+        sk, sv = sk[seqs], sv[seqs]
+    if sinks.k_mean is not None:
+        sk = sk - sinks.k_mean.float()
+    if fmt.had_block:
+        sk = rotate(sk, fmt.had_block)
+        sv = rotate(sv, fmt.had_block) if fmt.rotate_v else sv
+    n = min(sinks.num_sink, k.shape[2])
+    k, v = k.clone(), v.clone()
+    k[:, :, :n] = sk[:, :n].transpose(1, 2)  # [S, n, H, d] -> [S, H, n, d]
+    v[:, :, :n] = sv[:, :n].transpose(1, 2)
+    return k, v
+
+
 def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
     """``q [..., H, G, M, d]``, ``k, v [..., H, L, d]``, ``mask [..., 1|H, 1|G, M, L]`` -> out.
 
@@ -152,6 +174,7 @@ def paged_attention_decode_ref(
     scale: float,
     sliding_window: int = 0,
     out: torch.Tensor | None = None,
+    sinks: SinkKV | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its paged context.
 
@@ -161,6 +184,8 @@ def paged_attention_decode_ref(
         block_tables: ``[num_seqs, max_blocks]`` int32 page ids. seq_lens: ``[num_seqs]`` int32
             context length including the current token (already written).
         scale: softmax scale. sliding_window: > 0 attends only to the last that many positions.
+        sinks: exact K/V of each sequence's first positions (:class:`SinkKV`), read instead
+            of the pages' quantized ones; None reads every position from the pages.
     Returns:
         ``[num_seqs, num_q_heads, head_dim]`` in ``q.dtype`` (written into ``out`` if given).
     """
@@ -171,6 +196,8 @@ def paged_attention_decode_ref(
     if q.shape[0] != num_seqs:
         raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
     check_out(out, q.shape, q.dtype, q.device)
+    if sinks is not None:
+        sinks.check(num_seqs, fmt)
     if num_seqs == 0:
         return q.new_empty(q.shape) if out is None else out
     max_len = int(seq_lens.max())
@@ -178,6 +205,7 @@ def paged_attention_decode_ref(
     blocks = _safe_blocks(block_tables, k_cache.shape[0], nb)
     k = _gather(k_cache, k_meta, blocks, bits, True)  # [S, H, L, d]
     v = _gather(v_cache, v_meta, blocks, bits, False)
+    k, v = _with_sinks(k, v, sinks, fmt)
     pos = torch.arange(k.shape[2], device=q.device)
     lens = seq_lens.long()[:, None]
     mask = pos < lens
@@ -200,6 +228,7 @@ def paged_attention_extend_ref(
     scale: float,
     sliding_window: int = 0,
     out: torch.Tensor | None = None,
+    sinks: SinkKV | None = None,
 ) -> torch.Tensor:
     """Several new query tokens per sequence, causal over the cached context plus themselves.
 
@@ -220,6 +249,8 @@ def paged_attention_extend_ref(
     """
     num_seqs = check_attention_inputs(q, pages, fmt, block_tables, seq_lens, sliding_window)
     check_query_start_loc(query_start_loc, num_seqs, q.device)
+    if sinks is not None:
+        sinks.check(num_seqs, fmt)
     k_cache, v_cache, k_meta, v_meta = pages
     num_q_heads, num_kv_heads = q.shape[1], fmt.num_kv_heads
     block_size, head_dim, bits, had_block = fmt.block_size, fmt.head_dim, fmt.bits, fmt.had_block
@@ -241,6 +272,8 @@ def paged_attention_extend_ref(
         blocks = _safe_blocks(block_tables[s : s + 1], k_cache.shape[0], nb)[0]
         k = _gather(k_cache, k_meta, blocks, bits, True)  # [H, L, d]
         v = _gather(v_cache, v_meta, blocks, bits, False)
+        if sinks is not None:
+            k, v = (x[0] for x in _with_sinks(k[None], v[None], sinks, fmt, slice(s, s + 1)))
         pos = torch.arange(k.shape[1], device=q.device)
         chunk = max(1, _MAX_SCORE_ELEMS // (num_q_heads * k.shape[1]))
         for c0 in range(0, q_len, chunk):

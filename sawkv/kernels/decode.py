@@ -28,9 +28,20 @@ from sawkv.kernels.launch import (
 )
 from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.plan import DecodePlan, plan_decode
+from sawkv.kernels.sinks import SinkKV, merge_sinks
 from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _store_out
 
+LN2 = 0.6931471805599453
+
 __all__ = ["paged_attention_decode", "KernelConfig", "DECODE_CONFIG", "DECODE_CONFIG_D256"]
+
+
+@triton.jit
+def _lse(m, l_sum):
+    """Natural log-sum-exp from a running max in log2 units and a sum of 2^(s - m); -inf where
+    nothing was attended."""
+    ok = l_sum > 0
+    return tl.where(ok, (m + tl.log2(tl.where(ok, l_sum, 1.0))) * LN2, float("-inf"))
 
 
 @triton.jit
@@ -47,9 +58,11 @@ def _decode_kernel(
     out_ptr,  # [S, Hq, D] (SINGLE)
     part_o_ptr,  # [S, Hq, NUM_SPLITS, D] fp32 unnormalized partial outputs (not SINGLE)
     part_ml_ptr,  # [S, Hq, NUM_SPLITS, 2] fp32 (running max in log2 units, sum of weights)
+    lse_ptr,  # [S, Hq] fp32 natural log-sum-exp of the scaled scores (WRITE_LSE)
     norm,
     qscale,
     window,
+    first,
     stride_qs,
     stride_qh,
     stride_bt,
@@ -74,8 +87,11 @@ def _decode_kernel(
     DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
     TRANS_QK: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
-    """SINGLE: one split and no output rotation, so this kernel writes ``out`` itself. Otherwise
+    """Positions below ``first`` are not attended (attention sinks read elsewhere).
+
+    SINGLE: one split and no output rotation, so this kernel writes ``out`` itself. Otherwise
     it writes partial states and :func:`_decode_reduce_kernel` merges (and rotates back): the
     output rotation's registers would otherwise raise this kernel's peak and cost occupancy."""
     DH: tl.constexpr = D // 2
@@ -86,6 +102,7 @@ def _decode_kernel(
     start = seq_len * 0
     if window > 0:
         start = tl.maximum(seq_len - window, 0)
+    start = tl.minimum(tl.maximum(start, first), seq_len)
     # this split's range of positions, whole tiles, relative to the window start
     # (tl.cdiv on scalars yields a 1-element tensor under the interpreter; spell it out)
     per_split = (seq_len - start + NUM_SPLITS - 1) // NUM_SPLITS
@@ -130,6 +147,9 @@ def _decode_kernel(
     if SINGLE:
         o_rows = s.to(tl.int64) * stride_os + (h * G + g) * stride_oh
         _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, G_PAD, HAD, False)
+        if WRITE_LSE:
+            tl.store(lse_ptr + s * (G * tl.num_programs(0)) + h * G + g,
+                     _lse(m_i, l_i), mask=row_mask)  # fmt: skip
     else:
         head = (s * (G * tl.num_programs(0)) + h * G + g).to(tl.int64) * NUM_SPLITS + split
         cols = tl.arange(0, DH)[None, :]
@@ -145,6 +165,7 @@ def _decode_reduce_kernel(
     part_o_ptr,  # [S, Hq, NUM_SPLITS, D] fp32
     part_ml_ptr,  # [S, Hq, NUM_SPLITS, 2] fp32
     out_ptr,  # [S, Hq, D]
+    lse_ptr,  # [S, Hq] fp32 (WRITE_LSE)
     norm,
     stride_os,
     stride_oh,
@@ -155,6 +176,7 @@ def _decode_reduce_kernel(
     ROT_V: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     """Merge the splits' softmax states: out = sum_j 2^(m_j - M) o_j / sum_j 2^(m_j - M) l_j."""
     DH: tl.constexpr = D // 2
@@ -182,6 +204,9 @@ def _decode_reduce_kernel(
         acc_hi += wj[:, None] * tl.load(po + DH, mask=row_mask[:, None], other=0.0)
     o_rows = s.to(tl.int64) * stride_os + (h * G + g) * stride_oh
     _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, G_PAD, HAD, ROT_V)
+    if WRITE_LSE:
+        tl.store(lse_ptr + s * (G * tl.num_programs(0)) + h * G + g,
+                 _lse(m_max, l_i), mask=row_mask)  # fmt: skip
 
 
 def paged_attention_decode(
@@ -196,6 +221,7 @@ def paged_attention_decode(
     out: torch.Tensor | None = None,
     config: KernelConfig | None = None,
     plan: DecodePlan | None = None,
+    sinks: SinkKV | None = None,
 ) -> torch.Tensor:
     """Decode attention, one query token per sequence, over the paged cache.
 
@@ -214,6 +240,10 @@ def paged_attention_decode(
         plan: a :class:`DecodePlan` from :func:`sawkv.kernels.plan.plan_decode` for this
             step's q shape, block tables and ``fmt``: the launch then skips every check and
             allocation (the pages were checked when allocated). None plans here.
+        sinks: exact K/V of each sequence's first ``sinks.num_sink`` positions
+            (:class:`~sawkv.kernels.sinks.SinkKV`): the kernel attends from that position on
+            and :func:`~sawkv.kernels.sinks.merge_sinks` adds the exact terms. None reads every
+            position from the pages.
     Returns:
         ``[num_seqs, num_q_heads, head_dim]`` in ``q.dtype``.
 
@@ -233,20 +263,33 @@ def paged_attention_decode(
     out = torch.empty_like(q) if out is None else out
     if plan.num_seqs == 0:
         return out
+    first, lse = 0, None
+    if sinks is not None:
+        if plan.lse is None:
+            sinks.check(plan.num_seqs, fmt)
+            plan.lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        first, lse = sinks.num_sink, plan.lse
     if plan.impl == "cuda":
         from sawkv.kernels import decode_cuda
 
-        return decode_cuda.paged_decode_cuda(
+        decode_cuda.paged_decode_cuda(
             q, pages, block_tables, seq_lens, out, fmt, scale=scale,
             sliding_window=sliding_window, num_splits=plan.num_splits,
             groups_per_step=plan.config.groups_per_step, part_o=plan.part_o,
-            part_ml=plan.part_ml,
+            part_ml=plan.part_ml, first=first, lse=lse,
         )  # fmt: skip
-    _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan)
+    else:
+        _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan,
+                       first, lse)  # fmt: skip
+    if sinks is not None:
+        merge_sinks(q, out, lse, sinks, seq_lens, scale=scale, sliding_window=sliding_window,
+                    out=out)  # fmt: skip
     return out
 
 
-def _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan):
+def _launch_triton(
+    q, pages, block_tables, seq_lens, fmt, scale, sliding_window, out, plan, first=0, lse=None
+):
     num_seqs, num_q_heads, head_dim = q.shape
     num_kv_heads, had_block, config = fmt.num_kv_heads, fmt.had_block, plan.config
     g = num_q_heads // num_kv_heads
@@ -259,21 +302,24 @@ def _launch_triton(q, pages, block_tables, seq_lens, fmt, scale, sliding_window,
     common = dict(G=g, G_PAD=g_pad, D=head_dim, HAD=had_block, ROT_V=fmt.rotate_v)
     k_perm, v_perm = _perm_args(fmt.bits, head_dim, q.device)
     k_cache, v_cache = pages[0], pages[1]
+    write_lse = lse is not None
+    lse_arg = lse if write_lse else part_ml
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, block_tables, seq_lens, out,
-        part_o, part_ml,
-        norm, scale * LOG2E, sliding_window,
+        part_o, part_ml, lse_arg,
+        norm, scale * LOG2E, sliding_window, first,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *meta_strides,
         out.stride(0), out.stride(1),
         BLOCK_SIZE=fmt.block_size, BITS=fmt.bits, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
         SINGLE=single, **_launch_extra(config, head_dim),
         DOT=_dot_code(q.dtype, fmt.bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
-        num_warps=config.num_warps,
+        WRITE_LSE=write_lse, num_warps=config.num_warps,
         num_stages=config.num_stages, **common,
     )  # fmt: skip
     if not single:
         _decode_reduce_kernel[(num_kv_heads, num_seqs)](
-            part_o, part_ml, out, norm, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            part_o, part_ml, out, lse_arg, norm, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            WRITE_LSE=write_lse, num_warps=4,
             **common,
         )  # fmt: skip

@@ -122,6 +122,8 @@ def paged_decode_cuda(
     groups_per_step: int = 0,
     part_o: torch.Tensor | None = None,
     part_ml: torch.Tensor | None = None,
+    first: int = 0,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence) over fragment-ordered INT4/INT8 pages.
 
@@ -130,6 +132,8 @@ def paged_decode_cuda(
     (16-token groups a warp loads per step; 0 = the kernel's default) and the planned
     workspaces ``part_o [num_seqs, Hq, num_splits, d]`` / ``part_ml [..., 2]`` fp32 (allocated
     here if None). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out`` the same shape and dtype.
+    Positions below ``first`` are not attended; ``lse [num_seqs, Hq]`` fp32, if given, gets
+    the natural log-sum-exp of the attended scaled scores (attention sinks merge with it).
     Returns ``out``.
     """
     mod = _module()
@@ -152,6 +156,7 @@ def paged_decode_cuda(
     mod.paged_decode(
         q, out, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, part_o, part_ml,
         tickets, fmt.bits, num_splits, scale * 1.4426950408889634, fmt.had_block,
-        bool(fmt.rotate_v), sliding_window, groups_per_step,
+        bool(fmt.rotate_v), sliding_window, groups_per_step, first,
+        lse if lse is not None else part_ml, lse is not None,
     )  # fmt: skip
     return out

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from sawkv.kernels.launch import _interpreting, _perm_args
 from sawkv.kernels.page_format import KVPages, PageFormat
+from sawkv.kernels.sinks import SinkKV
 
 
 @triton.jit
@@ -174,12 +175,21 @@ class SdpaPlan:
     row_starts: torch.Tensor
     kbuf: torch.Tensor
     vbuf: torch.Tensor
+    # attention sinks: K/V rows to overwrite (``[n]`` int64 device) and where each comes from
+    # in the step's flattened ``[S * num_sink]`` sinks
+    sink_dst: torch.Tensor | None = None
+    sink_src: torch.Tensor | None = None
 
 
 def plan_sdpa(
-    q: torch.Tensor, fmt: PageFormat, seq_lens_host: list[int], query_start_host: list[int]
+    q: torch.Tensor,
+    fmt: PageFormat,
+    seq_lens_host: list[int],
+    query_start_host: list[int],
+    num_sink: int = 0,
 ) -> SdpaPlan:
-    """Row offsets and K/V workspaces for :func:`extend_via_sdpa` (``q [T, Hq, d]``)."""
+    """Row offsets and K/V workspaces for :func:`extend_via_sdpa` (``q [T, Hq, d]``);
+    ``num_sink`` > 0 also plans which rows the attention sinks overwrite."""
     starts = [0]
     for n in seq_lens_host:
         starts.append(starts[-1] + n)
@@ -191,8 +201,14 @@ def plan_sdpa(
     kbuf = torch.empty((starts[-1], fmt.num_kv_heads, fmt.head_dim), dtype=work, device=q.device)
     row_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)
     max_q = max((b - a for a, b in zip(query_start_host, query_start_host[1:])), default=0)
-    return SdpaPlan(starts, list(query_start_host), max(seq_lens_host, default=0), max_q,
+    plan = SdpaPlan(starts, list(query_start_host), max(seq_lens_host, default=0), max_q,
                     row_starts, kbuf, torch.empty_like(kbuf))  # fmt: skip
+    if num_sink:
+        pairs = [(starts[s] + j, s * num_sink + j)
+                 for s, n in enumerate(seq_lens_host) for j in range(min(n, num_sink))]  # fmt: skip
+        idx = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2).T.contiguous()
+        plan.sink_dst, plan.sink_src = idx.to(q.device, non_blocking=True)
+    return plan
 
 
 def extend_via_sdpa(
@@ -206,6 +222,7 @@ def extend_via_sdpa(
     *,
     scale: float,
     plan: SdpaPlan,
+    sinks: SinkKV | None = None,
 ) -> torch.Tensor:
     """Extend attention: dequantize each sequence's pages once, then FlashAttention (SDPA).
 
@@ -214,7 +231,8 @@ def extend_via_sdpa(
     SDPA call per sequence (or one varlen call) with the bottom-right causal mask (query i sits
     at position ``seq_len - q_len + i``). Keys are stored rotated and centered, so the query is
     rotated once (softmax ignores the shared ``q.mu``); with rotated values the output is
-    rotated back.
+    rotated back. ``sinks`` (planned with ``num_sink``): the exact K/V of each sequence's first
+    positions replace their dequantized rows, centered and rotated as the pages store them.
     """
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
@@ -229,6 +247,10 @@ def extend_via_sdpa(
                   **common)  # fmt: skip
     dequant_pages(v_cache, v_meta, block_tables, seq_lens, row_starts, vbuf, fmt, is_key=False,
                   **common)  # fmt: skip
+    if sinks is not None:
+        if plan.sink_dst is None:
+            raise ValueError("the SDPA plan was made without attention sinks (num_sink=0)")
+        _overwrite_sinks(kbuf, vbuf, sinks, fmt, plan)
     if had_block:  # rotated in fp32 and rounded once, straight to the working dtype
         qr = _rotate(q, had_block, work)
     elif work != q.dtype:
@@ -259,6 +281,24 @@ def extend_via_sdpa(
             o[q0:q1] = o_s[0].transpose(0, 1)  # [q_len, Hq, d]
     out.copy_(_rotate(o, had_block, out.dtype) if fmt.rotate_v else o)
     return out
+
+
+def _overwrite_sinks(kbuf, vbuf, sinks: SinkKV, fmt: PageFormat, plan: SdpaPlan) -> None:
+    """Write the exact sinks over their dequantized rows, as the pages would store them:
+    ``R (k - mu)``, and ``R v`` with rotated values."""
+    num_kv_heads, head_dim = fmt.num_kv_heads, fmt.head_dim
+    k = sinks.k.float()
+    if sinks.k_mean is not None:
+        k = k - sinks.k_mean.float()
+    v = sinks.v
+    if fmt.had_block:
+        k = _rotate(k, fmt.had_block, kbuf.dtype)
+        v = _rotate(v, fmt.had_block, vbuf.dtype) if fmt.rotate_v else v
+    for buf, x in ((kbuf, k), (vbuf, v)):
+        x = x.reshape(-1, num_kv_heads, head_dim).index_select(0, plan.sink_src)
+        if buf.dtype == torch.float16:
+            x = x.float().clamp(-65504.0, 65504.0)
+        buf.index_copy_(0, plan.sink_dst, x.to(buf.dtype))
 
 
 # None until the first call decides whether aten's varlen FlashAttention runs on this build.

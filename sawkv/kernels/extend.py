@@ -19,6 +19,7 @@ from sawkv.kernels.launch import (
 )
 from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.plan import ExtendPlan, plan_extend
+from sawkv.kernels.sinks import SinkKV
 from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _rotate_rows_kernel, _store_out
 
 __all__ = ["paged_attention_extend", "EXTEND_CONFIG"]
@@ -138,6 +139,7 @@ def paged_attention_extend(
     seq_lens_host: list[int] | None = None,
     query_start_host: list[int] | None = None,
     plan: ExtendPlan | None = None,
+    sinks: SinkKV | None = None,
 ) -> torch.Tensor:
     """Attention of several new tokens per sequence over the paged cache (chunked prefill).
 
@@ -160,6 +162,9 @@ def paged_attention_extend(
             CUDA without a sliding window (``dequant.py``), else runs the fused kernel below.
         plan: an :class:`ExtendPlan` for this step's shapes and ``fmt`` (skips checks and
             allocations); None plans here.
+        sinks: exact K/V of each sequence's first positions
+            (:class:`~sawkv.kernels.sinks.SinkKV`), read instead of the pages' quantized rows;
+            served by the SDPA path only (no sliding window).
         Other arguments as in :func:`paged_attention_decode`.
     Returns:
         ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -171,10 +176,16 @@ def paged_attention_extend(
             q, block_tables, seq_lens, query_start_loc, fmt, sliding_window=sliding_window,
             max_query_len=max_query_len, seq_lens_host=seq_lens_host,
             query_start_host=query_start_host, config=config, impl=impl,
+            num_sink=0 if sinks is None else sinks.num_sink,
         )  # fmt: skip
     elif plan.num_tokens != q.shape[0] or plan.fmt != fmt:
         raise ValueError("the extend plan was made for another step shape or page format")
     out = torch.empty_like(q) if out is None else out
+    if sinks is not None and plan.impl != "sdpa":
+        raise ValueError(
+            "attention sinks are served by the SDPA extend path only (no sliding window); "
+            f"this plan uses {plan.impl!r}"
+        )
     if plan.num_seqs == 0 or plan.num_tokens == 0:
         return out
     if plan.impl == "sdpa":
@@ -182,7 +193,7 @@ def paged_attention_extend(
 
         return extend_via_sdpa(
             q, pages, block_tables, seq_lens, query_start_loc, out, fmt, scale=scale,
-            plan=plan.sdpa,
+            plan=plan.sdpa, sinks=sinks,
         )  # fmt: skip
     _launch_triton(q, pages, block_tables, seq_lens, query_start_loc, fmt, scale, sliding_window,
                    out, plan)  # fmt: skip

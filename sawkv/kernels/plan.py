@@ -49,7 +49,8 @@ class DecodePlan:
     ``impl`` "cuda" (``decode_cuda.py``) or "triton" (``decode.py``); ``num_splits`` ranges
     per sequence; ``part_o [num_seqs, num_q_heads, num_splits, head_dim]`` and ``part_ml
     [num_seqs, num_q_heads, num_splits, 2]`` fp32 partial softmax states, None where the kernel
-    writes ``out`` directly (one split; empty placeholders for the CUDA kernel).
+    writes ``out`` directly (one split; empty placeholders for the CUDA kernel). ``lse
+    [num_seqs, num_q_heads]`` fp32, allocated by the first launch with attention sinks.
     """
 
     fmt: PageFormat
@@ -60,6 +61,7 @@ class DecodePlan:
     config: KernelConfig
     part_o: torch.Tensor | None
     part_ml: torch.Tensor | None
+    lse: torch.Tensor | None = None
 
 
 @dataclass
@@ -200,6 +202,7 @@ def plan_extend(
     query_start_host: list[int] | None = None,
     config: KernelConfig | None = None,
     impl: str = "auto",
+    num_sink: int = 0,
 ) -> ExtendPlan:
     """Check the step's extend inputs and decide the path, grid and workspaces.
 
@@ -212,6 +215,8 @@ def plan_extend(
             for the SDPA path (read from the device, one sync, if None).
         impl: "auto" (SDPA over dequantized pages for bf16/fp16 q on CUDA without a sliding
             window, else the fused Triton kernel), "triton" or "sdpa" (CPU included).
+        num_sink: > 0 when the launches read attention sinks: SDPA then serves every dtype
+            and device (the fused kernel has no sinks), and a sliding window is refused.
     Returns:
         An :class:`ExtendPlan`.
     """
@@ -223,7 +228,12 @@ def plan_extend(
         raise ValueError(f"impl must be auto, triton or sdpa, got {impl!r}")
     num_tokens = q.shape[0]
     fast = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-    use_sdpa = impl == "sdpa" or (impl == "auto" and fast and not sliding_window)
+    use_sdpa = impl == "sdpa" or (impl == "auto" and (fast or num_sink) and not sliding_window)
+    if num_sink and not use_sdpa:
+        raise ValueError(
+            "attention sinks are served by the SDPA extend path only, which has no sliding "
+            f"window (sliding_window={sliding_window}, impl={impl!r})"
+        )
     if use_sdpa and sliding_window:
         raise ValueError("the SDPA extend path has no sliding window; use impl='triton'")
     max_q = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
@@ -235,7 +245,7 @@ def plan_extend(
 
         lens = seq_lens.tolist() if seq_lens_host is None else seq_lens_host
         qsl = query_start_loc.tolist() if query_start_host is None else query_start_host
-        plan.sdpa = plan_sdpa(q, fmt, lens, qsl)
+        plan.sdpa = plan_sdpa(q, fmt, lens, qsl, num_sink=num_sink)
     elif fmt.rotate_v:
         # the kernel writes fp32 un-rotated rows, rotated back into out afterwards
         plan.rotated = torch.empty(q.shape, dtype=torch.float32, device=q.device)

@@ -16,7 +16,8 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
                   torch::Tensor k_meta, torch::Tensor v_meta, torch::Tensor block_tables,
                   torch::Tensor seq_lens, torch::Tensor part_o, torch::Tensor part_ml,
                   torch::Tensor tickets, int64_t bits, int64_t num_splits, double qscale,
-                  int64_t had_block, bool rotate_v, int64_t window, int64_t groups_per_step) {
+                  int64_t had_block, bool rotate_v, int64_t window, int64_t groups_per_step,
+                  int64_t first, torch::Tensor lse, bool write_lse) {
   const c10::cuda::CUDAGuard guard(q.device());
   sawkv::DecodeParams p;
   p.q = q.data_ptr();
@@ -30,6 +31,7 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   p.part_o = part_o.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
   p.tickets = tickets.data_ptr<int>();
+  p.lse = write_lse ? lse.data_ptr<float>() : nullptr;
   p.stride_qs = q.stride(0);
   p.stride_qh = q.stride(1);
   p.stride_os = out.stride(0);
@@ -48,6 +50,7 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   p.block_shift = __builtin_ctz(p.block_size);
   p.num_splits = num_splits;
   p.window = window;
+  p.first = first;
   p.qscale = qscale;
   p.had_block = had_block;
   p.rotate_v = rotate_v;

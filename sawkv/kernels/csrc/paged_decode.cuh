@@ -36,11 +36,13 @@ struct DecodeParams {
   float* part_o;             // [S, Hq, num_splits, D] (num_splits > 1)
   float* part_ml;            // [S, Hq, num_splits, 2]
   int* tickets;              // [S * H] zeros; each merge resets its own
+  float* lse;                // [S, Hq] natural log-sum-exp of the scaled scores, or null
   int64_t stride_qs, stride_qh, stride_os, stride_oh;  // elements
   int64_t stride_page_b, stride_page_h;                // bytes
   int64_t stride_meta_b, stride_meta_h;                // halves
   int64_t stride_bt;
   int num_q_heads, G, block_size, block_shift, num_splits, window;
+  int first;  // positions below it are not attended (attention sinks are merged outside)
   float qscale;  // softmax scale * log2(e)
   int had_block;
   int rotate_v;
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   const int num_kv_heads = gridDim.x;
 
   const int seq_len = p.seq_lens[s];
-  const int start = p.window > 0 ? max(seq_len - p.window, 0) : 0;
+  const int start = min(max(p.window > 0 ? max(seq_len - p.window, 0) : 0, p.first), seq_len);
   const int start16 = start & ~15;
   const int span = max(seq_len - start16, 0);
   const int per_split = (span + p.num_splits - 1) / p.num_splits;
@@ -694,7 +696,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
         s_w[q * ns + j] = wt;
       }
       L = warp_sum_all(L);
-      if (lane == 0) s_l[0][q] = L;
+      if (lane == 0) s_l[0][q] = L, s_m[0][q] = M;
     }
     __syncthreads();
     // one thread per 4 outputs: 16-byte loads, 16 in flight (a few L2 round trips in all)
@@ -721,6 +723,11 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       sbuf[i] = L > 0.f ? (sbuf[i] + s_vm[0][q]) / L : 0.f;
     }
   }
+  if (p.lse != nullptr)
+    for (int q = tid; q < G; q += kThreads) {
+      const float M = s_m[0][q], L = s_l[0][q];
+      p.lse[head0 + q] = L > 0.f ? (M + log2f(L)) * 0.6931471805599453f : -INFINITY;
+    }
   __syncthreads();
   if (p.rotate_v && p.had_block > 0) fwht_rows<D>(sbuf, G, p.had_block);
   for (int i = tid; i < G * D; i += kThreads) {
