@@ -40,7 +40,8 @@ def _case(lens, *, d=64, h=2, bs=16, bits=4, had=64, rot_v=True, n=4, dtype=torc
     num_blocks = sum(math.ceil(x / bs) for x in lens) + 2
     pages = empty_pages(num_blocks, h, bs, d, bits, dtype, seed)
     perm = torch.randperm(num_blocks, generator=g).int()
-    tables = torch.full((len(lens), max(math.ceil(x / bs) for x in lens) + 1), -1, dtype=torch.int32)
+    width = max(math.ceil(x / bs) for x in lens) + 1
+    tables = torch.full((len(lens), width), -1, dtype=torch.int32)
     slots, c = [], 0
     for s, x in enumerate(lens):
         nb = math.ceil(x / bs)
@@ -98,8 +99,9 @@ def test_reference_sinks_match_model_space_oracle(bits, had, rot_v):
     q_lens = [10, 3, 20]
     qsl = [0, 10, 13, 33]
     qe = torch.randn(33, 4, 64)
-    ext = paged_attention_extend_ref(qe, pages, tables, lens_t, torch.tensor(qsl, dtype=torch.int32),
-                                     fmt, scale=0.125, sinks=sinks)  # fmt: skip
+    qsl_t = torch.tensor(qsl, dtype=torch.int32)
+    ext = paged_attention_extend_ref(qe, pages, tables, lens_t, qsl_t, fmt, scale=0.125,
+                                     sinks=sinks)  # fmt: skip
     want = _oracle(qe, pages, tables, lens_t, qsl, fmt, sinks, 0.125)
     torch.testing.assert_close(ext.double(), want, rtol=0, atol=1e-4)
     assert sum(q_lens) == 33
@@ -132,7 +134,9 @@ def test_triton_decode_with_sinks_matches_reference(lens, ratio, splits, window,
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("rot_v, bits, dtype", [(True, 4, torch.float32), (False, 8, torch.float16)])
+@pytest.mark.parametrize(
+    "rot_v, bits, dtype", [(True, 4, torch.float32), (False, 8, torch.float16)]
+)
 def test_sdpa_extend_with_sinks_matches_reference(rot_v, bits, dtype):
     lens, q_lens = [37, 3, 20], [10, 3, 20]
     pages, tables, lens_t, fmt, sinks = _case(lens, rot_v=rot_v, bits=bits, dtype=dtype, seed=2)
