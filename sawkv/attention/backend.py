@@ -54,6 +54,11 @@ class StepContext:
     # The backend's plans for this step, one per (kernel, page format): made by the first layer
     # of each format and reused by the others (AttentionBackend.plan resets them).
     plans: dict = field(default_factory=dict)
+    # Attention sinks written this step: token rows ``[n]`` int64 and their flat sink index
+    # (``first_page * num_sink + position``, :class:`~sawkv.cache.kv_cache.SinkStore`); None
+    # when no new token is a sink (every CUDA-graph step).
+    sink_src: torch.Tensor | None = None
+    sink_dst: torch.Tensor | None = None
 
     def host_lengths(self) -> tuple[list[int], list[int]]:
         """(seq_lens, query_start_loc) as host lists, read from the device once per step."""
@@ -104,6 +109,8 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """``q [T, Hq, d]``, ``k, v [T, Hkv, d]`` (post-RoPE) -> ``[T, Hq, d]`` in q's dtype."""
         self.write(k, v, kv, ctx)
+        if kv.sinks is not None and ctx.sink_dst is not None:
+            kv.sinks.write(k, v, ctx.sink_src, ctx.sink_dst)
         if ctx.is_decode:
             return self.decode(q, kv, ctx, scale)
         if ctx.decode_part is None:
@@ -114,6 +121,14 @@ class AttentionBackend(ABC):
         if ctx.extend_part is not None:
             self.extend(q[n:], kv, ctx.extend_part, scale, out=out[n:])
         return out
+
+    @staticmethod
+    def sinks(kv: LayerKV, ctx: StepContext):
+        """The exact sinks of ``ctx``'s sequences for this layer
+        (:class:`~sawkv.kernels.sinks.SinkKV`), or None if the layer keeps none."""
+        if kv.sinks is None:
+            return None
+        return kv.sinks.read(ctx.block_tables, kv.k_mean)
 
     @abstractmethod
     def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None:

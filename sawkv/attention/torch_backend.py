@@ -23,11 +23,11 @@ class TorchBackend(AttentionBackend):
     def decode(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return paged_attention_decode_ref(
             q, kv.pages, ctx.block_tables, ctx.seq_lens, kv.fmt, scale=scale,
-            sliding_window=kv.sliding_window, out=out,
+            sliding_window=kv.sliding_window, out=out, sinks=self.sinks(kv, ctx),
         )  # fmt: skip
 
     def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return paged_attention_extend_ref(
             q, kv.pages, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt,
-            scale=scale, sliding_window=kv.sliding_window, out=out,
+            scale=scale, sliding_window=kv.sliding_window, out=out, sinks=self.sinks(kv, ctx),
         )  # fmt: skip

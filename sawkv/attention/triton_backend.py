@@ -42,15 +42,17 @@ class TritonBackend(AttentionBackend):
         return plan
 
     def _extend_plan(self, q, kv: LayerKV, ctx: StepContext):
-        # the SDPA path has no sliding window: windowed layers get a plan of their own
-        key = ("extend", kv.fmt, kv.sliding_window > 0)
+        # the SDPA path has no sliding window: windowed layers get a plan of their own, and so
+        # do layers with sinks (SDPA on every dtype, sink rows planned)
+        num_sink = 0 if kv.sinks is None else kv.sinks.num_sink
+        key = ("extend", kv.fmt, kv.sliding_window > 0, num_sink)
         plan = ctx.plans.get(key)
         if plan is None:
             lens, qsl = ctx.host_lengths()
             plan = ctx.plans[key] = self._k.plan_extend(
                 q, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt,
                 sliding_window=kv.sliding_window, max_query_len=ctx.max_query_len,
-                seq_lens_host=lens, query_start_host=qsl,
+                seq_lens_host=lens, query_start_host=qsl, num_sink=num_sink,
             )  # fmt: skip
         return plan
 
@@ -58,11 +60,12 @@ class TritonBackend(AttentionBackend):
         return self._k.paged_attention_decode(
             q, kv.pages, ctx.block_tables, ctx.seq_lens, kv.fmt, scale=scale,
             sliding_window=kv.sliding_window, out=out, plan=self._decode_plan(q, kv, ctx),
+            sinks=self.sinks(kv, ctx),
         )  # fmt: skip
 
     def extend(self, q, kv: LayerKV, ctx: StepContext, scale: float, out=None):
         return self._k.paged_attention_extend(
             q, kv.pages, ctx.block_tables, ctx.seq_lens, ctx.query_start_loc, kv.fmt,
             scale=scale, sliding_window=kv.sliding_window, out=out,
-            plan=self._extend_plan(q, kv, ctx),
+            plan=self._extend_plan(q, kv, ctx), sinks=self.sinks(kv, ctx),
         )  # fmt: skip

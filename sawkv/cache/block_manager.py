@@ -6,6 +6,12 @@ reference per sequence using it. A page whose count drops to zero goes to the fr
 keeps its hash, so a later request with the same prefix can still hit it until the page is
 reused (least recently freed first). Works for any page format (INT4 included): the K/V a page
 holds depend only on the tokens and positions before its end.
+
+With attention sinks (``num_first_blocks`` > 0), every sequence's first page comes from pages
+``0 .. num_first_blocks - 1`` and every other page from the rest, so a first page's id also
+names the row of the sinks' exact K/V (:class:`sawkv.cache.kv_cache.SinkStore`): shared with
+the page on a prefix-cache hit, released with it. A first page's hash is chained from nothing,
+so only first pages are ever matched as first pages.
 """
 
 from __future__ import annotations
@@ -42,13 +48,31 @@ def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
 class BlockManager:
     """Allocates pages to sequences; ``num_blocks`` pages of ``block_size`` tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        num_first_blocks: int = 0,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one page, got {num_blocks}")
+        if not 0 <= num_first_blocks < num_blocks:
+            raise ValueError(
+                f"num_first_blocks must be in 0..{num_blocks - 1} (pages {num_blocks}), "
+                f"got {num_first_blocks}"
+            )
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_first_blocks = num_first_blocks
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # first pages (attention sinks) and the rest; one pool when there are no sinks
+        self.free_first: OrderedDict[int, None] = OrderedDict(
+            (i, None) for i in range(num_first_blocks)
+        )
+        self.free_ids: OrderedDict[int, None] = OrderedDict(
+            (i, None) for i in range(num_first_blocks, num_blocks)
+        )
         self.hash_to_id: dict[int, int] = {}
         self.num_hit_tokens = 0  # counted by the scheduler when a sequence is admitted
 
@@ -58,7 +82,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_ids)
+        return len(self.free_ids) + len(self.free_first)
 
     @property
     def num_used_blocks(self) -> int:
@@ -120,10 +144,13 @@ class BlockManager:
         need = self.num_blocks_for(num_tokens) - len(seq.block_table)
         if need <= 0:
             return True
-        if need > self.num_free_blocks:
+        first = 1 if self.num_first_blocks and not seq.block_table else 0
+        if first > len(self.free_first) or need - first > len(self.free_ids):
             return False
-        for _ in range(need):
-            seq.block_table.append(self._take_free())
+        if first:
+            seq.block_table.append(self._take_free(self.free_first))
+        for _ in range(need - first):
+            seq.block_table.append(self._take_free(self.free_ids))
         return True
 
     def free(self, seq: Sequence) -> None:
@@ -132,18 +159,21 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_ids[block_id] = None
+                self._pool(block_id)[block_id] = None
         seq.block_table = []
         seq.num_hashed_blocks = 0
+
+    def _pool(self, block_id: int) -> OrderedDict[int, None]:
+        return self.free_first if block_id < self.num_first_blocks else self.free_ids
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self.free_ids[block_id]
+            del self._pool(block_id)[block_id]
         block.ref_count += 1
 
-    def _take_free(self) -> int:
-        block_id, _ = self.free_ids.popitem(last=False)
+    def _take_free(self, pool: OrderedDict[int, None]) -> int:
+        block_id, _ = pool.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None and self.hash_to_id.get(block.hash) == block_id:
             del self.hash_to_id[block.hash]

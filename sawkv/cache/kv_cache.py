@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sawkv.kernels.page_format import KVPages, PageFormat
+from sawkv.kernels.sinks import SinkKV
 from sawkv.quant.methods import FLOAT_DTYPES, KVMethod, parse_method
 from sawkv.quant.recipe import Recipe
 
@@ -39,18 +40,55 @@ def parse_servable_method(name: str, head_dim: int) -> KVMethod:
 
 
 @dataclass
+class SinkStore:
+    """Exact K/V of every sequence's first ``num_sink`` positions, for one layer.
+
+    ``k, v [num_first_blocks, num_sink, num_kv_heads, head_dim]`` in the model dtype. Row ``i``
+    belongs to whichever sequence has page ``i`` as its first page: the block manager hands out
+    first pages from ``0 .. num_first_blocks - 1`` only, so prefix-cache hits (which share the
+    first page) and preemption (which frees it) need no bookkeeping of their own.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def num_sink(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def num_first_blocks(self) -> int:
+        return self.k.shape[0]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor):
+        """Store rows ``src [n]`` int64 of the step's ``k, v [T, H, d]`` at flat sink index
+        ``dst [n]`` int64 (``first_page * num_sink + position``)."""
+        for store, x in ((self.k, k), (self.v, v)):
+            store.view(-1, *store.shape[2:]).index_copy_(0, dst, x.index_select(0, src))
+
+    def read(self, block_tables: torch.Tensor, k_mean: torch.Tensor | None) -> SinkKV:
+        """The sinks of the sequences of ``block_tables [S, >= 1]`` int32, as the kernels take
+        them. Rows of padding (CUDA-graph batches) may name any page: they are clamped into
+        range, and their outputs are discarded."""
+        rows = block_tables[:, 0].long().clamp(0, self.num_first_blocks - 1)
+        return SinkKV(self.k.index_select(0, rows), self.v.index_select(0, rows), k_mean)
+
+
+@dataclass
 class LayerKV:
     """One layer's pages, their format and the layer's attention settings.
 
     ``pages`` in format ``fmt`` (shapes in the module docstring); ``k_mean [num_kv_heads,
     head_dim]`` fp32 key mean the writer subtracts (``-kc``), else None; ``sliding_window`` > 0
-    keeps the last that many positions (0 = full attention).
+    keeps the last that many positions (0 = full attention); ``sinks`` the exact first
+    positions (a ``saw-int4`` recipe's attention sinks), else None.
     """
 
     pages: KVPages
     fmt: PageFormat
     k_mean: torch.Tensor | None = None
     sliding_window: int = 0
+    sinks: SinkStore | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +198,17 @@ class KVCacheSpec:
     def num_blocks_for(self, memory_bytes: int) -> int:
         return int(memory_bytes // self.bytes_per_block)
 
+    @property
+    def num_sink(self) -> int:
+        """Sink tokens kept exact per sequence on full-attention layers (a recipe's), else 0."""
+        return getattr(self.method, "num_sink", 0)
+
+    def sink_bytes(self, num_first_blocks: int, layer_windows: list[int]) -> int:
+        """Bytes of the sink stores (:class:`SinkStore`) of every full-attention layer."""
+        n = sum(1 for w in layer_windows if not w) if self.num_sink and num_first_blocks else 0
+        per_layer = 2 * num_first_blocks * self.num_sink * self.num_kv_heads * self.head_dim
+        return n * per_layer * self.model_dtype.itemsize
+
 
 def allocate_kv_cache(
     spec: KVCacheSpec,
@@ -167,14 +216,23 @@ def allocate_kv_cache(
     device: torch.device,
     key_means: torch.Tensor | None,
     layer_windows: list[int],
+    num_first_blocks: int = 0,
 ) -> list[LayerKV]:
     """Allocate every layer's pages, each in its own format; ``key_means [num_layers,
-    num_kv_heads, head_dim]`` are handed to the layers whose format centers keys (-kc)."""
+    num_kv_heads, head_dim]`` are handed to the layers whose format centers keys (-kc).
+    With ``spec.num_sink`` and ``num_first_blocks`` > 0, the full-attention layers also get a
+    :class:`SinkStore` of ``num_first_blocks`` rows."""
     layers = []
     for i in range(spec.num_layers):
         fmt = spec.layer_format(i)
         k_mean = None
         if spec.layer_method(i).center_k and key_means is not None:
             k_mean = key_means[i].to(device=device, dtype=torch.float32).contiguous()
-        layers.append(LayerKV(fmt.empty_pages(num_blocks, device), fmt, k_mean, layer_windows[i]))
+        sinks = None
+        if spec.num_sink and num_first_blocks and not layer_windows[i]:
+            shape = (num_first_blocks, spec.num_sink, spec.num_kv_heads, spec.head_dim)
+            kw = dict(dtype=spec.model_dtype, device=device)
+            sinks = SinkStore(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+        pages = fmt.empty_pages(num_blocks, device)
+        layers.append(LayerKV(pages, fmt, k_mean, layer_windows[i], sinks))
     return layers

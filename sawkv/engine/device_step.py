@@ -68,21 +68,39 @@ def _to_device(parts: list[np.ndarray], dtype, device: torch.device) -> list[tor
     return list(torch.split(buf, [len(p) for p in parts]))
 
 
+def sink_writes(
+    slot_mapping: np.ndarray, block_size: int, num_first_blocks: int, num_sink: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token rows, flat sink indices) of the step's tokens that are attention sinks: position
+    < ``num_sink`` of a first page (pages ``< num_first_blocks``; a first page holds positions
+    ``0 .. block_size - 1``, so the in-page offset is the position). ``[n]`` int64 each."""
+    page, off = slot_mapping // block_size, slot_mapping % block_size
+    sel = (slot_mapping >= 0) & (page < num_first_blocks) & (off < num_sink)
+    src = np.flatnonzero(sel).astype(np.int64)
+    return src, (page[sel] * num_sink + off[sel]).astype(np.int64)
+
+
 def upload(
     inputs: StepInputs,
     block_table: BlockTable,
     block_size: int,
     feed_tokens: torch.Tensor | None = None,
+    sink_layout: tuple[int, int] | None = None,
 ) -> DeviceStep:
     """Apply the step's block-table edits and put its inputs on the device. ``feed_tokens``
     (``[n]`` int64 on the device, the previous step's samples) fill the placeholder input ids
-    (``inputs.feed_index``) without a round trip through the host."""
+    (``inputs.feed_index``) without a round trip through the host. ``sink_layout``
+    ``(num_first_blocks, num_sink)``: the layers keep attention sinks (:func:`sink_writes`)."""
     dev = block_table.table.device
     mixed = not inputs.is_decode and inputs.num_decode_seqs > 0
     rows, lens = _decode_rows(inputs) if mixed else (np.zeros(0, np.int32),) * 2
-    ids, pos, slots, logits_idx, t_index, f_index, f_src = _to_device(
+    empty = np.zeros(0, np.int64)
+    s_src, s_dst = empty, empty
+    if sink_layout is not None:
+        s_src, s_dst = sink_writes(inputs.slot_mapping, block_size, *sink_layout)
+    ids, pos, slots, logits_idx, t_index, f_index, f_src, sink_src, sink_dst = _to_device(
         [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.logits_indices,
-         inputs.table_index, inputs.feed_index, inputs.feed_src], np.int64, dev,
+         inputs.table_index, inputs.feed_index, inputs.feed_src, s_src, s_dst], np.int64, dev,
     )  # fmt: skip
     if len(inputs.feed_index):
         if feed_tokens is None:
@@ -104,6 +122,8 @@ def upload(
         max_seq_len=inputs.max_seq_len,
         max_query_len=inputs.max_query_len,
     )
+    if len(s_src):
+        ctx.sink_src, ctx.sink_dst = sink_src, sink_dst
     if not inputs.is_decode:  # host lengths for the extend path, without reading the device
         ctx.seq_lens_host = inputs.seq_lens.tolist()
         ctx.query_start_loc_host = inputs.query_start_loc.tolist()

@@ -86,8 +86,9 @@ class LLMEngine:
             )
         self._check_pool_fits()
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
-        )
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+            num_first_blocks=self.runner.num_first_blocks,
+        )  # fmt: skip
         self.scheduler = Scheduler(sc, self.block_manager)
         self.sampler = Sampler(self.runner.device, config.seed)
         self.tokenizer = _load_tokenizer(model_dir)

@@ -52,14 +52,16 @@ class ModelRunner:
         if config.is_batch_invariant:
             use_batch_invariant_ops(self.model)
         self.key_means = key_means
+        self.layer_windows = [model_config.layer_window(i) for i in range(model_config.num_layers)]
+        # attention sinks (a recipe's): one exact row per first page, first pages drawn from
+        # pages 0 .. num_first_blocks - 1 (BlockManager), one per schedulable sequence
+        self.has_sinks = spec.num_sink > 0 and not all(self.layer_windows)
+        self.num_first_blocks = config.scheduler.max_num_seqs if self.has_sinks else 0
         self.num_blocks = self._decide_num_blocks()
         self.kv = allocate_kv_cache(
-            spec,
-            self.num_blocks,
-            self.device,
-            key_means,
-            [model_config.layer_window(i) for i in range(model_config.num_layers)],
-        )
+            spec, self.num_blocks, self.device, key_means, self.layer_windows,
+            self.num_first_blocks,
+        )  # fmt: skip
         self._bind(self.kv)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -88,38 +90,48 @@ class ModelRunner:
             layer.self_attn.kv = kv[idx]
 
     def _decide_num_blocks(self) -> int:
+        """Pages of the pool; with sinks also fixes ``num_first_blocks``."""
         cc = self.config.cache
         if cc.num_gpu_blocks is not None:
+            self.num_first_blocks = min(self.num_first_blocks, cc.num_gpu_blocks // 4)
             return cc.num_gpu_blocks
         if cc.kv_cache_memory_bytes is not None:
-            return max(1, self.spec.num_blocks_for(cc.kv_cache_memory_bytes))
+            return max(1, self._blocks_and_sinks(cc.kv_cache_memory_bytes))
         if self.device.type != "cuda":
-            return max(1, self.spec.num_blocks_for(cc.cpu_kv_cache_bytes))
+            return max(1, self._blocks_and_sinks(cc.cpu_kv_cache_bytes))
         peak = self._profile_peak_memory()
         total = torch.cuda.get_device_properties(self.device).total_memory
-        free = int(total * cc.gpu_memory_utilization) - peak
-        if free < self.spec.bytes_per_block:
+        blocks = self._blocks_and_sinks(int(total * cc.gpu_memory_utilization) - peak)
+        if blocks < 1:
             raise ValueError(
                 f"no GPU memory left for the KV cache: model and activations take "
                 f"{peak / 2**30:.1f} "
                 f"GiB of {total * cc.gpu_memory_utilization / 2**30:.1f} GiB allowed "
                 f"(gpu_memory_utilization={cc.gpu_memory_utilization})"
             )
-        return self.spec.num_blocks_for(free)
+        return blocks
+
+    def _blocks_and_sinks(self, memory: int) -> int:
+        """Pages that fit ``memory`` bytes beside the sink stores, whose size (one row per
+        first page) is capped so that first pages are at most a quarter of the pool."""
+        if self.num_first_blocks:
+            per_first = self.spec.sink_bytes(1, self.layer_windows)
+            cap = max(0, memory) // (4 * self.spec.bytes_per_block + per_first)
+            self.num_first_blocks = min(self.num_first_blocks, cap)
+        sinks = self.spec.sink_bytes(self.num_first_blocks, self.layer_windows)
+        return self.spec.num_blocks_for(memory - sinks)
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
         """Peak bytes of a warm-up prefill of ``max_num_batched_tokens`` tokens (scratch pool)."""
         n = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
         blocks = -(-n // self.spec.block_size)
+        first = min(self.num_first_blocks, blocks)
         scratch = allocate_kv_cache(
-            self.spec,
-            blocks,
-            self.device,
-            self.key_means,
-            [self.model_config.layer_window(i) for i in range(self.model_config.num_layers)],
+            self.spec, blocks, self.device, self.key_means, self.layer_windows, first
         )
         scratch_bytes = blocks * self.spec.bytes_per_block
+        scratch_bytes += self.spec.sink_bytes(first, self.layer_windows)
         self._bind(scratch)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -173,7 +185,10 @@ class ModelRunner:
         """Apply the step's block-table edits, put its inputs on the device (``feed_tokens``:
         the previous step's samples, async scheduling) and let the attention backend plan the
         step once for all layers."""
-        step = upload(inputs, self.block_table, self.spec.block_size, feed_tokens)
+        sink_layout = None
+        if self.num_first_blocks:
+            sink_layout = (self.num_first_blocks, self.spec.num_sink)
+        step = upload(inputs, self.block_table, self.spec.block_size, feed_tokens, sink_layout)
         self.backend.plan(step.ctx)
         return step
 
@@ -186,7 +201,10 @@ class ModelRunner:
         the graph copies the same :class:`DeviceStep` into its static buffers.
         ``feed_tokens``: the previous step's samples on the device (async scheduling)."""
         step = self.upload(inputs, feed_tokens)
-        if self.graphs is not None and step.ctx.is_decode and self.graphs.can_run(inputs.num_seqs):
+        # graphs capture no sink writes: a decode step that writes a sink (a sequence's first
+        # few tokens) runs eagerly
+        graph_ok = step.ctx.is_decode and step.ctx.sink_dst is None
+        if self.graphs is not None and graph_ok and self.graphs.can_run(inputs.num_seqs):
             hidden = self.graphs.run(step.input_ids, step.positions, step.ctx)
         else:
             hidden = self.model(step.input_ids, step.positions, step.ctx)

@@ -51,7 +51,7 @@ def perplexity(
     kc_mode: str = "static",
     progress=None,
     task=None,
-    num_sink: int = 0,
+    num_sink: int | None = None,
 ) -> dict:
     """Perplexity with K/V stored by ``method``.
 
@@ -62,7 +62,8 @@ def perplexity(
         k_means: ``[num_layers, num_kv_heads, head_dim]`` static key means for ``-kc``.
         kc_mode: ``"static"`` or ``"prefill"`` (see :class:`sawkv.hf.SawKVCache`).
         progress, task: optional ``rich.progress.Progress`` and task id, advanced per window.
-        num_sink: first tokens of each window kept in the model dtype (see ``SawKVCache``).
+        num_sink: first tokens of each window kept in the model dtype (see ``SawKVCache``);
+            None: the method's own (a ``saw-int4`` recipe's sinks), else none.
     Returns:
         dict with ``method``, ``kc_mode``, ``ppl``, ``ppl_se``, ``nll_per_token``,
         ``num_tokens``, ``num_windows``, ``window_nll`` (per-window mean NLL, for paired
@@ -86,6 +87,8 @@ def perplexity(
         if progress is not None:
             progress.advance(task)
     kc = kc_mode if "kc" in name.split("-") else None
+    if num_sink is None:
+        num_sink = getattr(method, "num_sink", 0)
     out = {"method": name, "kc_mode": kc, "num_sink": num_sink}
     if hasattr(method, "summary"):  # a per-layer recipe: say which layers got what
         out["recipe"] = method.summary()
@@ -116,9 +119,11 @@ def parse_label(label: str, default_kc_mode: str = "static") -> tuple[str, dict]
 
     >>> parse_label("int4-bdr64-kv-kc@prefill@sink4")
     ('int4-bdr64-kv-kc', {'kc_mode': 'prefill', 'num_sink': 4})
+
+    Without ``@sink{N}``, ``num_sink`` is None: the method's own (a recipe's sinks), else 0.
     """
     name, *opts = label.split("@")
-    out = {"kc_mode": default_kc_mode, "num_sink": 0}
+    out = {"kc_mode": default_kc_mode, "num_sink": None}
     for o in (o.strip() for o in opts):
         if o in ("static", "prefill"):
             out["kc_mode"] = o

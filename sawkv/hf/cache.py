@@ -308,6 +308,15 @@ def _stored_key_means(model_config_or_model, model_name: str | None):
     return load_key_means(name)
 
 
+def _recipe_sinks(config, recipe: Recipe, num_sink: int | None) -> list[int]:
+    """Sink tokens per layer: ``num_sink`` everywhere if given, else the recipe's on the layers
+    without a sliding window (``config.layer_types``), as the paged engine keeps them."""
+    if num_sink is not None:
+        return [num_sink] * recipe.num_layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * recipe.num_layers
+    return [0 if t == "sliding_attention" else recipe.num_sink for t in types]
+
+
 class SawKVCache(Cache):
     """Drop-in transformers cache storing K/V with a sawkv method.
 
@@ -321,7 +330,9 @@ class SawKVCache(Cache):
         kc_mode: ``"static"`` (exact under prefix sharing; what the engine uses) or ``"prefill"``
             (each sequence's own prefill key mean; eval-only comparison).
         num_sink: keep each sequence's first ``num_sink`` tokens ("attention sinks", which draw a
-            large share of attention) in the model dtype; the rest as ``method``.
+            large share of attention) in the model dtype; the rest as ``method``. None: a
+            recipe's own (``saw-int4``: on the layers without a sliding window, as the engine
+            serves it), else 0.
         model_name: name or directory whose calibration to use (default: the config's
             ``_name_or_path``).
 
@@ -338,7 +349,7 @@ class SawKVCache(Cache):
         method: str | KVMethod | Recipe | list = DEFAULT_KV_METHOD,
         k_means: torch.Tensor | None = None,
         kc_mode: str = "static",
-        num_sink: int = 0,
+        num_sink: int | None = None,
         model_name: str | os.PathLike | None = None,
     ):
         if kc_mode not in KC_MODES:
@@ -352,8 +363,9 @@ class SawKVCache(Cache):
         if isinstance(method, Recipe):
             if kc_mode == "prefill" and method.center_k:
                 raise ValueError("a per-layer recipe centers keys on its static means only")
+            sinks = _recipe_sinks(config, method, num_sink)
             layers = [
-                SawKVLayer(m, method.layer_key_mean(i), "static", num_sink)
+                SawKVLayer(m, method.layer_key_mean(i), "static", sinks[i])
                 for i, m in enumerate(method.layers)
             ]
         else:
@@ -362,7 +374,7 @@ class SawKVCache(Cache):
             shape = (num_layers, num_kv_heads, head_dim)
             k_means = self._check_means(k_means, method, kc_mode, shape)
             layers = [
-                SawKVLayer(method, None if k_means is None else k_means[i], kc_mode, num_sink)
+                SawKVLayer(method, None if k_means is None else k_means[i], kc_mode, num_sink or 0)
                 for i in range(num_layers)
             ]
         super().__init__(layers=layers)

@@ -90,3 +90,38 @@ def test_evaluation_only_methods_refused(name):
 def test_unknown_method_refused():
     with pytest.raises(ValueError, match="unknown KV cache method"):
         parse_servable_method("int5-bdr", 128)
+
+
+def test_first_pages_come_from_their_own_range():
+    """With attention sinks, a sequence's first page is one of pages 0..F-1 (its id is the
+    sink row) and no other page is; a prefix hit shares the first page, and with it the row."""
+    bm = BlockManager(10, 4, True, num_first_blocks=2)
+    a, b, c = seq(range(9), "a"), seq(range(20, 29), "b"), seq(range(40, 45), "c")
+    assert bm.ensure_slots(a, 9) and bm.ensure_slots(b, 9)
+    assert a.block_table[0] < 2 and b.block_table[0] < 2
+    assert all(i >= 2 for i in a.block_table[1:] + b.block_table[1:])
+    # both first pages are taken: a third sequence waits although 4 other pages are free
+    assert bm.num_free_blocks == 4 and not bm.ensure_slots(c, 5) and c.block_table == []
+    bm.free(a)
+    assert bm.ensure_slots(c, 5) and c.block_table[0] < 2
+    bm.free(b)
+    bm.free(c)
+    d = seq(range(9), "d")
+    computed(bm, d, 9)
+    e = seq(list(range(8)) + [7, 7], "e")
+    assert bm.match_prefix(e) == 8 and e.block_table[0] == d.block_table[0] < 2
+    with pytest.raises(ValueError, match="num_first_blocks"):
+        BlockManager(4, 4, True, num_first_blocks=4)
+
+
+def test_sink_writes_pick_the_first_positions_of_first_pages():
+    import numpy as np
+
+    from sawkv.engine.device_step import sink_writes
+
+    # block 16, 2 first pages, 4 sinks: page 1 offsets 0-5 (a prefill), page 0 offset 3 (a
+    # decode of a 4th token), page 5 offset 0 (not a first page), -1 (padding)
+    slots = np.array([16, 17, 18, 19, 20, 21, 3, 80, -1])
+    src, dst = sink_writes(slots, 16, 2, 4)
+    assert src.tolist() == [0, 1, 2, 3, 6]
+    assert dst.tolist() == [4, 5, 6, 7, 3]
