@@ -42,10 +42,9 @@ class TritonBackend(AttentionBackend):
         return plan
 
     def _extend_plan(self, q, kv: LayerKV, ctx: StepContext):
-        # the SDPA path has no sliding window: windowed layers get a plan of their own, and so
-        # do layers with sinks (SDPA on every dtype, sink rows planned)
+        # layers with sinks get a plan of their own (SDPA on every dtype, sink rows planned)
         num_sink = 0 if kv.sinks is None else kv.sinks.num_sink
-        key = ("extend", kv.fmt, kv.sliding_window > 0, num_sink)
+        key = ("extend", kv.fmt, num_sink)
         plan = ctx.plans.get(key)
         if plan is None:
             lens, qsl = ctx.host_lengths()

@@ -200,14 +200,13 @@ class KVCacheSpec:
 
     @property
     def num_sink(self) -> int:
-        """Sink tokens kept exact per sequence on full-attention layers (a recipe's), else 0."""
+        """Sink tokens kept exact per sequence (a recipe's), else 0."""
         return getattr(self.method, "num_sink", 0)
 
-    def sink_bytes(self, num_first_blocks: int, layer_windows: list[int]) -> int:
-        """Bytes of the sink stores (:class:`SinkStore`) of every full-attention layer."""
-        n = sum(1 for w in layer_windows if not w) if self.num_sink and num_first_blocks else 0
+    def sink_bytes(self, num_first_blocks: int) -> int:
+        """Bytes of the sink stores (:class:`SinkStore`) of all layers."""
         per_layer = 2 * num_first_blocks * self.num_sink * self.num_kv_heads * self.head_dim
-        return n * per_layer * self.model_dtype.itemsize
+        return self.num_layers * per_layer * self.model_dtype.itemsize
 
 
 def allocate_kv_cache(
@@ -220,7 +219,7 @@ def allocate_kv_cache(
 ) -> list[LayerKV]:
     """Allocate every layer's pages, each in its own format; ``key_means [num_layers,
     num_kv_heads, head_dim]`` are handed to the layers whose format centers keys (-kc).
-    With ``spec.num_sink`` and ``num_first_blocks`` > 0, the full-attention layers also get a
+    With ``spec.num_sink`` and ``num_first_blocks`` > 0, every layer also gets a
     :class:`SinkStore` of ``num_first_blocks`` rows."""
     layers = []
     for i in range(spec.num_layers):
@@ -229,7 +228,7 @@ def allocate_kv_cache(
         if spec.layer_method(i).center_k and key_means is not None:
             k_mean = key_means[i].to(device=device, dtype=torch.float32).contiguous()
         sinks = None
-        if spec.num_sink and num_first_blocks and not layer_windows[i]:
+        if spec.num_sink and num_first_blocks:
             shape = (num_first_blocks, spec.num_sink, spec.num_kv_heads, spec.head_dim)
             kw = dict(dtype=spec.model_dtype, device=device)
             sinks = SinkStore(torch.zeros(shape, **kw), torch.zeros(shape, **kw))

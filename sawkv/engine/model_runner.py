@@ -55,8 +55,7 @@ class ModelRunner:
         self.layer_windows = [model_config.layer_window(i) for i in range(model_config.num_layers)]
         # attention sinks (a recipe's): one exact row per first page, first pages drawn from
         # pages 0 .. num_first_blocks - 1 (BlockManager), one per schedulable sequence
-        self.has_sinks = spec.num_sink > 0 and not all(self.layer_windows)
-        self.num_first_blocks = config.scheduler.max_num_seqs if self.has_sinks else 0
+        self.num_first_blocks = config.scheduler.max_num_seqs if spec.num_sink else 0
         self.num_blocks = self._decide_num_blocks()
         self.kv = allocate_kv_cache(
             spec, self.num_blocks, self.device, key_means, self.layer_windows,
@@ -115,10 +114,10 @@ class ModelRunner:
         """Pages that fit ``memory`` bytes beside the sink stores, whose size (one row per
         first page) is capped so that first pages are at most a quarter of the pool."""
         if self.num_first_blocks:
-            per_first = self.spec.sink_bytes(1, self.layer_windows)
+            per_first = self.spec.sink_bytes(1)
             cap = max(0, memory) // (4 * self.spec.bytes_per_block + per_first)
             self.num_first_blocks = min(self.num_first_blocks, cap)
-        sinks = self.spec.sink_bytes(self.num_first_blocks, self.layer_windows)
+        sinks = self.spec.sink_bytes(self.num_first_blocks)
         return self.spec.num_blocks_for(memory - sinks)
 
     @torch.inference_mode()
@@ -131,7 +130,7 @@ class ModelRunner:
             self.spec, blocks, self.device, self.key_means, self.layer_windows, first
         )
         scratch_bytes = blocks * self.spec.bytes_per_block
-        scratch_bytes += self.spec.sink_bytes(first, self.layer_windows)
+        scratch_bytes += self.spec.sink_bytes(first)
         self._bind(scratch)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)

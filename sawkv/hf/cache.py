@@ -308,15 +308,6 @@ def _stored_key_means(model_config_or_model, model_name: str | None):
     return load_key_means(name)
 
 
-def _recipe_sinks(config, recipe: Recipe, num_sink: int | None) -> list[int]:
-    """Sink tokens per layer: ``num_sink`` everywhere if given, else the recipe's on the layers
-    without a sliding window (``config.layer_types``), as the paged engine keeps them."""
-    if num_sink is not None:
-        return [num_sink] * recipe.num_layers
-    types = getattr(config, "layer_types", None) or ["full_attention"] * recipe.num_layers
-    return [0 if t == "sliding_attention" else recipe.num_sink for t in types]
-
-
 class SawKVCache(Cache):
     """Drop-in transformers cache storing K/V with a sawkv method.
 
@@ -331,8 +322,7 @@ class SawKVCache(Cache):
             (each sequence's own prefill key mean; eval-only comparison).
         num_sink: keep each sequence's first ``num_sink`` tokens ("attention sinks", which draw a
             large share of attention) in the model dtype; the rest as ``method``. None: a
-            recipe's own (``saw-int4``: on the layers without a sliding window, as the engine
-            serves it), else 0.
+            recipe's own (``saw-int4``), else 0.
         model_name: name or directory whose calibration to use (default: the config's
             ``_name_or_path``).
 
@@ -363,9 +353,9 @@ class SawKVCache(Cache):
         if isinstance(method, Recipe):
             if kc_mode == "prefill" and method.center_k:
                 raise ValueError("a per-layer recipe centers keys on its static means only")
-            sinks = _recipe_sinks(config, method, num_sink)
+            sinks = method.num_sink if num_sink is None else num_sink
             layers = [
-                SawKVLayer(m, method.layer_key_mean(i), "static", sinks[i])
+                SawKVLayer(m, method.layer_key_mean(i), "static", sinks)
                 for i, m in enumerate(method.layers)
             ]
         else:

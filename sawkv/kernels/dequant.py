@@ -223,13 +223,16 @@ def extend_via_sdpa(
     scale: float,
     plan: SdpaPlan,
     sinks: SinkKV | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Extend attention: dequantize each sequence's pages once, then FlashAttention (SDPA).
 
-    Same contract as :func:`sawkv.kernels.paged_attention_extend` without a sliding window
-    (checked by the caller), plus the step's :class:`SdpaPlan` (host lengths, workspaces): one
-    SDPA call per sequence (or one varlen call) with the bottom-right causal mask (query i sits
-    at position ``seq_len - q_len + i``). Keys are stored rotated and centered, so the query is
+    Same contract as :func:`sawkv.kernels.paged_attention_extend`, plus the step's
+    :class:`SdpaPlan` (host lengths, workspaces): one varlen FlashAttention call (or one SDPA
+    call per sequence) with the bottom-right causal mask (query i sits at position
+    ``seq_len - q_len + i``), and with ``sliding_window`` > 0 FlashAttention's left window of
+    ``sliding_window - 1`` keys (an explicit mask per sequence where varlen is missing). Keys
+    are stored rotated and centered, so the query is
     rotated once (softmax ignores the shared ``q.mu``); with rotated values the output is
     rotated back. ``sinks`` (planned with ``num_sink``): the exact K/V of each sequence's first
     positions replace their dequantized rows, centered and rotated as the pages store them.
@@ -263,7 +266,7 @@ def extend_via_sdpa(
         # calls costs ~10 launches per sequence and layer, which dominated steps that prefill
         # many short prompts (64 x 256 tokens: 23K launches per step on a 36-layer model).
         o = _flash_varlen(qr, kbuf, vbuf, query_start_loc, row_starts, plan.max_query_len,
-                          plan.max_seq_len, scale)  # fmt: skip
+                          plan.max_seq_len, scale, sliding_window)  # fmt: skip
     if o is None:
         o = torch.empty_like(qr)
         for s in range(num_seqs):
@@ -275,6 +278,10 @@ def extend_via_sdpa(
             ks = kbuf[k0:k1].transpose(0, 1)[None]  # [1, H, seq_len, d]
             vs = vbuf[k0:k1].transpose(0, 1)[None]
             mask = causal_lower_right(q1 - q0, k1 - k0)
+            if sliding_window > 0:  # bottom-right causal, and only the last window positions
+                qpos = torch.arange(k1 - k0 - (q1 - q0), k1 - k0, device=qr.device)[:, None]
+                kpos = torch.arange(k1 - k0, device=qr.device)
+                mask = (kpos <= qpos) & (kpos > qpos - sliding_window)
             o_s = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
             )
@@ -314,6 +321,7 @@ def _flash_varlen(
     max_q: int,
     max_k: int,
     scale: float,
+    sliding_window: int = 0,
 ) -> torch.Tensor | None:
     """Causal varlen FlashAttention-2 (``aten._flash_attention_forward``), or None where this
     torch build or GPU has no such kernel (the caller then loops over sequences).
@@ -322,17 +330,21 @@ def _flash_varlen(
         q: ``[T_q, Hq, d]`` fp16/bf16; k, v: ``[T_k, H, d]`` (GQA: ``Hq % H == 0``).
         cu_q, cu_k: ``[S + 1]`` int32 device cumulative lengths; max_q, max_k the longest
             query and key runs (host ints, from the step's plan).
+        sliding_window: > 0 lets each query see only the last that many positions up to its
+            own (FlashAttention's ``window_size_left = sliding_window - 1``).
     Returns:
         ``[T_q, Hq, d]``. FlashAttention-2 aligns the causal mask bottom-right, so query i of a
         sequence attends to keys ``0 .. k_len - q_len + i``, as in the per-sequence path.
     """
-    key = str(q.device)
+    key = f"{q.device}/{'window' if sliding_window > 0 else 'full'}"
     if _VARLEN_OK.get(key) is False:
         return None
+    window = dict(window_size_left=sliding_window - 1, window_size_right=0)
     try:
         o = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
-        )[0]
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale,
+            **(window if sliding_window > 0 else {}),
+        )[0]  # fmt: skip
     except torch.OutOfMemoryError:
         raise
     except (RuntimeError, NotImplementedError):

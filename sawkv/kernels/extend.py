@@ -159,12 +159,12 @@ def paged_attention_extend(
         config, impl, max_query_len, seq_lens_host, query_start_host: see
             :func:`sawkv.kernels.plan.plan_extend` (ignored with ``plan``); impl "auto"
             dequantizes each sequence once and runs FlashAttention (SDPA) for bf16/fp16 q on
-            CUDA without a sliding window (``dequant.py``), else runs the fused kernel below.
+            CUDA (``dequant.py``), else runs the fused kernel below.
         plan: an :class:`ExtendPlan` for this step's shapes and ``fmt`` (skips checks and
             allocations); None plans here.
         sinks: exact K/V of each sequence's first positions
             (:class:`~sawkv.kernels.sinks.SinkKV`), read instead of the pages' quantized rows;
-            served by the SDPA path only (no sliding window).
+            served by the SDPA path only.
         Other arguments as in :func:`paged_attention_decode`.
     Returns:
         ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -183,8 +183,7 @@ def paged_attention_extend(
     out = torch.empty_like(q) if out is None else out
     if sinks is not None and plan.impl != "sdpa":
         raise ValueError(
-            "attention sinks are served by the SDPA extend path only (no sliding window); "
-            f"this plan uses {plan.impl!r}"
+            f"attention sinks are served by the SDPA extend path only; this plan uses {plan.impl!r}"
         )
     if plan.num_seqs == 0 or plan.num_tokens == 0:
         return out
@@ -193,7 +192,7 @@ def paged_attention_extend(
 
         return extend_via_sdpa(
             q, pages, block_tables, seq_lens, query_start_loc, out, fmt, scale=scale,
-            plan=plan.sdpa, sinks=sinks,
+            plan=plan.sdpa, sinks=sinks, sliding_window=sliding_window,
         )  # fmt: skip
     _launch_triton(q, pages, block_tables, seq_lens, query_start_loc, fmt, scale, sliding_window,
                    out, plan)  # fmt: skip

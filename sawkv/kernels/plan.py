@@ -213,10 +213,10 @@ def plan_extend(
         max_query_len: host-side bound on any q_len (sizes the grid; default num_tokens).
         seq_lens_host, query_start_host: host copies of ``seq_lens`` / ``query_start_loc``
             for the SDPA path (read from the device, one sync, if None).
-        impl: "auto" (SDPA over dequantized pages for bf16/fp16 q on CUDA without a sliding
-            window, else the fused Triton kernel), "triton" or "sdpa" (CPU included).
+        impl: "auto" (SDPA over dequantized pages for bf16/fp16 q on CUDA, else the fused
+            Triton kernel), "triton" or "sdpa" (CPU included).
         num_sink: > 0 when the launches read attention sinks: SDPA then serves every dtype
-            and device (the fused kernel has no sinks), and a sliding window is refused.
+            and device (the fused kernel has no sinks).
     Returns:
         An :class:`ExtendPlan`.
     """
@@ -228,14 +228,9 @@ def plan_extend(
         raise ValueError(f"impl must be auto, triton or sdpa, got {impl!r}")
     num_tokens = q.shape[0]
     fast = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
-    use_sdpa = impl == "sdpa" or (impl == "auto" and (fast or num_sink) and not sliding_window)
+    use_sdpa = impl == "sdpa" or (impl == "auto" and (fast or num_sink))
     if num_sink and not use_sdpa:
-        raise ValueError(
-            "attention sinks are served by the SDPA extend path only, which has no sliding "
-            f"window (sliding_window={sliding_window}, impl={impl!r})"
-        )
-    if use_sdpa and sliding_window:
-        raise ValueError("the SDPA extend path has no sliding window; use impl='triton'")
+        raise ValueError(f"attention sinks are served by the SDPA extend path only, not {impl!r}")
     max_q = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
     plan = ExtendPlan(fmt, num_seqs, num_tokens, "sdpa" if use_sdpa else "triton", config, max_q)
     if num_seqs == 0 or num_tokens == 0:

@@ -36,10 +36,10 @@ SAW_INT4_FALLBACK = "int4-bdr-kv"
 RECIPE_FILE = "saw_int4_recipe.safetensors"
 # Default budget: this many bits per element above plain per-token INT4 of the head_dim.
 BUDGET_MARGIN = 0.25
-# Attention sinks of a recipe: each sequence's first tokens kept exact (model dtype) on the
-# full-attention layers. Measured on Austen (8 x 1,024 tokens, CPU): Qwen2.5-Coder-0.5B +4.3%
-# perplexity without, +3.2% with 1, +2.6% with 4; SmolLM2 +3.3% -> +3.2%. Four tokens cost
-# 4 x 12 bits per element-row per sequence: 0.012 bits per element at 4K tokens.
+# Attention sinks of a recipe: each sequence's first tokens kept exact (model dtype). Measured
+# on Austen (8 x 1,024 tokens, CPU, `sawkv eval`): Qwen2.5-Coder-0.5B +4.3% perplexity without,
+# +3.2% with 1, +2.6% with 4; SmolLM2 +3.3% -> +3.2%. Four tokens per sequence cost ~0.01 bits
+# per element at 4K tokens.
 DEFAULT_NUM_SINK = 4
 
 
@@ -111,8 +111,8 @@ class Recipe:
             has ``-kc`` subtract them), or None when no layer centers keys.
         budget: the bits per element the calibration was allowed (metadata included).
         info: calibration facts (texts, tokens, sensitivities), JSON-serializable.
-        num_sink: each sequence's first ``num_sink`` tokens are kept exact, in the model dtype,
-            on the layers without a sliding window (attention sinks; ``sawkv.kernels.sinks``).
+        num_sink: each sequence's first ``num_sink`` tokens are kept exact, in the model dtype
+            (attention sinks; ``sawkv.kernels.sinks``).
             Per sequence, not per element, so :meth:`bits_per_element` leaves them out.
     """
 

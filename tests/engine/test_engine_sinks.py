@@ -45,7 +45,7 @@ def test_sink_stores_are_allocated_and_counted(sink_llm):
     assert runner.num_first_blocks == bm.num_first_blocks > 0
     shape = (runner.num_first_blocks, 4, 3, 64)
     assert all(kv.sinks is not None and tuple(kv.sinks.k.shape) == shape for kv in runner.kv)
-    sink_bytes = llm.engine.spec.sink_bytes(runner.num_first_blocks, runner.layer_windows)
+    sink_bytes = llm.engine.spec.sink_bytes(runner.num_first_blocks)
     assert sink_bytes == 30 * 2 * shape[0] * 4 * 3 * 64 * 4  # layers, K+V, fp32
     assert bm.num_blocks == ((32 << 20) - sink_bytes) // llm.engine.spec.bytes_per_block
 

@@ -91,8 +91,7 @@ def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_len
 
 
 @pytest.mark.parametrize(
-    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype",
-    [c for c in EXTEND_CASES if c[9] == 0],
+    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype", EXTEND_CASES
 )
 def test_extend_via_dequant_and_sdpa_matches_reference(
     d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype
@@ -105,10 +104,9 @@ def test_extend_via_dequant_and_sdpa_matches_reference(
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
     out = torch.full_like(q, float("nan"))
-    paged_attention_extend(
-        q, pages, tables, seq_lens, qsl, fmt, out=out, impl="sdpa", scale=d**-0.5
-    )
-    ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, scale=d**-0.5)
+    kw = dict(scale=d**-0.5, sliding_window=window)
+    paged_attention_extend(q, pages, tables, seq_lens, qsl, fmt, out=out, impl="sdpa", **kw)
+    ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, **kw)
     torch.testing.assert_close(out.float(), ref.float(), **_tol(dtype))
 
 

@@ -135,17 +135,18 @@ def test_triton_decode_with_sinks_matches_reference(lens, ratio, splits, window,
 
 
 @pytest.mark.parametrize(
-    "rot_v, bits, dtype", [(True, 4, torch.float32), (False, 8, torch.float16)]
+    "rot_v, bits, dtype, window",
+    [(True, 4, torch.float32, 0), (False, 8, torch.float16, 0), (True, 4, torch.float32, 9)],
 )
-def test_sdpa_extend_with_sinks_matches_reference(rot_v, bits, dtype):
+def test_sdpa_extend_with_sinks_matches_reference(rot_v, bits, dtype, window):
     lens, q_lens = [37, 3, 20], [10, 3, 20]
     pages, tables, lens_t, fmt, sinks = _case(lens, rot_v=rot_v, bits=bits, dtype=dtype, seed=2)
     qsl = torch.tensor([0, 10, 13, 33], dtype=torch.int32)
     q = torch.randn(sum(q_lens), 4, 64).to(dtype)
     out = torch.full_like(q, float("nan"))
-    paged_attention_extend(q, pages, tables, lens_t, qsl, fmt, out=out, scale=0.125, impl="sdpa",
-                           sinks=sinks)  # fmt: skip
-    ref = paged_attention_extend_ref(q, pages, tables, lens_t, qsl, fmt, scale=0.125, sinks=sinks)
+    kw = dict(scale=0.125, sinks=sinks, sliding_window=window)
+    paged_attention_extend(q, pages, tables, lens_t, qsl, fmt, out=out, impl="sdpa", **kw)
+    ref = paged_attention_extend_ref(q, pages, tables, lens_t, qsl, fmt, **kw)
     # fp16 rows: outputs of magnitude ~8 (the sinks are outliers) carry fp16 rounding
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 2e-3), err
@@ -158,9 +159,6 @@ def test_sinks_refused_where_not_served():
     with pytest.raises(ValueError, match="SDPA extend path only"):
         paged_attention_extend(q, pages, tables, lens_t, qsl, fmt, scale=0.125, sinks=sinks,
                                impl="triton")  # fmt: skip
-    with pytest.raises(ValueError, match="no sliding"):
-        paged_attention_extend(q, pages, tables, lens_t, qsl, fmt, scale=0.125, sinks=sinks,
-                               sliding_window=8)  # fmt: skip
     bad = SinkKV(sinks.k[:1], sinks.v[:1], sinks.k_mean)
     with pytest.raises(ValueError, match="sink k has shape"):
         paged_attention_decode_ref(q[:2], pages, tables, lens_t, fmt, scale=0.125, sinks=bad)
