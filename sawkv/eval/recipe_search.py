@@ -58,19 +58,20 @@ class KLScorer:
         self.ref = F.log_softmax(logits.float(), -1)
 
     @torch.no_grad()
-    def per_token(self, layers: Layers) -> torch.Tensor:
-        """``[num_windows, seq_len]`` per-token KL of ``layers`` (``layers[i]``: layer i)."""
+    def per_token(self, layers: Layers, num_sink: int = 0) -> torch.Tensor:
+        """``[num_windows, seq_len]`` per-token KL of ``layers`` (``layers[i]``: layer i),
+        with each window's first ``num_sink`` tokens exact."""
         from sawkv.eval.calibrate_recipe import fake_quant_cache
 
-        cache = fake_quant_cache(list(layers), self.k_means)
+        cache = fake_quant_cache(list(layers), self.k_means, num_sink)
         logits = self.model(self.ids, past_key_values=cache, use_cache=True).logits
         self.num_calls += 1
         # one window at a time: [seq_len, vocab] temporaries
         return torch.stack([(ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum(-1)
                             for ref, out in zip(self.ref, logits)]).cpu()  # fmt: skip
 
-    def __call__(self, layers: Layers) -> float:
-        return float(self.per_token(layers).double().mean())
+    def __call__(self, layers: Layers, num_sink: int = 0) -> float:
+        return float(self.per_token(layers, num_sink).double().mean())
 
 
 def block_se(diff: torch.Tensor, block_len: int = 32) -> float:

@@ -36,11 +36,6 @@ SAW_INT4_FALLBACK = "int4-bdr-kv"
 RECIPE_FILE = "saw_int4_recipe.safetensors"
 # Default budget: this many bits per element above plain per-token INT4 of the head_dim.
 BUDGET_MARGIN = 0.25
-# Attention sinks of a recipe: each sequence's first tokens kept exact (model dtype). Measured
-# on Austen (8 x 1,024 tokens, CPU, `sawkv eval`): Qwen2.5-Coder-0.5B +4.3% perplexity without,
-# +3.2% with 1, +2.6% with 4; SmolLM2 +3.3% -> +3.2%. Four tokens per sequence cost ~0.01 bits
-# per element at 4K tokens.
-DEFAULT_NUM_SINK = 4
 
 
 def plain_int4_bits(head_dim: int) -> float:
@@ -112,7 +107,7 @@ class Recipe:
         budget: the bits per element the calibration was allowed (metadata included).
         info: calibration facts (texts, tokens, sensitivities), JSON-serializable.
         num_sink: each sequence's first ``num_sink`` tokens are kept exact, in the model dtype
-            (attention sinks; ``sawkv.kernels.sinks``).
+            (attention sinks; ``sawkv.kernels.sinks``), as calibration chose.
             Per sequence, not per element, so :meth:`bits_per_element` leaves them out.
     """
 
@@ -259,8 +254,8 @@ class Recipe:
                 k_means=means if means.numel() else None,
                 budget=meta.get("budget"),
                 info=meta.get("info") or {},
-                # recipes written before sinks existed get today's default
-                num_sink=int(meta.get("num_sink", DEFAULT_NUM_SINK)),
+                # recipes stored before calibration chose sinks were measured without them
+                num_sink=int(meta.get("num_sink", 0)),
             )
         except (KeyError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"malformed saw-int4 recipe file {path}: {e!r}") from None

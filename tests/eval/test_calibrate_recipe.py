@@ -303,6 +303,10 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     names = [m.name for m in recipe.layers]
     assert [i for i, n in enumerate(names) if n.startswith("int8")] == recipe.info["int8_layers"]
     assert recipe.info["kl_recipe"] <= recipe.info["kl_all_int4"]
+    # the sink count is the candidate of lowest KL, and the reported KL is with those sinks
+    kl_sinks = {int(n): kl for n, kl in recipe.info["kl_sinks"].items()}
+    assert sorted(kl_sinks) == [0, 1, 4] and recipe.num_sink == min(kl_sinks, key=kl_sinks.get)
+    assert recipe.info["kl_recipe"] == kl_sinks[recipe.num_sink]
     # never worse on the calibration windows than any uniform recipe it tried
     kl_starts = recipe.info["kl_starts"]
     assert "int4-bdr32-kv-kc" in kl_starts and "local" in kl_starts
@@ -310,7 +314,10 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     # the reported KL is what the served cache (SawKVCache, real pages) gives on those windows
     win = cached_windows(tok, "austen", 128, 128, "calib", False)[0]
     sens = torch.stack([win[:48], win[64:112]])  # two chunks spread over the window
-    assert kl_served(model, sens, recipe) == pytest.approx(recipe.info["kl_recipe"], rel=1e-3)
+    # (the two quantizers round alike to ~5e-8 of KL: with sinks the KL itself is ~7e-6)
+    assert kl_served(model, sens, recipe) == pytest.approx(
+        recipe.info["kl_recipe"], rel=1e-3, abs=1e-7
+    )
     # the KLs it reports are the ones an independent cache sees
     wins = [torch.cat([w[:48] for w in [torch.arange(100, 148)]])]
     kl_rec = mean_kls(model, wins, [list(recipe.layers)], recipe.k_means)[0]
