@@ -79,8 +79,11 @@ class TPModelRunner(ModelRunner):
         return model.eval().requires_grad_(False)
 
     def _decide_num_blocks(self) -> int:
-        # one block manager (rank 0) hands out page ids valid on every rank
-        return min_over_ranks(super()._decide_num_blocks())
+        # one block manager (rank 0) hands out page ids valid on every rank, and first pages
+        # (attention sinks' rows) from a range every rank's sink stores cover
+        blocks = min_over_ranks(super()._decide_num_blocks())
+        self.num_first_blocks = min_over_ranks(self.num_first_blocks)  # every rank calls it
+        return blocks
 
     @property
     def tensor_parallel_size(self) -> int:
