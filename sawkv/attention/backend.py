@@ -128,7 +128,10 @@ class AttentionBackend(ABC):
         (:class:`~sawkv.kernels.sinks.SinkKV`), or None if the layer keeps none."""
         if kv.sinks is None:
             return None
-        return kv.sinks.read(ctx.block_tables, kv.k_mean)
+        rows = ctx.plans.get("sink_rows")  # once per step: every layer's store shares them
+        if rows is None:
+            rows = ctx.plans["sink_rows"] = kv.sinks.rows(ctx.block_tables)
+        return kv.sinks.read(rows, kv.k_mean)
 
     @abstractmethod
     def write(self, k, v, kv: LayerKV, ctx: StepContext) -> None:

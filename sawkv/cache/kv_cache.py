@@ -66,11 +66,14 @@ class SinkStore:
         for store, x in ((self.k, k), (self.v, v)):
             store.view(-1, *store.shape[2:]).index_copy_(0, dst, x.index_select(0, src))
 
-    def read(self, block_tables: torch.Tensor, k_mean: torch.Tensor | None) -> SinkKV:
-        """The sinks of the sequences of ``block_tables [S, >= 1]`` int32, as the kernels take
-        them. Rows of padding (CUDA-graph batches) may name any page: they are clamped into
-        range, and their outputs are discarded."""
-        rows = block_tables[:, 0].long().clamp(0, self.num_first_blocks - 1)
+    def rows(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """``[S]`` int64 sink rows of the sequences of ``block_tables [S, >= 1]`` (their first
+        pages). Rows of padding (CUDA-graph batches) may name any page: they are clamped into
+        range, and their outputs are discarded. Every layer's store shares them."""
+        return block_tables[:, 0].long().clamp(0, self.num_first_blocks - 1)
+
+    def read(self, rows: torch.Tensor, k_mean: torch.Tensor | None) -> SinkKV:
+        """The sinks at ``rows`` (:meth:`rows`), as the kernels take them."""
         return SinkKV(self.k.index_select(0, rows), self.v.index_select(0, rows), k_mean)
 
 

@@ -104,24 +104,14 @@ def test_mixed_pages_have_each_layers_format_and_real_size(mixed_llm):
 
 
 def test_mixed_recipe_matches_hf_with_the_same_recipe(mixed_llm):
-    from sawkv.hf.cache import SawKVCache
     from sawkv.models.hub import load_hf_model
 
     llm, recipe = mixed_llm
     model, tok = load_hf_model(MODEL)
-    text = (
-        "The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp "
-        "and a small notebook in which he wrote the color of the sea and the names of ships."
-    )
-    ids = torch.tensor([tok.encode(text)])
+    ids = torch.tensor([tok.encode(TEXT)])
 
     def hf_logprobs(method):
-        with torch.no_grad():
-            cache = None if method is None else SawKVCache(model, method)
-            return model(ids, past_key_values=cache).logits[0].log_softmax(-1)
-
-    def kl(p, q):
-        return (p.exp() * (p - q)).sum(-1).mean().item()
+        return hf_logprobs_of(model, ids, method)
 
     lp = _engine_logprobs(llm, ids[0].tolist())
     lp_hf, lp_full = hf_logprobs(recipe), hf_logprobs(None)
@@ -136,6 +126,27 @@ def test_mixed_recipe_matches_hf_with_the_same_recipe(mixed_llm):
         if recipe_one.k_means is not None:
             recipe_one = Recipe(recipe_one.layers, D, H, recipe.k_means)
         assert kl_paths < 0.5 * kl(hf_logprobs(recipe_one), lp), name
+
+
+TEXT = (
+    "The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp "
+    "and a small notebook in which he wrote the color of the sea and the names of ships."
+)
+
+
+def hf_logprobs_of(model, ids, method, **cache_kw):
+    """HF transformers' next-token log-probs of ``ids [1, T]`` reading K/V through
+    ``SawKVCache(model, method, **cache_kw)`` (full precision for ``method=None``)."""
+    from sawkv.hf.cache import SawKVCache
+
+    with torch.no_grad():
+        cache = None if method is None else SawKVCache(model, method, **cache_kw)
+        return model(ids, past_key_values=cache).logits[0].log_softmax(-1)
+
+
+def kl(p, q):
+    """Mean per-token KL(p || q) of log-prob rows."""
+    return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
 def _engine_logprobs(llm, ids):

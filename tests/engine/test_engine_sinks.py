@@ -12,7 +12,10 @@ import torch
 from test_engine_recipe import (  # noqa: F401  (fixture)
     MODEL,
     PROMPTS,
+    TEXT,
     _engine_logprobs,
+    hf_logprobs_of,
+    kl,
     make_llm,
     make_recipe,
     private_cache,
@@ -51,28 +54,14 @@ def test_sink_stores_are_allocated_and_counted(sink_llm):
 
 
 def test_engine_sinks_match_hf_with_the_same_recipe(sink_llm):
-    from sawkv.hf.cache import SawKVCache
     from sawkv.models.hub import load_hf_model
 
     llm, recipe = sink_llm
     model, tok = load_hf_model(MODEL)
-    text = (
-        "The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp "
-        "and a small notebook in which he wrote the color of the sea and the names of ships."
-    )
-    ids = torch.tensor([tok.encode(text)])
-
-    def hf_logprobs(method, num_sink=None):
-        with torch.no_grad():
-            cache = SawKVCache(model, method, num_sink=num_sink)
-            return model(ids, past_key_values=cache).logits[0].log_softmax(-1)
-
-    def kl(p, q):
-        return (p.exp() * (p - q)).sum(-1).mean().item()
-
+    ids = torch.tensor([tok.encode(TEXT)])
     lp = _engine_logprobs(llm, ids[0].tolist())
-    lp_hf = hf_logprobs(recipe)  # the recipe's own sinks
-    lp_nosink = hf_logprobs(recipe, num_sink=0)
+    lp_hf = hf_logprobs_of(model, ids, recipe)  # the recipe's own sinks
+    lp_nosink = hf_logprobs_of(model, ids, recipe, num_sink=0)
     # the same recipe without its sinks is measurably further from the engine than HF with them
     assert kl(lp_hf, lp) < 0.5 * kl(lp_nosink, lp), (kl(lp_hf, lp), kl(lp_nosink, lp))
 

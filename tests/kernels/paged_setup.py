@@ -25,10 +25,11 @@ def empty_pages(num_blocks, num_kv_heads, block_size, head_dim, bits, dtype=torc
 
 
 def paged_case(lens, *, head_dim, num_kv_heads, block_size, bits, had_block, rotate_v,
-               dtype=torch.float32, seed=0):  # fmt: skip
+               dtype=torch.float32, seed=0, with_mean=False):  # fmt: skip
     """K/V of ``lens`` sequences written by ``cache_write_ref`` into shuffled pages.
 
-    Returns ``(pages, block_tables, seq_lens, fmt)``; unused table entries are -1."""
+    Returns ``(pages, block_tables, seq_lens, fmt)``, plus the key mean the pages are centered
+    on (``[num_kv_heads, head_dim]`` fp32) with ``with_mean``; unused table entries are -1."""
     fmt = PageFormat(bits, head_dim, num_kv_heads, block_size, had_block, rotate_v,
                      dtype if bits == 16 else None)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
@@ -49,4 +50,5 @@ def paged_case(lens, *, head_dim, num_kv_heads, block_size, bits, had_block, rot
         pos = torch.arange(n)
         slots.append(tables[s, pos // block_size].long() * block_size + pos % block_size)
     cache_write_ref(k, v, pages, torch.cat(slots), fmt, k_mean)
-    return pages, tables, torch.tensor(lens, dtype=torch.int32), fmt
+    out = (pages, tables, torch.tensor(lens, dtype=torch.int32), fmt)
+    return (*out, k_mean) if with_mean else out

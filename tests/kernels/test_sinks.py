@@ -13,15 +13,14 @@ import math
 
 import pytest
 import torch
-from paged_setup import empty_pages
+from paged_setup import paged_case
 
 from sawkv.attention.reference import (
     _gather,
-    cache_write_ref,
     paged_attention_decode_ref,
     paged_attention_extend_ref,
 )
-from sawkv.kernels import PageFormat, paged_attention_decode, paged_attention_extend
+from sawkv.kernels import paged_attention_decode, paged_attention_extend
 from sawkv.kernels.launch import KernelConfig
 from sawkv.kernels.sinks import SinkKV, merge_sinks
 from sawkv.quant.hadamard import rotate
@@ -31,31 +30,16 @@ def _case(lens, *, d=64, h=2, bs=16, bits=4, had=64, rot_v=True, n=4, dtype=torc
           seed=0):  # fmt: skip
     """Pages of ``lens`` sequences (centered keys) plus exact sinks that differ from what the
     pages hold (outliers 8x larger, as real sinks are), so ignoring them cannot pass."""
-    fmt = PageFormat(bits, d, h, bs, had, rot_v, dtype if bits == 16 else None)
-    g = torch.Generator().manual_seed(seed)
-    total = sum(lens)
-    k = (2 * torch.randn(total, h, d, generator=g) + 1).to(dtype)
-    v = torch.randn(total, h, d, generator=g).to(dtype)
-    k_mean = k.float().mean(0)
-    num_blocks = sum(math.ceil(x / bs) for x in lens) + 2
-    pages = empty_pages(num_blocks, h, bs, d, bits, dtype, seed)
-    perm = torch.randperm(num_blocks, generator=g).int()
-    width = max(math.ceil(x / bs) for x in lens) + 1
-    tables = torch.full((len(lens), width), -1, dtype=torch.int32)
-    slots, c = [], 0
-    for s, x in enumerate(lens):
-        nb = math.ceil(x / bs)
-        tables[s, :nb] = perm[c : c + nb]
-        c += nb
-        pos = torch.arange(x)
-        slots.append(tables[s, pos // bs].long() * bs + pos % bs)
-    cache_write_ref(k, v, pages, torch.cat(slots), fmt, k_mean)
+    pages, tables, lens_t, fmt, k_mean = paged_case(
+        lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
+        rotate_v=rot_v, dtype=dtype, seed=seed, with_mean=True,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 1000)
     sk = (8 * torch.randn(len(lens), n, h, d, generator=g)).to(dtype)
     sv = (8 * torch.randn(len(lens), n, h, d, generator=g)).to(dtype)
     for s, x in enumerate(lens):  # positions past a sequence's length hold garbage
         sk[s, min(x, n) :] = float("nan")
         sv[s, min(x, n) :] = float("nan")
-    lens_t = torch.tensor(lens, dtype=torch.int32)
     return pages, tables, lens_t, fmt, SinkKV(sk, sv, k_mean)
 
 
