@@ -232,10 +232,10 @@ def extend_via_sdpa(
     call per sequence) with the bottom-right causal mask (query i sits at position
     ``seq_len - q_len + i``), and with ``sliding_window`` > 0 FlashAttention's left window of
     ``sliding_window - 1`` keys (an explicit mask per sequence where varlen is missing). Keys
-    are stored rotated and centered, so the query is
-    rotated once (softmax ignores the shared ``q.mu``); with rotated values the output is
-    rotated back. ``sinks`` (planned with ``num_sink``): the exact K/V of each sequence's first
-    positions replace their dequantized rows, centered and rotated as the pages store them.
+    are stored rotated and centered, so the query is rotated once (softmax ignores the shared
+    ``q.mu``); with rotated values the output is rotated back. ``sinks`` (planned with
+    ``num_sink``): the exact K/V of each sequence's first positions replace their dequantized
+    rows, centered and rotated as the pages store them.
     """
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
@@ -277,11 +277,12 @@ def extend_via_sdpa(
             qs = qr[q0:q1].transpose(0, 1)[None]  # [1, Hq, q_len, d]
             ks = kbuf[k0:k1].transpose(0, 1)[None]  # [1, H, seq_len, d]
             vs = vbuf[k0:k1].transpose(0, 1)[None]
-            mask = causal_lower_right(q1 - q0, k1 - k0)
             if sliding_window > 0:  # bottom-right causal, and only the last window positions
                 qpos = torch.arange(k1 - k0 - (q1 - q0), k1 - k0, device=qr.device)[:, None]
                 kpos = torch.arange(k1 - k0, device=qr.device)
                 mask = (kpos <= qpos) & (kpos > qpos - sliding_window)
+            else:
+                mask = causal_lower_right(q1 - q0, k1 - k0)
             o_s = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True
             )
