@@ -578,14 +578,17 @@ def run_write() -> list[dict]:
         formats = dict(WRITE_FORMATS)
         if layout == "prefill":  # the per-token scatter on the same slots, for comparison
             formats["int4-bdr128-token-path"] = (4, 128, False, False)
+        # the fp32 (tf32x3) rotation the 16-bit one replaced, for comparison
+        formats["int4-bdr128-kv-kc-tf32x3"] = (4, 128, True, True)
         for name, (bits, had, rot_v, mean) in formats.items():
             pages = make_pages(nb, bits)
             fmt = page_format(bits, had, rot_v)
             km = k_mean if mean else None
             groups = not name.endswith("token-path")
+            rot = "tf32x3" if name.endswith("tf32x3") else None
 
-            def fn(k=k, v=v, pages=pages, slots=slots, km=km, fmt=fmt, groups=groups):
-                cache_write(k, v, pages, slots, fmt, km, group_path=groups)
+            def fn(k=k, v=v, pages=pages, slots=slots, km=km, fmt=fmt, groups=groups, rot=rot):
+                cache_write(k, v, pages, slots, fmt, km, group_path=groups, rotation=rot)
 
             us = bench_graphs([fn])
             per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4

@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh kernels    # ~9 min: GPU tests, kernel checks + timings,
 #                                             #   CUDA knob sweep, ncu of the decode kernel
+#   bash benchmarks/gpu_session.sh write      # ~3 min: kernel checks + write timings
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
 #                                             #   short c=16,64,128 (needs `carry: [".whl"]`)
 #   bash benchmarks/gpu_session.sh ab .alt/paged_decode.cuh
@@ -42,6 +43,11 @@ case "$part" in
     ncu_decode int4-bdr128 256 2048
     ncu_decode int8 256 2048
     ncu_decode int4-bdr128 1 32768
+    ;;
+  write)  # correctness pass (every format, the 128K check) and the write timings only
+    timeout 300 python benchmarks/bench_kernels.py --only check,write --name kernels_write \
+      --out "$work" > "$work/bench_write_log.txt" 2>&1
+    grep -E "^write|FAIL|Error|error" "$work/bench_write_log.txt" | tail -30
     ;;
   serving)
     method=${2:?serving needs a method: bf16, int4-bdr128, int8}

@@ -25,11 +25,9 @@ import triton.language as tl
 from sawkv.kernels.checks import check_write_inputs
 from sawkv.kernels.launch import _perm_args
 from sawkv.kernels.page_format import KVPages, PageFormat
-from sawkv.kernels.rotation import rotate_halves
+from sawkv.kernels.rotation import load_rotated_rows
 
 FP16_MAX = 65504.0
-# Rotation dots on the tensor cores at ~fp32 accuracy (three tf32 products); see rotation.py.
-ROT_PREC: tl.constexpr = tl.constexpr("tf32x3")
 
 
 @triton.jit
@@ -119,6 +117,7 @@ def _cache_write_kernel(
     HAD: tl.constexpr,
     ROT_V: tl.constexpr,
     HAS_MEAN: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     DH: tl.constexpr = D // 2
@@ -135,29 +134,18 @@ def _cache_write_kernel(
     else:
         page_row = blk * stride_page_b + h * stride_page_h + (off - in_group) * stride_page_t
     meta_row = blk * stride_meta_b + h * stride_meta_h + off * stride_meta_t
-    cols = tl.arange(0, DH)[None, :]
-    m2 = row_mask[:, None]
-    tok64 = tok.to(tl.int64)[:, None]
 
-    k_row = k_ptr + tok64 * stride_kt + h * stride_kh + cols
-    k_lo = tl.load(k_row, mask=m2, other=0.0).to(tl.float32)
-    k_hi = tl.load(k_row + DH, mask=m2, other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        mu = mean_ptr + h * stride_mean_h + tl.arange(0, DH)
-        k_lo -= tl.load(mu).to(tl.float32)[None, :]
-        k_hi -= tl.load(mu + DH).to(tl.float32)[None, :]
-    if HAD > 0:
-        k_lo, k_hi = rotate_halves(k_lo, k_hi, norm, BLOCK_T, DH, HAD, ROT_PREC)
+    k_lo, k_hi = load_rotated_rows(k_ptr, tok, stride_kt, h, stride_kh, row_mask, mean_ptr,
+                                   stride_mean_h, norm, BLOCK_T, HAS_MEAN, HAD > 0, HAD, DH,
+                                   PREC)  # fmt: skip
     _quantize_store(
         k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group, meta_row, row_mask,
         BITS, DH,
     )  # fmt: skip
 
-    v_row = v_ptr + tok64 * stride_vt + h * stride_vh + cols
-    v_lo = tl.load(v_row, mask=m2, other=0.0).to(tl.float32)
-    v_hi = tl.load(v_row + DH, mask=m2, other=0.0).to(tl.float32)
-    if ROT_V:
-        v_lo, v_hi = rotate_halves(v_lo, v_hi, norm, BLOCK_T, DH, HAD, ROT_PREC)
+    v_lo, v_hi = load_rotated_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
+                                   stride_mean_h, norm, BLOCK_T, False, ROT_V, HAD, DH,
+                                   PREC)  # fmt: skip
     _quantize_store(
         v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group, meta_row, row_mask,
         BITS, DH,
@@ -185,6 +173,7 @@ def cache_write(
     num_warps: int | None = None,
     check: bool = True,
     group_path: bool = True,
+    rotation: str | None = None,
 ) -> None:
     """Center, rotate, quantize and scatter new K/V tokens into one layer's pages (in place).
 
@@ -204,6 +193,9 @@ def cache_write(
             same shapes checks the first layer's call and skips the rest.
         group_path: INT4/INT8 pages: store whole 16-token groups as contiguous runs
             (``write_groups.py``; same bytes); False forces the per-token scatter.
+        rotation: ``"exact16"`` (bf16/fp16 rows on 16-bit tensor cores, the default for such
+            inputs) or ``"tf32x3"`` (rows in fp32; the default for fp32 inputs). See
+            ``rotation.py``; the two give the same codes up to fp32 rounding order.
 
     Keys are stored as ``R (k - mu)``, values as ``R v`` (``fmt.rotate_v``) or ``v``.
 
@@ -223,6 +215,20 @@ def cache_write(
     v_meta_arg = v_cache if v_meta is None else v_meta
     meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
     k_perm, v_perm = _perm_args(fmt.bits, head_dim, k.device)
+    # bf16/fp16 rows rotate exactly on 16-bit tensor cores; the key mean then goes in rotated
+    # (rotation.py), else fp32 rows take the tf32x3 dot
+    is16 = k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
+    prec = "exact16" if had_block and is16 else "tf32x3"
+    if rotation is not None:
+        if rotation not in ("exact16", "tf32x3"):
+            raise ValueError(f"rotation must be 'exact16' or 'tf32x3', got {rotation!r}")
+        if rotation == "exact16" and prec != "exact16":
+            raise ValueError("rotation='exact16' needs k and v both bf16 or both fp16, and had_block > 0")
+        prec = rotation
+    if k_mean is not None and prec == "exact16":
+        k_mean = rotated_mean(k_mean, had_block)
+    if prec == "exact16" and _interpreting():
+        prec = "exact16_emulated"
     args = (
         k, v, k_cache, v_cache, k_meta_arg, v_meta_arg, k_perm, v_perm, slot_mapping,
         k if k_mean is None else k_mean, num_tokens,
@@ -231,7 +237,7 @@ def cache_write(
         0 if k_mean is None else k_mean.stride(0), *k_cache.stride()[:3], *meta_strides,
     )  # fmt: skip
     consts = dict(BLOCK_SIZE=fmt.block_size, D=head_dim, BITS=fmt.bits, HAD=had_block,
-                  ROT_V=fmt.rotate_v, HAS_MEAN=k_mean is not None)  # fmt: skip
+                  ROT_V=fmt.rotate_v, HAS_MEAN=k_mean is not None, PREC=prec)  # fmt: skip
     if group_path and fmt.bits != 16 and block_t is None:
         grid = (triton.cdiv(num_tokens, 16), fmt.num_kv_heads)
         _cache_write_groups_kernel[grid](*args, **consts, NONE=_NONE, num_warps=num_warps or 4)
@@ -242,6 +248,29 @@ def cache_write(
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     grid = (triton.cdiv(num_tokens, block_t), fmt.num_kv_heads)
     _cache_write_kernel[grid](*args, **consts, BLOCK_T=block_t, num_warps=num_warps)
+
+
+_ROTATED_MEANS: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+
+def rotated_mean(k_mean: torch.Tensor, had_block: int) -> torch.Tensor:
+    """``R mu`` as fp32 ``[num_kv_heads, head_dim]`` for a key mean ``[num_kv_heads, head_dim]``.
+
+    Cached per mean tensor (identity and version counter), so a layer's mean is rotated once,
+    before any CUDA-graph capture, not on every write; the entry holds the mean, so its memory
+    cannot be reused by another tensor while the entry lives."""
+    key = (id(k_mean), had_block)
+    hit = _ROTATED_MEANS.get(key)
+    if hit is not None and hit[0] is k_mean and hit[1] == k_mean._version:
+        return hit[2]
+    from sawkv.quant.hadamard import rotate
+
+    out = rotate(k_mean.float(), had_block).contiguous()
+    if len(_ROTATED_MEANS) >= 1024:  # bounded: drop the oldest entries
+        for old in list(_ROTATED_MEANS)[:256]:
+            del _ROTATED_MEANS[old]
+    _ROTATED_MEANS[key] = (k_mean, k_mean._version, out)
+    return out
 
 
 def _check(k, v, pages, slot_mapping, fmt, k_mean) -> None:

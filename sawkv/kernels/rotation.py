@@ -11,9 +11,19 @@ rotation works on the halves directly:
 The unnormalized ±1 matrix is generated in registers (``H[i, j] = (-1)^popcount(i & j)``; no
 table load per program) and applied with ``tl.dot``; the ``1/sqrt(had_block)`` normalization
 is one multiply at the end (``norm`` from the host), as in ``sawkv.quant.hadamard.rotate``.
-The dot is fp32 with ``tf32x3`` precision (three tf32 products on the tensor cores, ~fp32
-accuracy): plain tf32 would perturb the rotated values by ~1e-3 relative and flip many more
-INT4 codes.
+Two precisions (``PREC``):
+
+* ``"tf32x3"``: fp32 inputs, three tf32 products on the tensor cores (~fp32 accuracy); plain
+  tf32 would perturb the rotated values by ~1e-3 relative and flip many more INT4 codes.
+* ``"exact16"``: inputs that are exactly bf16 (or fp16) values, as the model's K/V are before
+  centering. The ±1 matrix is exact in that dtype too, so one 16-bit MMA gives exact products
+  summed in fp32: as accurate as tf32x3 at a third of the tensor-core work and without the
+  fp32 splitting. ``H_d`` is then applied as ``(lo H, hi H) -> (lo H + hi H, lo H - hi H)``,
+  since ``lo + hi`` would no longer be a 16-bit value; a key mean is subtracted *after* the
+  rotation (``R (k - mu) = R k - R mu``, ``R mu`` from the host). Under the CPU interpreter
+  the host passes ``"exact16_emulated"``: the same products as an fp32 dot, because Triton
+  3.6's interpreter gets bf16 dots wrong; the GPU tests and ``bench_kernels.py``'s check pass
+  cover the 16-bit MMA itself.
 """
 
 from __future__ import annotations
@@ -36,9 +46,18 @@ def _hadamard_pm1(B: tl.constexpr):
 
 @triton.jit
 def _rotate_blocks(x, ROWS: tl.constexpr, DH: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
-    """``x [ROWS, DH]`` fp32 times ``diag(H_B, ...)`` (unnormalized); needs ROWS*DH/B >= 16."""
-    h = _hadamard_pm1(B)
-    y = tl.dot(tl.reshape(x, (ROWS * DH // B, B)), h, input_precision=PREC)
+    """``x [ROWS, DH]`` times ``diag(H_B, ...)`` (unnormalized), fp32 out; needs ROWS*DH/B >= 16.
+    ``PREC == "exact16"``: x holds 16-bit values (bf16 or fp16 dtype), the dot is 16-bit."""
+    if PREC == "exact16":
+        h = _hadamard_pm1(B).to(x.dtype)
+        y = tl.dot(tl.reshape(x, (ROWS * DH // B, B)), h)
+    elif PREC == "exact16_emulated":
+        # the same exact products in fp32: Triton 3.6's interpreter computes bf16 dots wrongly
+        h = _hadamard_pm1(B)
+        y = tl.dot(tl.reshape(x.to(tl.float32), (ROWS * DH // B, B)), h, input_precision="ieee")
+    else:
+        h = _hadamard_pm1(B)
+        y = tl.dot(tl.reshape(x, (ROWS * DH // B, B)), h, input_precision=PREC)
     return tl.reshape(y, (ROWS, DH))
 
 
@@ -52,11 +71,17 @@ def rotate_halves(
     HAD: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Rotate rows ``[lo | hi]`` (each ``[ROWS, DH]`` fp32, head_dim = 2*DH) by the normalized
+    """Rotate rows ``[lo | hi]`` (each ``[ROWS, DH]``, head_dim = 2*DH) by the normalized
     block-diagonal Hadamard with block HAD (16 <= HAD <= 2*DH). ``norm`` is ``1/sqrt(HAD)``
-    passed from the host as fp32, the same constant torch multiplies by. ``PREC`` is the dot's
-    ``input_precision`` ("tf32x3" or "ieee"). Returns the rotated halves."""
-    if HAD == 2 * DH:
+    passed from the host as fp32, the same constant torch multiplies by. ``PREC``: "tf32x3" or
+    "ieee" (fp32 halves; the dot's ``input_precision``) or "exact16" (bf16/fp16 halves, see the
+    module docstring). Returns the rotated halves in fp32."""
+    if PREC != "tf32x3" and PREC != "ieee" and HAD == 2 * DH:  # exact16(_emulated)
+        a = _rotate_blocks(lo, ROWS, DH, DH, PREC)
+        b = _rotate_blocks(hi, ROWS, DH, DH, PREC)
+        lo = a + b
+        hi = a - b
+    elif HAD == 2 * DH:
         a = lo + hi
         b = lo - hi
         lo = _rotate_blocks(a, ROWS, DH, DH, PREC)
@@ -65,3 +90,33 @@ def rotate_halves(
         lo = _rotate_blocks(lo, ROWS, DH, HAD, PREC)
         hi = _rotate_blocks(hi, ROWS, DH, HAD, PREC)
     return lo * norm, hi * norm
+
+
+@triton.jit
+def load_rotated_rows(x_ptr, rows, stride_t, h, stride_h, row_mask, mean_ptr, stride_mean_h,
+                      norm, ROWS: tl.constexpr, HAS_MEAN: tl.constexpr, ROTATE: tl.constexpr,
+                      HAD: tl.constexpr, DH: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Rows ``[ROWS, D]`` of one head as fp32 halves, centered and rotated as stored.
+
+    ``PREC == "exact16"`` with ``ROTATE``: the rows are rotated as loaded (16-bit, exact) and
+    ``mean_ptr`` holds the *rotated* mean ``R mu`` (fp32), subtracted afterwards. Otherwise the
+    rows are centered by the plain mean in fp32 and rotated with ``PREC`` (rotation.py)."""
+    cols = tl.arange(0, DH)[None, :]
+    ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_t + h * stride_h + cols
+    lo = tl.load(ptr, mask=row_mask[:, None], other=0.0)
+    hi = tl.load(ptr + DH, mask=row_mask[:, None], other=0.0)
+    mu = mean_ptr + h * stride_mean_h + tl.arange(0, DH)
+    if ROTATE and (PREC == "exact16" or PREC == "exact16_emulated"):
+        lo, hi = rotate_halves(lo, hi, norm, ROWS, DH, HAD, PREC)
+        if HAS_MEAN:
+            lo -= tl.load(mu).to(tl.float32)[None, :]
+            hi -= tl.load(mu + DH).to(tl.float32)[None, :]
+    else:
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
+        if HAS_MEAN:
+            lo -= tl.load(mu).to(tl.float32)[None, :]
+            hi -= tl.load(mu + DH).to(tl.float32)[None, :]
+        if ROTATE:
+            lo, hi = rotate_halves(lo, hi, norm, ROWS, DH, HAD, PREC)
+    return lo, hi

@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sawkv.kernels.cache_write import ROT_PREC, _quantize, _quantize_store
-from sawkv.kernels.rotation import rotate_halves
+from sawkv.kernels.cache_write import _quantize, _quantize_store
+from sawkv.kernels.rotation import load_rotated_rows
 
 _NONE = 1 << 30  # "no group" token index (beyond any batch)
 
@@ -59,24 +59,6 @@ def _store_group(c_lo, c_hi, dest_ptr, BITS: tl.constexpr, DH: tl.constexpr, IS_
 
 
 @triton.jit
-def _load_rows(x_ptr, rows, stride_t, h, stride_h, row_mask, mean_ptr, stride_mean_h, norm,
-               HAS_MEAN: tl.constexpr, ROTATE: tl.constexpr, HAD: tl.constexpr,
-               DH: tl.constexpr):  # fmt: skip
-    """Rows ``[16, D]`` of one head as fp32 halves, centered and rotated as stored."""
-    cols = tl.arange(0, DH)[None, :]
-    ptr = x_ptr + rows.to(tl.int64)[:, None] * stride_t + h * stride_h + cols
-    lo = tl.load(ptr, mask=row_mask[:, None], other=0.0).to(tl.float32)
-    hi = tl.load(ptr + DH, mask=row_mask[:, None], other=0.0).to(tl.float32)
-    if HAS_MEAN:
-        mu = mean_ptr + h * stride_mean_h + tl.arange(0, DH)
-        lo -= tl.load(mu).to(tl.float32)[None, :]
-        hi -= tl.load(mu + DH).to(tl.float32)[None, :]
-    if ROTATE:
-        lo, hi = rotate_halves(lo, hi, norm, 16, DH, HAD, ROT_PREC)
-    return lo, hi
-
-
-@triton.jit
 def _group_start(slot_ptr, first, num_tokens, NONE: tl.constexpr):
     """The group start among tokens ``[first, first + 16)`` (its token index), or NONE: the
     first token there whose slot is 0 mod 16 and whose next 15 tokens hold the next 15 slots."""
@@ -99,7 +81,7 @@ def _cache_write_groups_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_mean_h,
     stride_page_b, stride_page_h, stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, HAD: tl.constexpr,
-    ROT_V: tl.constexpr, HAS_MEAN: tl.constexpr, NONE: tl.constexpr,
+    ROT_V: tl.constexpr, HAS_MEAN: tl.constexpr, PREC: tl.constexpr, NONE: tl.constexpr,
 ):  # fmt: skip
     DH: tl.constexpr = D // 2
     base = tl.program_id(0) * 16
@@ -116,14 +98,16 @@ def _cache_write_groups_kernel(
         full = r < 16
         meta_row = blk * stride_meta_b + h * stride_meta_h + (off + r) * stride_meta_t
         run = blk * stride_page_b + h * stride_page_h + off * stride_page_t
-        k_lo, k_hi = _load_rows(k_ptr, rows, stride_kt, h, stride_kh, full, mean_ptr,
-                                stride_mean_h, norm, HAS_MEAN, HAD > 0, HAD, DH)  # fmt: skip
+        k_lo, k_hi = load_rotated_rows(k_ptr, rows, stride_kt, h, stride_kh, full, mean_ptr,
+                                       stride_mean_h, norm, 16, HAS_MEAN, HAD > 0, HAD, DH,
+                                       PREC)  # fmt: skip
         c_lo, c_hi, scale16, mn16 = _quantize(k_lo, k_hi, BITS)
         _store_group(c_lo, c_hi, k_page_ptr + run, BITS, DH, True)
         tl.store(k_meta_ptr + meta_row, scale16)
         tl.store(k_meta_ptr + meta_row + 1, mn16)
-        v_lo, v_hi = _load_rows(v_ptr, rows, stride_vt, h, stride_vh, full, mean_ptr,
-                                stride_mean_h, norm, False, ROT_V, HAD, DH)  # fmt: skip
+        v_lo, v_hi = load_rotated_rows(v_ptr, rows, stride_vt, h, stride_vh, full, mean_ptr,
+                                       stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
+                                       PREC)  # fmt: skip
         c_lo, c_hi, scale16, mn16 = _quantize(v_lo, v_hi, BITS)
         _store_group(c_lo, c_hi, v_page_ptr + run, BITS, DH, False)
         tl.store(v_meta_ptr + meta_row, scale16)
@@ -140,11 +124,13 @@ def _cache_write_groups_kernel(
         in_group = off % 16
         page_row = blk * stride_page_b + h * stride_page_h + (off - in_group) * stride_page_t
         meta_row = blk * stride_meta_b + h * stride_meta_h + off * stride_meta_t
-        k_lo, k_hi = _load_rows(k_ptr, tok, stride_kt, h, stride_kh, row_mask, mean_ptr,
-                                stride_mean_h, norm, HAS_MEAN, HAD > 0, HAD, DH)  # fmt: skip
+        k_lo, k_hi = load_rotated_rows(k_ptr, tok, stride_kt, h, stride_kh, row_mask, mean_ptr,
+                                       stride_mean_h, norm, 16, HAS_MEAN, HAD > 0, HAD, DH,
+                                       PREC)  # fmt: skip
         _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group,
                         meta_row, row_mask, BITS, DH)  # fmt: skip
-        v_lo, v_hi = _load_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
-                                stride_mean_h, norm, False, ROT_V, HAD, DH)  # fmt: skip
+        v_lo, v_hi = load_rotated_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
+                                       stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
+                                       PREC)  # fmt: skip
         _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group,
                         meta_row, row_mask, BITS, DH)  # fmt: skip

@@ -145,6 +145,66 @@ def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, ch
         assert _fp16_ulps(meta[written], want[written]).max() <= (0 if had == 0 else 1.0)
 
 
+# 16-bit inputs rotate on 16-bit tensor cores ("exact16": k, v rotated as loaded, the rotated
+# key mean subtracted afterwards); fp32 inputs take the tf32x3 dot. Both against the reference.
+# (head_dim, bits, had_block, rotate_v, dtype)
+EXACT16_CASES = [
+    (128, 4, 128, True, torch.bfloat16),  # had == d: two dots, then (a + b, a - b)
+    (128, 4, 64, False, torch.bfloat16),
+    (64, 8, 64, True, torch.float16),
+    (256, 4, 256, False, torch.bfloat16),
+    (256, 4, 32, True, torch.float16),
+]
+
+
+@pytest.mark.parametrize("d, bits, had, rot_v, dtype", EXACT16_CASES)
+@pytest.mark.parametrize("group_path", [True, False])
+def test_exact16_rotation_matches_reference(d, bits, had, rot_v, dtype, group_path):
+    h, bs = 2, 16
+    chunks = [(0, 37), (5, 20)]
+    num_blocks = sum((s + n + bs - 1) // bs for s, n in chunks) + 3
+    slots = _prefill_slots(chunks, bs, num_blocks, seed=d + had)
+    n = slots.numel()
+    g = torch.Generator().manual_seed(n + had)
+    # keys with a large per-channel offset: centering matters and R mu is far from 0
+    k = (2 * torch.randn(n, h, d, generator=g) + 8 * torch.randn(h, d, generator=g)).to(dtype)
+    v = torch.randn(n, h, d, generator=g).to(dtype)
+    k_mean = k.float().mean(0)
+    fmt = PageFormat(bits, d, h, bs, had, rot_v)
+    ours, ref, tf32 = (empty_pages(num_blocks, h, bs, d, bits, torch.float32) for _ in range(3))
+    cache_write(k, v, ours, slots, fmt, k_mean, group_path=group_path)
+    cache_write(k, v, tf32, slots, fmt, k_mean, group_path=group_path, rotation="tf32x3")
+    cache_write_ref(k, v, ref, slots, fmt, k_mean)
+    for page, want, other in zip(ours[:2], ref[:2], tf32[:2]):
+        for got in (page, other):
+            diff = (_codes(got, bits) - _codes(want, bits)).abs()
+            assert diff.max() <= 1
+            assert (diff > 0).float().mean() < 5e-3
+    for meta, want in zip(ours[2:], ref[2:]):
+        assert torch.equal(meta.isnan(), want.isnan())
+        written = ~want.isnan()
+        assert _fp16_ulps(meta[written], want[written]).max() <= 1.0
+
+
+def test_exact16_refuses_fp32_and_caches_the_rotated_mean():
+    from sawkv.kernels.cache_write import rotated_mean
+    from sawkv.quant.hadamard import rotate
+
+    fmt = PageFormat(4, 64, 1, 16, 64, False)
+    pages = empty_pages(2, 1, 16, 64, 4, torch.float32)
+    k = torch.randn(3, 1, 64)
+    with pytest.raises(ValueError, match="exact16"):
+        cache_write(k, k, pages, torch.arange(3).int(), fmt, rotation="exact16")
+    with pytest.raises(ValueError, match="rotation must be"):
+        cache_write(k, k, pages, torch.arange(3).int(), fmt, rotation="bf16")
+    mu = torch.randn(2, 64)
+    first = rotated_mean(mu, 64)
+    torch.testing.assert_close(first, rotate(mu, 64), rtol=0, atol=0)
+    assert rotated_mean(mu, 64) is first  # cached
+    mu.add_(1.0)  # in-place change bumps the version: recomputed
+    torch.testing.assert_close(rotated_mean(mu, 64), rotate(mu, 64), rtol=0, atol=0)
+
+
 def test_group_path_checks_every_slot_of_a_run():
     """A run whose first and last slots look like a whole group but whose middle is shuffled
     must not be stored as one: each token still lands in its own slot."""
