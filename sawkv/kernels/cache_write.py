@@ -223,7 +223,9 @@ def cache_write(
         if rotation not in ("exact16", "tf32x3"):
             raise ValueError(f"rotation must be 'exact16' or 'tf32x3', got {rotation!r}")
         if rotation == "exact16" and prec != "exact16":
-            raise ValueError("rotation='exact16' needs k and v both bf16 or both fp16, and had_block > 0")
+            raise ValueError(
+                "rotation='exact16' needs k and v both bf16 or both fp16, and had_block > 0"
+            )
         prec = rotation
     if k_mean is not None and prec == "exact16":
         k_mean = rotated_mean(k_mean, had_block)
