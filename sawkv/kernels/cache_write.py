@@ -26,6 +26,7 @@ from sawkv.kernels.checks import check_write_inputs
 from sawkv.kernels.launch import _perm_args
 from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.rotation import load_rotated_rows
+from sawkv.kernels.tiles import _rotate_rows_kernel
 
 FP16_MAX = 65504.0
 
@@ -265,9 +266,12 @@ def rotated_mean(k_mean: torch.Tensor, had_block: int) -> torch.Tensor:
     hit = _ROTATED_MEANS.get(key)
     if hit is not None and hit[0] is k_mean and hit[1] == k_mean._version:
         return hit[2]
-    from sawkv.quant.hadamard import rotate
-
-    out = rotate(k_mean.float(), had_block).contiguous()
+    num_rows, head_dim = k_mean.shape
+    mu = k_mean.float().contiguous()
+    out = torch.empty_like(mu)
+    _rotate_rows_kernel[(triton.cdiv(num_rows, 16),)](
+        mu, out, num_rows, 1.0 / math.sqrt(had_block), D=head_dim, HAD=had_block, BLOCK_ROWS=16
+    )
     if len(_ROTATED_MEANS) >= 1024:  # bounded: drop the oldest entries
         for old in list(_ROTATED_MEANS)[:256]:
             del _ROTATED_MEANS[old]
