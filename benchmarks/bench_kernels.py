@@ -198,16 +198,24 @@ def check_correctness() -> list[dict]:
                 + torch.arange(n, device=dev) % bs
             )
         slot_mapping = torch.cat(slots)
+        row = dict(case=f"d{d} h{h} g{g} bs{bs} bits{bits} had{had} rv{rot_v} kc{mean}")
         first = make_pages(nb, bits, d, h, bs)
         pages = [first, type(first)(*(None if t is None else t.clone() for t in first))]
         fmt = page_format(bits, had, rot_v, d, h, bs)
         cache_write(k, v, pages[0], slot_mapping, fmt, k_mean)
         cache_write_ref(k, v, pages[1], slot_mapping, fmt, k_mean)
+        if had and bits != 16:  # the 16-bit rotation against the same reference
+            alt = type(first)(*(None if t is None else t.clone() for t in first))
+            cache_write(k, v, alt, slot_mapping, fmt, k_mean, rotation="exact16")
+            ca, cb = (unpack_int4(x) if bits == 4 else x for x in (alt[0], pages[1][0]))
+            va, vb = (unpack_int4(x) if bits == 4 else x for x in (alt[1], pages[1][1]))
+            dk, dv = (ca.int() - cb.int()).abs(), (va.int() - vb.int()).abs()
+            row["exact16_max_code_diff"] = float(max(dk.max(), dv.max()))
+            row["exact16_frac_diff"] = float(max((dk > 0).float().mean(), (dv > 0).float().mean()))
         a, b = pages[0][0], pages[1][0]
         if bits == 4:
             a, b = unpack_int4(a), unpack_int4(b)
         diff = (a.int() - b.int()).abs() if bits != 16 else (a.float() - b.float()).abs()
-        row = dict(case=f"d{d} h{h} g{g} bs{bs} bits{bits} had{had} rv{rot_v} kc{mean}")
         row["write_max_code_diff"] = float(diff.max())
         row["write_frac_diff"] = float((diff > 0).float().mean())
         if bits != 16:  # metadata difference in fp16 ulps (rounding ties of min/max, see kernel)
@@ -239,6 +247,8 @@ def check_correctness() -> list[dict]:
             row["write_max_code_diff"] <= (1 if bits != 16 else 0.02)
             and row["write_frac_diff"] < 1e-3
             and row.get("meta_max_ulps", 0) <= 1.01
+            and row.get("exact16_max_code_diff", 0) <= 1
+            and row.get("exact16_frac_diff", 0) < 1e-3
             and row["decode_rel_err"] < 5e-3
             and row["decode_triton_rel_err"] < 5e-3
             and row["extend_rel_err"] < 5e-3
@@ -578,14 +588,16 @@ def run_write() -> list[dict]:
         formats = dict(WRITE_FORMATS)
         if layout == "prefill":  # the per-token scatter on the same slots, for comparison
             formats["int4-bdr128-token-path"] = (4, 128, False, False)
-        # the fp32 (tf32x3) rotation the 16-bit one replaced, for comparison
+        # both rotations of 16-bit rows (cache_write.DEFAULT_ROTATION_16 picks the default)
         formats["int4-bdr128-kv-kc-tf32x3"] = (4, 128, True, True)
+        formats["int4-bdr128-kv-kc-exact16"] = (4, 128, True, True)
+        formats["int4-bdr128-exact16"] = (4, 128, False, False)
         for name, (bits, had, rot_v, mean) in formats.items():
             pages = make_pages(nb, bits)
             fmt = page_format(bits, had, rot_v)
             km = k_mean if mean else None
             groups = not name.endswith("token-path")
-            rot = "tf32x3" if name.endswith("tf32x3") else None
+            rot = name.rsplit("-", 1)[-1] if name.endswith(("tf32x3", "exact16")) else None
 
             def fn(k=k, v=v, pages=pages, slots=slots, km=km, fmt=fmt, groups=groups, rot=rot):
                 cache_write(k, v, pages, slots, fmt, km, group_path=groups, rotation=rot)

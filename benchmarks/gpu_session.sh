@@ -47,7 +47,7 @@ case "$part" in
   write)  # correctness pass (every format, the 128K check) and the write timings only
     timeout 300 python benchmarks/bench_kernels.py --only check,write --name kernels_write \
       --out "$work" > "$work/bench_write_log.txt" 2>&1
-    grep -E "^write|FAIL|Error|error" "$work/bench_write_log.txt" | tail -30
+    grep -E "^write|failed|Error|error" "$work/bench_write_log.txt" | tail -30
     ;;
   serving)
     method=${2:?serving needs a method: bf16, int4-bdr128, int8}

@@ -29,6 +29,10 @@ from sawkv.kernels.rotation import load_rotated_rows
 from sawkv.kernels.tiles import _rotate_rows_kernel
 
 FP16_MAX = 65504.0
+# Rotation of bf16/fp16 rows by default. "exact16" (16-bit tensor cores, rotation.py) passes the
+# interpreter tests and compiles for sm_90, but becomes the default only once the GPU check pass
+# of benchmarks/bench_kernels.py has compared it with the reference on a GPU.
+DEFAULT_ROTATION_16 = "tf32x3"
 
 
 @triton.jit
@@ -194,9 +198,10 @@ def cache_write(
             same shapes checks the first layer's call and skips the rest.
         group_path: INT4/INT8 pages: store whole 16-token groups as contiguous runs
             (``write_groups.py``; same bytes); False forces the per-token scatter.
-        rotation: ``"exact16"`` (bf16/fp16 rows on 16-bit tensor cores, the default for such
-            inputs) or ``"tf32x3"`` (rows in fp32; the default for fp32 inputs). See
-            ``rotation.py``; the two give the same codes up to fp32 rounding order.
+        rotation: ``"exact16"`` (bf16/fp16 rows on 16-bit tensor cores; needs both k and v
+            in one 16-bit dtype) or ``"tf32x3"`` (rows in fp32); None picks
+            ``DEFAULT_ROTATION_16`` for 16-bit rows and tf32x3 otherwise. See ``rotation.py``;
+            the two give the same codes up to fp32 rounding order.
 
     Keys are stored as ``R (k - mu)``, values as ``R v`` (``fmt.rotate_v``) or ``v``.
 
@@ -216,10 +221,8 @@ def cache_write(
     v_meta_arg = v_cache if v_meta is None else v_meta
     meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
     k_perm, v_perm = _perm_args(fmt.bits, head_dim, k.device)
-    # bf16/fp16 rows rotate exactly on 16-bit tensor cores; the key mean then goes in rotated
-    # (rotation.py), else fp32 rows take the tf32x3 dot
     is16 = k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
-    prec = "exact16" if had_block and is16 else "tf32x3"
+    prec = "exact16" if had_block and is16 and DEFAULT_ROTATION_16 == "exact16" else "tf32x3"
     if rotation is not None:
         if rotation not in ("exact16", "tf32x3"):
             raise ValueError(f"rotation must be 'exact16' or 'tf32x3', got {rotation!r}")

@@ -172,7 +172,7 @@ def test_exact16_rotation_matches_reference(d, bits, had, rot_v, dtype, group_pa
     k_mean = k.float().mean(0)
     fmt = PageFormat(bits, d, h, bs, had, rot_v)
     ours, ref, tf32 = (empty_pages(num_blocks, h, bs, d, bits, torch.float32) for _ in range(3))
-    cache_write(k, v, ours, slots, fmt, k_mean, group_path=group_path)
+    cache_write(k, v, ours, slots, fmt, k_mean, group_path=group_path, rotation="exact16")
     cache_write(k, v, tf32, slots, fmt, k_mean, group_path=group_path, rotation="tf32x3")
     cache_write_ref(k, v, ref, slots, fmt, k_mean)
     for page, want, other in zip(ours[:2], ref[:2], tf32[:2]):
