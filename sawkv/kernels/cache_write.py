@@ -221,12 +221,12 @@ def cache_write(
     v_meta_arg = v_cache if v_meta is None else v_meta
     meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
     k_perm, v_perm = _perm_args(fmt.bits, head_dim, k.device)
-    is16 = k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
-    prec = "exact16" if had_block and is16 and DEFAULT_ROTATION_16 == "exact16" else "tf32x3"
+    exact_ok = bool(had_block) and k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
+    prec = DEFAULT_ROTATION_16 if exact_ok else "tf32x3"
     if rotation is not None:
         if rotation not in ("exact16", "tf32x3"):
             raise ValueError(f"rotation must be 'exact16' or 'tf32x3', got {rotation!r}")
-        if rotation == "exact16" and prec != "exact16":
+        if rotation == "exact16" and not exact_ok:
             raise ValueError(
                 "rotation='exact16' needs k and v both bf16 or both fp16, and had_block > 0"
             )
