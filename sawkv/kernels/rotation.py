@@ -76,7 +76,7 @@ def rotate_halves(
     passed from the host as fp32, the same constant torch multiplies by. ``PREC``: "tf32x3" or
     "ieee" (fp32 halves; the dot's ``input_precision``) or "exact16" (bf16/fp16 halves, see the
     module docstring). Returns the rotated halves in fp32."""
-    if PREC != "tf32x3" and PREC != "ieee" and HAD == 2 * DH:  # exact16(_emulated)
+    if (PREC == "exact16" or PREC == "exact16_emulated") and HAD == 2 * DH:
         a = _rotate_blocks(lo, ROWS, DH, DH, PREC)
         b = _rotate_blocks(hi, ROWS, DH, DH, PREC)
         lo = a + b
