@@ -66,6 +66,10 @@ class TPModelRunner(ModelRunner):
             key_means,
         )
 
+    def _local_kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        heads = self.full_model_config.num_kv_heads // self.tp
+        return t[:, self.rank * heads : (self.rank + 1) * heads].contiguous()
+
     def _build_model(self, model_config: ModelConfig, model_dir):
         with _default_dtype(self.dtype), torch.device(self.device):
             model = MODEL_CLASSES[model_config.architecture](

@@ -22,7 +22,7 @@ from sawkv.engine.cuda_graph import DecodeGraphs
 from sawkv.engine.device_step import BlockTable, DeviceStep, upload
 from sawkv.engine.scheduler import ScheduledBatch
 from sawkv.engine.step_inputs import StepInputs, StepPlanner, reorder_batch
-from sawkv.models.layers import use_batch_invariant_ops, use_compiled_ops
+from sawkv.models.layers import set_key_smoothing, use_batch_invariant_ops, use_compiled_ops
 from sawkv.models.loader import build_model
 
 
@@ -47,6 +47,9 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, self.device)
         self.planner = self._make_planner(num_rows)
         self.model = self._build_model(model_config, model_dir)
+        k_scale = getattr(spec.method, "k_scale", None)  # a saw-int4 recipe's key smoothing
+        if k_scale is not None:
+            set_key_smoothing(self.model, self._local_kv_heads(k_scale))
         if self.device.type == "cuda" and config.enable_compile and not config.enforce_eager:
             use_compiled_ops(self.model)
         if config.is_batch_invariant:
@@ -65,6 +68,10 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = DecodeGraphs(self, config.scheduler.max_num_seqs)
+
+    def _local_kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[num_layers, num_kv_heads, ...]`` -> the KV heads this runner holds (all)."""
+        return t
 
     def _build_model(self, model_config: ModelConfig, model_dir):
         """The model on this runner's device (tensor parallelism overrides it with a shard)."""

@@ -6,6 +6,12 @@ seen, and no single corpus decides):
 
 1. **Capture** post-RoPE Q, K, V of every layer (one plain forward per window) and the key
    means mu (per layer and KV head, over every token, attention sinks included).
+   **Key smoothing** (``smooth_keys``): per channel, keys are stored as ``k / s`` and queries
+   read as ``q * s`` (scores unchanged), with ``s`` from the captured query and key energies
+   (:func:`~sawkv.quant.recipe.smoothing_scales`). It is kept only if it lowers the KL of
+   step 3's uniform INT4 start; then every later step works on the smoothed keys. Measured on
+   Gemma-3 (fake-quant, its v3 recipe formats, 4 x 1,024 tokens of Austen): +6.8% -> +3.3%
+   perplexity; on SmolLM2 +3.85% -> +3.77%.
 2. **Local errors** (cheap): for every candidate INT4 format (Hadamard block b in
    {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize each
    layer's K and V and measure the relative error of its causal attention output
@@ -71,6 +77,7 @@ class RecipeConfig:
     change only if its KL drop exceeds ``min_z`` standard errors; the ``num_sens_layers``
     layers with the largest INT4 attention-output error are the INT8 candidates (0: every
     layer). ``budget`` None means :func:`~sawkv.quant.recipe.default_budget`.
+    ``smooth_keys`` tries key smoothing (kept only where it lowers the KL).
     """
 
     texts: tuple[str, ...] = CALIB_TEXTS
@@ -87,6 +94,7 @@ class RecipeConfig:
     min_had_block: int = 16
     high_bits: int = 8
     sink_candidates: tuple[int, ...] = (0, 1, 4)
+    smooth_keys: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -235,6 +243,42 @@ def key_means_of(captured: dict) -> torch.Tensor:
     return torch.stack(means)
 
 
+def qk_energies(captured: dict, k_means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_energy, k_energy)``, each ``[num_layers, num_kv_heads, head_dim]``: mean ``q_i^2``
+    over the captured queries of the heads that read each KV head, and mean ``(k_i - mu_i)^2``
+    over every captured key."""
+    qs, ks = [], []
+    for layer in sorted(captured):
+        q = torch.cat([data[0] for data in captured[layer]], dim=1)  # [Hq, Q, d]
+        k = torch.cat([data[1] for data in captured[layer]], dim=1)  # [Hkv, N, d]
+        hkv, d = k.shape[0], k.shape[-1]
+        qs.append(q.double().reshape(hkv, -1, d).pow(2).mean(1))  # GQA: heads of a KV head
+        ks.append((k.double() - k_means[layer].double()[:, None]).pow(2).mean(1))
+    return torch.stack(qs).float(), torch.stack(ks).float()
+
+
+def smooth_captured(captured: dict, k_scale: torch.Tensor) -> None:
+    """Move captured queries and keys into the smoothed space in place: ``q * s``, ``k / s``
+    (attention outputs are unchanged)."""
+    for layer in sorted(captured):
+        s = k_scale[layer]  # [Hkv, d]
+        for i, (q, k, *rest) in enumerate(captured[layer]):
+            g = q.shape[0] // s.shape[0]
+            captured[layer][i] = (q * s.repeat_interleave(g, 0)[:, None], k / s[:, None], *rest)
+
+
+def _choose_smoothing(score: KLScorer, captured: dict, k_means: torch.Tensor, head_dim: int):
+    """``(k_scale or None, {"off": KL, "on": KL})``: smoothing is kept if it lowers the KL of
+    uniform ``int4-bdr{min(128, d)}-kv-kc`` on the calibration chunks."""
+    from sawkv.quant.methods import parse_method
+    from sawkv.quant.recipe import smoothing_scales
+
+    k_scale = smoothing_scales(*qk_energies(captured, k_means))
+    probe = [parse_method("int4-bdr-kv-kc", head_dim)] * len(captured)
+    kls = {"off": score(probe), "on": score.smoothed(k_means / k_scale, k_scale)(probe)}
+    return (k_scale if kls["on"] < kls["off"] else None), kls
+
+
 # ---- 2. local format choice ----------------------------------------------------------------
 def causal_attention(
     q, k, v, scale: float, window: int | None = None, q_pos: torch.Tensor | None = None
@@ -339,14 +383,23 @@ class _FakeQuantLayer(DynamicLayer):
     only: the same numerics as :class:`~sawkv.hf.SawKVLayer` without its byte bookkeeping,
     which would cost more than the model on a CPU)."""
 
-    def __init__(self, method: KVMethod, k_mean: torch.Tensor | None, num_sink: int = 0):
+    def __init__(
+        self, method: KVMethod, k_mean: torch.Tensor | None, num_sink: int = 0,
+        k_scale: torch.Tensor | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.method, self.k_mean, self.num_sink = method, k_mean, num_sink
+        # [H, 1, d]: keys are [B, H, S, d]
+        self.k_scale = None if k_scale is None else k_scale.float()[:, None]
 
     def update(self, key_states, value_states, *args, **kwargs):
         m, mu = self.method, self.k_mean if self.method.center_k else None
         hb_v = m.had_block if m.rotate_v else None
-        k = torch.stack([fake_quant_heads(x.float(), m.bits, m.had_block, mu) for x in key_states])
+        s = self.k_scale
+        ks = key_states.float() if s is None else key_states.float() / s.to(key_states.device)
+        k = torch.stack([fake_quant_heads(x, m.bits, m.had_block, mu) for x in ks])
+        if s is not None:
+            k = k * s.to(k.device)
         v = torch.stack([fake_quant_heads(x.float(), m.bits, hb_v, None) for x in value_states])
         k, v = k.to(key_states.dtype), v.to(value_states.dtype)
         # attention sinks: positions below num_sink stay exact ([B, H, S, d], S = new tokens)
@@ -357,18 +410,25 @@ class _FakeQuantLayer(DynamicLayer):
 
 
 def fake_quant_cache(
-    layers: list[KVMethod], k_means: torch.Tensor | None, num_sink: int = 0
+    layers: list[KVMethod],
+    k_means: torch.Tensor | None,
+    num_sink: int = 0,
+    k_scale: torch.Tensor | None = None,
 ) -> Cache:
     """A transformers cache whose layer ``i`` reads K/V quantized by ``layers[i]``, except each
-    sequence's first ``num_sink`` tokens (exact)."""
+    sequence's first ``num_sink`` tokens (exact). With ``k_scale`` ``[L, H, d]`` keys are
+    quantized as ``k / k_scale`` (``k_means`` their means) and read back times ``k_scale``."""
     means = [None if k_means is None else k_means[i].float() for i in range(len(layers))]
-    return Cache(layers=[_FakeQuantLayer(m, mu, num_sink) for m, mu in zip(layers, means)])
+    scales = [None if k_scale is None else k_scale[i] for i in range(len(layers))]
+    return Cache(layers=[_FakeQuantLayer(m, mu, num_sink, sc)
+                         for m, mu, sc in zip(layers, means, scales)])  # fmt: skip
 
 
 @torch.no_grad()
 def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], k_means,
-             progress: Progress | None = None) -> list[float]:  # fmt: skip
-    """Mean per-token KL to full precision for each config (``config[i]``: layer i's format).
+             progress: Progress | None = None, k_scale=None) -> list[float]:  # fmt: skip
+    """Mean per-token KL to full precision for each config (``config[i]``: layer i's format;
+    ``k_scale``: a recipe's key smoothing, ``k_means`` then being the smoothed keys' means).
 
     Windows are the outer loop so only one window's reference logits (``[S, vocab]``) are
     alive at a time (Gemma's vocabulary is 262K).
@@ -381,7 +441,7 @@ def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], 
         plain = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
         ref = model(ids, past_key_values=plain, use_cache=True).logits[0]
         for j, layers in enumerate(configs):
-            cache = fake_quant_cache(list(layers), k_means)
+            cache = fake_quant_cache(list(layers), k_means, k_scale=k_scale)
             logits = model(ids, past_key_values=cache, use_cache=True).logits[0]
             totals[j] += float(kl_per_token(ref, logits).sum())
             done += 1
@@ -425,10 +485,17 @@ def calibrate_recipe(
     per_text = calib_windows(tokenizer, cfg)
     captured = capture_qkv(model, torch.cat(per_text), cfg.num_queries, progress)
     k_means = key_means_of(captured)
+    score = KLScorer(model, sens_windows(per_text, cfg), k_means)
+    k_scale, kl_smooth = None, {}
+    if cfg.smooth_keys:
+        k_scale, kl_smooth = _choose_smoothing(score, captured, k_means, head_dim)
+        if k_scale is not None:
+            smooth_captured(captured, k_scale)
+            k_means = k_means / k_scale
+            score = score.smoothed(k_means, k_scale)
     candidates = candidate_formats(head_dim, 4, cfg.min_had_block)
     local, errors = best_formats(captured, k_means, candidates, progress, "int4")
     del captured
-    score = KLScorer(model, sens_windows(per_text, cfg), k_means)
     starts = {m.name: [m] * num_layers for m in uniform_candidates(head_dim, errors)}
     starts["local"] = local
     start, layers, kl_starts = best_start(score, starts)
@@ -462,6 +529,7 @@ def calibrate_recipe(
         "descent": changes,
         "int8_layers": promoted,
         "kl_all_int4": kl_low,
+        "kl_key_smoothing": kl_smooth,
         "kl_recipe": kl_sinks[num_sink],
         "kl_sinks": {str(n): kl for n, kl in kl_sinks.items()},
         "kl_drop_int8": {str(i): d for i, d in drops.items()},
@@ -472,7 +540,7 @@ def calibrate_recipe(
     }
     use_means = any(m.center_k for m in layers)
     return Recipe(tuple(layers), head_dim, num_kv_heads, k_means if use_means else None,
-                  budget, info, num_sink=num_sink)  # fmt: skip
+                  budget, info, num_sink=num_sink, k_scale=k_scale)  # fmt: skip
 
 
 def _best_sinks(score: KLScorer, layers, candidates, known: dict[int, float]):
@@ -488,7 +556,8 @@ def choose_num_sink(model, tokenizer, recipe: Recipe, cfg: RecipeConfig | None =
     from dataclasses import replace
 
     cfg = cfg or RecipeConfig()
-    score = KLScorer(model, sens_windows(calib_windows(tokenizer, cfg), cfg), recipe.k_means)
+    score = KLScorer(model, sens_windows(calib_windows(tokenizer, cfg), cfg), recipe.k_means,
+                     recipe.k_scale)  # fmt: skip
     num_sink, kls = _best_sinks(score, list(recipe.layers), cfg.sink_candidates, {})
     info = {**recipe.info, "kl_sinks": {str(n): kl for n, kl in kls.items()}}
     return replace(recipe, num_sink=num_sink, info=info)

@@ -19,6 +19,7 @@ never scores worse there than the best uniform INT4 method it starts from.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,13 +42,18 @@ class KLScorer:
         model: the causal LM.
         windows: ``[num_windows, seq_len]`` token ids (equal lengths: one batched forward).
         k_means: ``[num_layers, num_kv_heads, head_dim]`` key means of ``-kc`` layers.
+        k_scale: ``[num_layers, num_kv_heads, head_dim]`` key smoothing (keys are quantized
+            as ``k / k_scale``, and ``k_means`` are their means), or None.
 
     The reference log-probabilities are computed once (``[num_windows, seq_len, vocab]``
     fp32: 1 GB at Gemma's 262K vocabulary and 4 x 257 tokens); each call is one forward.
     """
 
-    def __init__(self, model, windows: torch.Tensor, k_means: torch.Tensor | None):
-        self.model, self.k_means = model, k_means
+    def __init__(
+        self, model, windows: torch.Tensor, k_means: torch.Tensor | None,
+        k_scale: torch.Tensor | None = None,
+    ):  # fmt: skip
+        self.model, self.k_means, self.k_scale = model, k_means, k_scale
         self.device = next(model.parameters()).device
         self.ids = windows.to(self.device)
         self.num_layers = attention_shape(model.config)[0]
@@ -63,7 +69,7 @@ class KLScorer:
         with each window's first ``num_sink`` tokens exact."""
         from sawkv.eval.calibrate_recipe import fake_quant_cache
 
-        cache = fake_quant_cache(list(layers), self.k_means, num_sink)
+        cache = fake_quant_cache(list(layers), self.k_means, num_sink, self.k_scale)
         logits = self.model(self.ids, past_key_values=cache, use_cache=True).logits
         self.num_calls += 1
         # one window at a time: [seq_len, vocab] temporaries
@@ -72,6 +78,12 @@ class KLScorer:
 
     def __call__(self, layers: Layers, num_sink: int = 0) -> float:
         return float(self.per_token(layers, num_sink).double().mean())
+
+    def smoothed(self, k_means: torch.Tensor | None, k_scale: torch.Tensor | None) -> KLScorer:
+        """The same scorer, sharing its reference logits, with other key means and smoothing."""
+        other = copy.copy(self)
+        other.k_means, other.k_scale = k_means, k_scale
+        return other
 
 
 def block_se(diff: torch.Tensor, block_len: int = 32) -> float:

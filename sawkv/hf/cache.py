@@ -58,6 +58,9 @@ class SawKVLayer(DynamicLayer):
         kc_mode: ``"static"`` uses ``k_mean``; ``"prefill"`` takes each sequence's own mean of the
             keys of its first ``update`` (the prefill) -- an eval-only variant: it is not exact
             once pages are shared between sequences (prefix caching), the static mean is.
+        num_sink: first tokens kept exact, in the model dtype.
+        k_scale: ``[num_kv_heads, head_dim]`` key smoothing of a recipe layer (keys stored as
+            ``k / k_scale``, ``k_mean`` being their mean), or None.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class SawKVLayer(DynamicLayer):
         k_mean: torch.Tensor | None = None,
         kc_mode: str = "static",
         num_sink: int = 0,
+        k_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         if kc_mode not in KC_MODES:
@@ -76,6 +80,9 @@ class SawKVLayer(DynamicLayer):
         self.k_mean = k_mean
         self.kc_mode = kc_mode
         self.num_sink = num_sink
+        # [H, D] key smoothing of a recipe: K is stored as k / s (k_mean is its mean) and read
+        # back times s, so the layer returns model-space keys
+        self.k_scale = None if k_scale is None else k_scale.float()
         self.cumulative_length = 0
         self._k: Encoded | None = None
         self._v: Encoded | None = None
@@ -116,6 +123,9 @@ class SawKVLayer(DynamicLayer):
             self._sink_v = _cat_t(self._sink_v, vs[:, :n])
             ks, vs = ks[:, n:], vs[:, n:]
         if ks.shape[1]:
+            if self.k_scale is not None:
+                self.k_scale = self.k_scale.to(ks.device)
+                ks = ks.float() / self.k_scale
             k_new = self.method.encode(ks, is_key=True, k_mean=mu)
             self._k = _cat(self._k, k_new)
             self._v = _cat(self._v, self.method.encode(vs, is_key=False))
@@ -126,6 +136,8 @@ class SawKVLayer(DynamicLayer):
         m, k, v = self.method, self._sink_k, self._sink_v
         if self._k is not None:
             kq = m.decode(self._k, is_key=True, k_mean=self.k_mean, dtype=dtype, rotated=False)
+            if self.k_scale is not None:
+                kq = (kq.float() * self.k_scale).to(dtype)
             vq = m.decode(self._v, is_key=False, dtype=dtype, rotated=False)
             k, v = _cat_t(k, kq), _cat_t(v, vq)
         return k.to(dtype).transpose(1, 2), v.to(dtype).transpose(1, 2)
@@ -355,7 +367,7 @@ class SawKVCache(Cache):
                 raise ValueError("a per-layer recipe centers keys on its static means only")
             sinks = method.num_sink if num_sink is None else num_sink
             layers = [
-                SawKVLayer(m, method.layer_key_mean(i), "static", sinks)
+                SawKVLayer(m, method.layer_key_mean(i), "static", sinks, method.layer_key_scale(i))
                 for i, m in enumerate(method.layers)
             ]
         else:

@@ -217,6 +217,25 @@ class Attention(nn.Module):
         self.backend, self.rope = backend, rope
         self.kv: LayerKV | None = None
         self.ops = EAGER_OPS
+        # key smoothing of a saw-int4 recipe (set_key_scale): q * s and k / s after RoPE
+        self.q_mul: torch.Tensor | None = None
+        self.k_mul: torch.Tensor | None = None
+
+    def set_key_scale(self, k_scale: torch.Tensor | None) -> None:
+        """Read queries as ``q * s`` and hand the cache ``k / s`` (``k_scale [Hkv, d]``, this
+        module's KV heads; None turns it off). Scores ``q . k`` are unchanged; the cache
+        quantizes the smoothed keys (see :func:`sawkv.quant.recipe.smoothing_scales`)."""
+        if k_scale is None:
+            self.q_mul = self.k_mul = None
+            return
+        want = (self.num_kv_heads, self.head_dim)
+        if tuple(k_scale.shape) != want:
+            raise ValueError(f"key scale has shape {tuple(k_scale.shape)}, need {want}")
+        w = self.qkv_proj.weight
+        s = k_scale.to(device=w.device, dtype=torch.float32)
+        group = self.num_heads // self.num_kv_heads
+        self.q_mul = s.repeat_interleave(group, 0).to(w.dtype)
+        self.k_mul = (1.0 / s).to(w.dtype)
 
     def forward(self, positions, x, ctx: StepContext) -> torch.Tensor:
         t, d = x.shape[0], self.head_dim
@@ -231,6 +250,16 @@ class Attention(nn.Module):
             )
         else:
             q, k = self.ops.rope(positions, q, k, self.rope.cos_sin)
+        if self.q_mul is not None:
+            q, k = q * self.q_mul, k * self.k_mul
         # v stays a strided view of the qkv output: the write kernels take row strides
         o = self.backend.forward(q, k, v, self.kv, ctx, self.scale)
         return self.o_proj(o.reshape(t, -1))
+
+
+def set_key_smoothing(model: nn.Module, k_scale: torch.Tensor | None) -> None:
+    """Give every :class:`Attention` of ``model`` its layer's key smoothing
+    (``k_scale [num_layers, num_kv_heads, head_dim]``, the KV heads this model holds)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_key_scale(None if k_scale is None else k_scale[module.layer_idx])

@@ -7,6 +7,7 @@ carries the calibrated key means (``-kc``), so one file holds everything a cache
 
     ~/.cache/sawkv/<model>/saw_int4_recipe.safetensors
         tensor  "k_means"  [num_layers, num_kv_heads, head_dim] fp32
+        tensor  "k_scale"  [num_layers, num_kv_heads, head_dim] fp32 (optional key smoothing)
         metadata "recipe"   JSON: layer method names, head_dim, budget, calibration info
 
 ``parse_method("saw-int4")`` gives :data:`SAW_INT4` (a :class:`SawInt4` placeholder); the cache
@@ -20,6 +21,7 @@ Everything here is pure torch and servable: importing it never loads an evaluati
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,48 @@ def plain_int4_bits(head_dim: int) -> float:
 def default_budget(head_dim: int) -> float:
     """The default recipe budget: 4.75 at d=64, 4.5 at d=128, 4.375 at d=256."""
     return plain_int4_bits(head_dim) + BUDGET_MARGIN
+
+
+# Key smoothing scales are kept within [1/256, 256] of their geometric mean: a channel no query
+# reads (or no key uses) would otherwise get an infinite (or zero) scale.
+SMOOTH_CLAMP = 256.0
+
+
+def smoothing_scales(q_energy: torch.Tensor, k_energy: torch.Tensor) -> torch.Tensor:
+    """Per-channel key smoothing ``s`` that minimizes the expected error of ``q . k`` when keys
+    are quantized as ``k / s`` and queries read as ``q * s``.
+
+    With quantization noise on ``k / s`` of variance proportional to ``sum_i b_i / s_i^2``
+    (after a Hadamard rotation the noise is spread evenly over channels), the error of the
+    score has variance ``(sum_i a_i s_i^2)(sum_i b_i / s_i^2)``; Cauchy-Schwarz gives the
+    minimum ``(sum_i sqrt(a_i b_i))^2`` at ``s_i = (b_i / a_i)^(1/4)``. Channels ``i`` and
+    ``i + d/2`` (one rotary pair) share a scale, so smoothing commutes with RoPE.
+
+    Args:
+        q_energy: ``[..., head_dim]`` mean ``q_i^2`` (over tokens and the query heads that read
+            one KV head), post-RoPE.
+        k_energy: ``[..., head_dim]`` mean ``(k_i - mu_i)^2`` of the centered keys, post-RoPE.
+    Returns:
+        ``[..., head_dim]`` fp32 scales, geometric mean 1 over the last dim, within
+        ``[1/SMOOTH_CLAMP, SMOOTH_CLAMP]``.
+    """
+    if q_energy.shape != k_energy.shape or q_energy.shape[-1] % 2:
+        raise ValueError(
+            f"q_energy {tuple(q_energy.shape)} and k_energy {tuple(k_energy.shape)} must have "
+            "one shape with an even head_dim"
+        )
+    a, b = q_energy.double(), k_energy.double()
+    if not bool(torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("query/key energies must be finite")
+    h = a.shape[-1] // 2
+    a = (a[..., :h] + a[..., h:]).clamp_min(0)
+    b = (b[..., :h] + b[..., h:]).clamp_min(0)
+    tiny = torch.finfo(torch.float32).tiny
+    log_s = 0.25 * (torch.log(b + tiny) - torch.log(a + tiny))
+    log_s = log_s - log_s.mean(-1, keepdim=True)
+    lim = math.log(SMOOTH_CLAMP)
+    s = log_s.clamp(-lim, lim).exp().float()
+    return torch.cat([s, s], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +153,11 @@ class Recipe:
         num_sink: each sequence's first ``num_sink`` tokens are kept exact, in the model dtype
             (attention sinks; ``sawkv.kernels.sinks``), as calibration chose.
             Per sequence, not per element, so :meth:`bits_per_element` leaves them out.
+        k_scale: ``[num_layers, num_kv_heads, head_dim]`` fp32 key smoothing, or None. The
+            cache stores ``k / k_scale`` and attention reads queries ``q * k_scale`` (exact:
+            ``q . k`` is unchanged), so channels where keys are large and queries small are
+            quantized more coarsely (:func:`smoothing_scales`). With it, ``k_means`` are means
+            of ``k / k_scale``: what the cache receives.
     """
 
     layers: tuple[KVMethod, ...]
@@ -118,6 +167,7 @@ class Recipe:
     budget: float | None = None
     info: dict = field(default_factory=dict, compare=False, repr=False)
     num_sink: int = 0
+    k_scale: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     name = SAW_INT4_NAME
     kind = "recipe"
@@ -144,6 +194,14 @@ class Recipe:
                 )
         elif any(m.center_k for m in self.layers):
             raise ValueError("recipe layers center keys (-kc) but no key means were given")
+        if self.k_scale is not None:
+            want = (len(self.layers), self.num_kv_heads, self.head_dim)
+            if tuple(self.k_scale.shape) != want:
+                raise ValueError(
+                    f"recipe key scales have shape {tuple(self.k_scale.shape)}, need {want}"
+                )
+            if not bool(torch.isfinite(self.k_scale).all() and (self.k_scale > 0).all()):
+                raise ValueError("recipe key scales must be finite and > 0")
         if self.budget is not None and self.bits_per_element() > self.budget + 1e-9:
             raise ValueError(
                 f"recipe uses {self.bits_per_element():.4f} bits per element, over its budget "
@@ -170,6 +228,10 @@ class Recipe:
             return None
         return self.k_means[layer_idx]
 
+    def layer_key_scale(self, layer_idx: int) -> torch.Tensor | None:
+        """``[num_kv_heads, head_dim]`` key smoothing of layer ``layer_idx`` (None: none)."""
+        return None if self.k_scale is None else self.k_scale[layer_idx]
+
     def resolve(self, head_dim: int) -> Recipe:
         if head_dim != self.head_dim:
             raise ValueError(f"recipe is for head_dim {self.head_dim}, not {head_dim}")
@@ -185,10 +247,15 @@ class Recipe:
     ) -> torch.Tensor:
         """``x [seq, H, d]`` of layer ``layer_idx`` -> what attention reads (model space).
 
-        ``k_mean`` is ignored: the recipe uses its own key means.
+        ``k_mean`` is ignored: the recipe uses its own key means (and key scales).
         """
         m = self.layers[layer_idx]
-        return m.fake_quant(x, is_key=is_key, k_mean=self.layer_key_mean(layer_idx))
+        s = self.layer_key_scale(layer_idx) if is_key else None
+        if s is None:
+            return m.fake_quant(x, is_key=is_key, k_mean=self.layer_key_mean(layer_idx))
+        s = s.to(x.device)
+        y = m.fake_quant(x.float() / s, is_key=True, k_mean=self.layer_key_mean(layer_idx))
+        return (y.float() * s).to(x.dtype)
 
     def summary(self) -> str:
         """Runs of equal layer formats: ``"0-5 int4-bdr64-kv-kc; 6 int8-bdr64-kc; ..."``."""
@@ -214,6 +281,7 @@ class Recipe:
             "bits_per_element": self.bits_per_element(),
             "layers": [m.name for m in self.layers],
             "num_sink": self.num_sink,
+            "key_smoothing": self.k_scale is not None,
             "info": self.info,
         }
 
@@ -226,9 +294,12 @@ class Recipe:
         means = self.k_means
         if means is None:  # safetensors needs a tensor; an empty one stands for "none"
             means = torch.zeros(0)
+        tensors = {"k_means": means.float().contiguous()}
+        if self.k_scale is not None:
+            tensors["k_scale"] = self.k_scale.float().contiguous()
         tmp = path.with_suffix(".tmp")
         save_file(
-            {"k_means": means.float().contiguous()},
+            tensors,
             str(tmp),
             metadata={"recipe": json.dumps(self.to_json())},
         )
@@ -245,6 +316,7 @@ class Recipe:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})["recipe"])
                 means = f.get_tensor("k_means")
+                scale = f.get_tensor("k_scale") if "k_scale" in f.keys() else None
             head_dim = int(meta["head_dim"])
             layers = tuple(parse_method(n, head_dim) for n in meta["layers"])
             return cls(
@@ -256,6 +328,7 @@ class Recipe:
                 info=meta.get("info") or {},
                 # recipes stored before calibration chose sinks were measured without them
                 num_sink=int(meta.get("num_sink", 0)),
+                k_scale=scale,
             )
         except (KeyError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"malformed saw-int4 recipe file {path}: {e!r}") from None

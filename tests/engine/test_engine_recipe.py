@@ -188,3 +188,27 @@ def test_dummy_weights_use_the_documented_fallback(private_cache):
     llm = LLM(MODEL, "saw-int4", load_format="dummy", dtype="float32", max_model_len=64,
               kv_cache_memory_bytes=8 << 20)  # fmt: skip
     assert llm.engine.spec.method == parse_method(SAW_INT4_FALLBACK, D)
+
+
+def test_key_smoothing_is_served_like_hf_reads_it(private_cache):
+    """A recipe with key smoothing: the engine's queries and keys are scaled in the model, the
+    pages hold ``k / s``; HF reads the same recipe through SawKVCache, which scales inside the
+    cache. Both must agree, and differ from the same recipe without its scales."""
+    from sawkv.models.hub import load_hf_model
+
+    base = make_recipe(MIXED)
+    g = torch.Generator().manual_seed(1)
+    k_scale = torch.exp(0.3 * torch.randn(L, H, D // 2, generator=g)).repeat(1, 1, 2)
+    smooth = Recipe(base.layers, D, H, base.k_means / k_scale, k_scale=k_scale)
+    store(smooth)
+    llm = make_llm("saw-int4")
+    attn = llm.engine.runner.model.layers[3].self_attn
+    torch.testing.assert_close(attn.k_mul, 1 / k_scale[3])
+    model, tok = load_hf_model(MODEL)
+    ids = torch.tensor([tok.encode(TEXT)])
+    lp = _engine_logprobs(llm, ids[0].tolist())
+    lp_hf, lp_full = hf_logprobs_of(model, ids, smooth), hf_logprobs_of(model, ids, None)
+    unsmoothed = Recipe(base.layers, D, H, base.k_means / k_scale)  # same means, no scales
+    kl_paths = kl(lp_hf, lp)
+    assert kl_paths < 0.5 * kl(lp_full, lp_hf), kl_paths
+    assert kl_paths < 0.5 * kl(hf_logprobs_of(model, ids, unsmoothed), lp), kl_paths

@@ -246,15 +246,24 @@ def kl_served(model, windows: torch.Tensor, method) -> float:
     return total / count
 
 
-def test_kl_scorer_matches_the_served_cache(tiny):
+@pytest.mark.parametrize("smooth", [False, True])
+def test_kl_scorer_matches_the_served_cache(tiny, smooth):
     model, tok = tiny
     wins = torch.stack([torch.arange(100, 140), torch.arange(900, 940)])
     layers = [parse_method(n, 32) for n in ["int4-bdr32-kv-kc", "int8-bdr16-kc"] * 8]
-    means = torch.randn(16, 1, 32, generator=torch.Generator().manual_seed(7))
-    recipe = Recipe(tuple(layers), 32, 1, k_means=means)
-    score = KLScorer(model, wins, means)
+    g = torch.Generator().manual_seed(7)
+    means = torch.randn(16, 1, 32, generator=g)
+    k_scale = torch.exp(torch.randn(16, 1, 16, generator=g)).repeat(1, 1, 2) if smooth else None
+    recipe = Recipe(tuple(layers), 32, 1, k_means=means, k_scale=k_scale)
+    score = KLScorer(model, wins, means, k_scale)
     assert score(layers) == pytest.approx(kl_served(model, wins, recipe), rel=1e-3)
     assert score.num_calls == 1
+    if smooth:  # the scales reach the served cache: without them the KL is another one
+        plain = Recipe(tuple(layers), 32, 1, k_means=means)
+        assert abs(kl_served(model, wins, plain) / score(layers) - 1) > 0.05
+        assert mean_kls(model, [wins[0]], [layers], means, k_scale=k_scale)[0] == pytest.approx(
+            kl_served(model, wins[:1], recipe), rel=1e-3
+        )
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +312,12 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     names = [m.name for m in recipe.layers]
     assert [i for i, n in enumerate(names) if n.startswith("int8")] == recipe.info["int8_layers"]
     assert recipe.info["kl_recipe"] <= recipe.info["kl_all_int4"]
+    # key smoothing is kept exactly when it lowered the probe's KL (the tiny model's large key
+    # channels are read by queries like any other, so either outcome is possible)
+    kls, k_scale = recipe.info["kl_key_smoothing"], recipe.k_scale
+    assert set(kls) == {"off", "on"} and (k_scale is not None) == (kls["on"] < kls["off"])
+    if k_scale is not None:
+        torch.testing.assert_close(k_scale[..., :16], k_scale[..., 16:])
     # the sink count is the candidate of lowest KL, and the reported KL is with those sinks
     kl_sinks = {int(n): kl for n, kl in recipe.info["kl_sinks"].items()}
     assert sorted(kl_sinks) == [0, 1, 4] and recipe.num_sink == min(kl_sinks, key=kl_sinks.get)
@@ -320,7 +335,7 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     )
     # the KLs it reports are the ones an independent cache sees
     wins = [torch.cat([w[:48] for w in [torch.arange(100, 148)]])]
-    kl_rec = mean_kls(model, wins, [list(recipe.layers)], recipe.k_means)[0]
+    kl_rec = mean_kls(model, wins, [list(recipe.layers)], recipe.k_means, k_scale=k_scale)[0]
     kl_int4 = mean_kls(model, wins, [[parse_method("int4", 32)] * 16], recipe.k_means)[0]
     assert kl_rec < kl_int4
 
@@ -335,6 +350,7 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     recipe.save(recipe_path(str(model_dir)))
     loaded = load_recipe(str(model_dir))
     assert isinstance(loaded, Recipe) and loaded == recipe
+    assert (loaded.k_scale is None) == (k_scale is None)
     ids = torch.arange(200, 240)[None]
     with torch.no_grad():
         a = model(ids, past_key_values=SawKVCache(model, recipe)).logits

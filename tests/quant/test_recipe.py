@@ -16,6 +16,7 @@ from sawkv.quant.recipe import (
     default_budget,
     is_saw_int4,
     plain_int4_bits,
+    smoothing_scales,
 )
 
 D, H = 64, 2
@@ -77,6 +78,99 @@ def test_validation_names_the_problem(tmp_path):
     save_file({"k_means": torch.zeros(1)}, str(bad), metadata={"recipe": "{}"})
     with pytest.raises(ValueError, match="malformed saw-int4 recipe"):
         Recipe.load(bad)
+
+
+def _score_error(a, b, s):
+    """``(sum a s^2)(sum b / s^2)``: the variance of the score error, up to a constant."""
+    return (a * s**2).sum(-1) * (b / s**2).sum(-1)
+
+
+def test_smoothing_scales_reach_the_cauchy_schwarz_minimum():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 2, 16, generator=g, dtype=torch.float64) ** 4 + 1e-3
+    b = torch.rand(3, 2, 16, generator=g, dtype=torch.float64) ** 4 + 1e-3
+    s = smoothing_scales(a, b)
+    assert s.shape == a.shape and s.dtype == torch.float32
+    s = s.double()
+    # rotary pairs (i, i + d/2) share a scale; the scales' geometric mean is 1
+    torch.testing.assert_close(s[..., :8], s[..., 8:])
+    torch.testing.assert_close(s.log().mean(-1), torch.zeros(3, 2).double(), atol=1e-6, rtol=0)
+    # pair-tied, the error is (sum_p A_p s_p^2)(sum_p B_p / s_p^2) >= (sum_p sqrt(A_p B_p))^2
+    pa, pb = a[..., :8] + a[..., 8:], b[..., :8] + b[..., 8:]
+    bound = (pa * pb).sqrt().sum(-1) ** 2
+    torch.testing.assert_close(_score_error(a, b, s), bound, rtol=1e-5, atol=0)
+    assert bool((_score_error(a, b, s) < _score_error(a, b, torch.ones_like(s))).all())
+    for _ in range(20):  # any other pair-tied scales do worse
+        p = torch.exp(0.3 * torch.randn(3, 2, 8, generator=g, dtype=torch.float64))
+        other = s * torch.cat([p, p], -1)
+        assert bool((_score_error(a, b, other) >= _score_error(a, b, s) * (1 - 1e-9)).all())
+
+
+def test_smoothing_scales_defined_on_dead_channels_and_refuse_bad_input():
+    a, b = torch.ones(1, 8), torch.ones(1, 8)
+    a[0, 1] = a[0, 5] = 0.0  # no query reads rotary pair 1
+    b[0, 2] = b[0, 6] = 0.0  # no key uses pair 2
+    s = smoothing_scales(a, b)
+    assert bool(torch.isfinite(s).all() and (s > 0).all())
+    assert float(s.max()) <= 256 and float(s.min()) >= 1 / 256
+    assert s[0, 1] > s[0, 0] > s[0, 2]  # shrink keys nobody reads, keep keys that are empty
+    with pytest.raises(ValueError, match="even head_dim"):
+        smoothing_scales(torch.ones(2, 7), torch.ones(2, 7))
+    with pytest.raises(ValueError, match="one shape"):
+        smoothing_scales(torch.ones(2, 8), torch.ones(3, 8))
+    with pytest.raises(ValueError, match="finite"):
+        smoothing_scales(torch.full((2, 8), float("nan")), torch.ones(2, 8))
+
+
+def _smoothed(r: Recipe, k_scale: torch.Tensor) -> Recipe:
+    return Recipe(r.layers, D, H, r.k_means / k_scale, r.budget, r.info, k_scale=k_scale)
+
+
+def test_key_smoothing_by_a_power_of_two_changes_nothing():
+    # per-token quantization is scale-invariant, so one scale on every channel (a power of
+    # two: exact in floating point) must give the same keys as no smoothing
+    r = make_recipe()
+    sm = _smoothed(r, torch.full((len(LAYERS), H, D), 4.0))
+    x = torch.randn(9, H, D) * 3 + 5
+    for i in range(len(LAYERS)):
+        want = r.fake_quant_seq(x, is_key=True, layer_idx=i)
+        torch.testing.assert_close(sm.fake_quant_seq(x, is_key=True, layer_idx=i), want)
+        v = sm.fake_quant_seq(x, is_key=False, layer_idx=i)  # values are not smoothed
+        torch.testing.assert_close(v, r.fake_quant_seq(x, is_key=False, layer_idx=i))
+
+
+def test_key_smoothing_lowers_the_score_error_where_queries_ignore_large_keys():
+    # keys: 8 channels (4 rotary pairs' halves) 30x larger than the rest, which queries ignore
+    g = torch.Generator().manual_seed(5)
+    big = torch.zeros(D, dtype=torch.bool)
+    big[:4], big[32:36] = True, True
+    k = torch.randn(512, H, D, generator=g) * torch.where(big, 30.0, 1.0)
+    q = torch.randn(512, H, D, generator=g) * torch.where(big, 0.02, 1.0)
+    names = ("int4-bdr64-kv",) * 4
+    r = Recipe(tuple(parse_method(n, D) for n in names), D, H, None)
+    s = smoothing_scales(q.pow(2).mean(0).expand(4, H, D), k.pow(2).mean(0).expand(4, H, D))
+    sm = Recipe(r.layers, D, H, None, k_scale=s)
+    exact = torch.einsum("thd,shd->hts", q, k)
+
+    def err(rec):
+        kq = rec.fake_quant_seq(k, is_key=True, layer_idx=0)
+        return float((torch.einsum("thd,shd->hts", q, kq) - exact).pow(2).mean())
+
+    assert err(sm) < 0.25 * err(r), (err(sm), err(r))
+
+
+def test_key_scales_round_trip_and_are_validated(tmp_path):
+    r = make_recipe()
+    k_scale = torch.rand(len(LAYERS), H, D) + 0.5
+    sm = _smoothed(r, k_scale)
+    back = Recipe.load(sm.save(tmp_path / "s.safetensors"))
+    assert torch.equal(back.k_scale, k_scale) and torch.equal(back.k_means, sm.k_means)
+    assert sm.to_json()["key_smoothing"] and not r.to_json()["key_smoothing"]
+    assert Recipe.load(r.save(tmp_path / "r.safetensors")).k_scale is None
+    with pytest.raises(ValueError, match="key scales have shape"):
+        Recipe(r.layers, D, H, r.k_means, k_scale=torch.ones(len(LAYERS), H + 1, D))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        _smoothed(r, torch.zeros(len(LAYERS), H, D))
 
 
 def test_saw_int4_name_parses_everywhere():
