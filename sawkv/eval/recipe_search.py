@@ -182,6 +182,49 @@ def coordinate_descent(
     return layers, float(cur.double().mean()), changes
 
 
+def smoothing_masks(
+    mu: torch.Tensor, k_scale: torch.Tensor | None, on: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(k_means, k_scale)`` a cache uses when layer ``i`` is smoothed iff ``on[i]``:
+    ``mu`` ``[L, H, d]`` are model-space key means, ``k_scale`` the smoothing of every layer;
+    layers left off get scale 1 (and None when no layer is on)."""
+    if k_scale is None or not any(on):
+        return mu, None
+    scale = torch.stack([k_scale[i] if on[i] else torch.ones_like(k_scale[i])
+                         for i in range(len(on))])  # fmt: skip
+    return mu / scale, scale
+
+
+def smoothing_descent(
+    score: KLScorer,
+    layers: Layers,
+    mu: torch.Tensor,
+    k_scale: torch.Tensor,
+    on: list[bool],
+    min_z: float = 2.0,
+    progress: Progress | None = None,
+) -> tuple[list[bool], float, list[dict]]:
+    """One pass over layers flipping key smoothing on or off (formats fixed), a flip kept if
+    its KL drop exceeds ``min_z`` standard errors (as :func:`coordinate_descent`).
+
+    Returns ``(on, kl, flips)``, each flip ``{layer, smooth, kl, z}``.
+    """
+    on, flips = list(on), []
+    cur = score.smoothed(*smoothing_masks(mu, k_scale, on)).per_token(layers)
+    for i in range(len(layers)):
+        trial_on = on[:i] + [not on[i]] + on[i + 1 :]
+        trial = score.smoothed(*smoothing_masks(mu, k_scale, trial_on)).per_token(layers)
+        diff = cur - trial
+        drop = float(diff.double().mean())
+        z = drop / max(block_se(diff), 1e-30)
+        if drop > 0 and z > min_z:
+            on, cur = trial_on, trial
+            flips.append({"layer": i, "smooth": on[i], "kl": float(cur.double().mean()), "z": z})
+        if progress is not None:
+            progress("smoothing", i + 1, len(layers))
+    return on, float(cur.double().mean()), flips
+
+
 def promote_high(
     score: KLScorer,
     layers: Layers,

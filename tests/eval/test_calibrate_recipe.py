@@ -312,12 +312,18 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     names = [m.name for m in recipe.layers]
     assert [i for i, n in enumerate(names) if n.startswith("int8")] == recipe.info["int8_layers"]
     assert recipe.info["kl_recipe"] <= recipe.info["kl_all_int4"]
-    # key smoothing is kept exactly when it lowered the probe's KL (the tiny model's large key
-    # channels are read by queries like any other, so either outcome is possible)
-    kls, k_scale = recipe.info["kl_key_smoothing"], recipe.k_scale
-    assert set(kls) == {"off", "on"} and (k_scale is not None) == (kls["on"] < kls["off"])
+    # key smoothing: the search starts smoothed iff that lowered the probe's KL, then each
+    # layer's flip is kept where it lowered the KL; the scales say which layers ended up on
+    kls, k_scale, info = recipe.info["kl_key_smoothing"], recipe.k_scale, recipe.info
+    assert set(kls) == {"off", "on"} and "smoothing" in seen
+    flipped = {f["layer"] for f in info["smoothing_flips"]}
+    start_on = kls["on"] < kls["off"]
+    assert info["smoothed_layers"] == [i for i in range(16) if start_on != (i in flipped)]
+    assert (k_scale is not None) == bool(info["smoothed_layers"])
     if k_scale is not None:
         torch.testing.assert_close(k_scale[..., :16], k_scale[..., 16:])
+        is_one = [bool((k_scale[i] == 1).all()) for i in range(16)]
+        assert [i for i in range(16) if not is_one[i]] == info["smoothed_layers"]
     # the sink count is the candidate of lowest KL, and the reported KL is with those sinks
     kl_sinks = {int(n): kl for n, kl in recipe.info["kl_sinks"].items()}
     assert sorted(kl_sinks) == [0, 1, 4] and recipe.num_sink == min(kl_sinks, key=kl_sinks.get)
