@@ -305,13 +305,17 @@ def _print_recipe(recipe, model: str, path: Path) -> None:
                   f"(budget {recipe.budget:.4f})")  # fmt: skip
     table.add_column("layer", justify="right")
     table.add_column("format")
+    table.add_column("key smoothing (max/min scale)")
     table.add_column("KL drop with INT8 (probed layers)", justify="right")
     drops = info.get("kl_drop_int8") or {}
     for i, m in enumerate(recipe.layers):
         drop = drops.get(str(i))
-        table.add_row(str(i), m.name, "-" if drop is None else f"{drop:.2e}")
+        s = recipe.layer_key_scale(i)
+        smooth = "-" if s is None or bool((s == 1).all()) else f"{float(s.max() / s.min()):.1f}x"
+        table.add_row(str(i), m.name, smooth, "-" if drop is None else f"{drop:.2e}")
     console = Console()
     console.print(table)
+    console.print(f"attention sinks: {recipe.num_sink} exact first tokens per sequence")
     if "kl_all_int4" in info:
         kl4, kl = info["kl_all_int4"], info["kl_recipe"]
         console.print(f"KL to full precision (calibration windows): all-INT4 {kl4:.4f}, "

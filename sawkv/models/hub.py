@@ -245,10 +245,11 @@ def load_hf_model(
 
 
 def model_cache_dir(name_or_path: str | os.PathLike) -> Path:
-    """``cache_dir()/<safe model name>/`` (created): per-model artifacts such as key means.
+    """``cache_dir()/<safe model name>/``: per-model artifacts such as key means.
 
     A known name maps to itself; a path maps to ``<basename>-<8 hex of its absolute path>``
-    so two checkpoints with the same basename never share artifacts.
+    so two checkpoints with the same basename never share artifacts. Not created here: a
+    lookup that finds nothing must leave no empty folder behind; writers create it.
     """
     key = str(name_or_path)
     if key in KNOWN_MODELS:
@@ -257,9 +258,7 @@ def model_cache_dir(name_or_path: str | os.PathLike) -> Path:
         full = str(Path(key).expanduser().resolve())
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(full).name) or "model"
         safe = f"{base}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
-    path = cache_dir() / safe
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_dir() / safe
 
 
 def _main(argv: list[str]) -> int:
