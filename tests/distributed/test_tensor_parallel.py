@@ -123,3 +123,27 @@ def test_smollm2_tp3_equals_tp1():
             llm.engine.runner.shutdown()
     assert all(len(o) == 8 for o in outs[1])
     assert outs[3] == outs[1]
+
+
+def test_tp2_serves_a_recipes_key_smoothing_per_rank(tiny_dir, monkeypatch, tmp_path):
+    """A saw-int4 recipe with key smoothing: each rank scales its own KV heads' q and k
+    (rank r holds KV head r). TP=2 must equal TP=1; with the heads' scales swapped the output
+    changes, so the comparison can see a rank using the other rank's scales."""
+    from sawkv.models.calibration import recipe_path
+    from sawkv.quant import parse_method
+    from sawkv.quant.recipe import Recipe
+
+    monkeypatch.setenv("SAWKV_CACHE", str(tmp_path))
+    g = torch.Generator().manual_seed(2)
+    layers = (parse_method("int4-bdr16-kv-kc", 32),) * 2
+    half = torch.exp(2.0 * torch.randn(2, 2, 16, generator=g))
+    k_scale = torch.cat([half, half], -1)
+    means = torch.randn(2, 2, 32, generator=g)
+
+    def run(scale, tp):
+        Recipe(layers, 32, 2, means, k_scale=scale).save(recipe_path(str(tiny_dir)))
+        return _generate(tiny_dir, "saw-int4", tp)[0]
+
+    ref = run(k_scale, 1)
+    assert run(k_scale.flip(1), 1) != ref  # the scales matter for this model and prompt set
+    assert run(k_scale, 2) == ref
