@@ -258,14 +258,19 @@ class Recipe:
         return (y.float() * s).to(x.dtype)
 
     def summary(self) -> str:
-        """Runs of equal layer formats: ``"0-5 int4-bdr64-kv-kc; 6 int8-bdr64-kc; ..."``."""
+        """Runs of equal layer formats: ``"0-5 int4-bdr64-kv-kc; 6 int8-bdr64-kc; ..."``, then
+        the smoothed layers' count if any (``"; key smoothing on 18/18 layers"``)."""
         runs: list[list] = []
         for i, m in enumerate(self.layers):
             if runs and runs[-1][2] == m.name:
                 runs[-1][1] = i
             else:
                 runs.append([i, i, m.name])
-        return "; ".join(f"{a}{'' if a == b else f'-{b}'} {n}" for a, b, n in runs)
+        out = "; ".join(f"{a}{'' if a == b else f'-{b}'} {n}" for a, b, n in runs)
+        if self.k_scale is not None:
+            on = sum(not bool((s == 1).all()) for s in self.k_scale)
+            out += f"; key smoothing on {on}/{self.num_layers} layers"
+        return out
 
     def counts(self) -> dict[str, int]:
         """How many layers use each format."""

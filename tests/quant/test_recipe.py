@@ -166,6 +166,10 @@ def test_key_scales_round_trip_and_are_validated(tmp_path):
     back = Recipe.load(sm.save(tmp_path / "s.safetensors"))
     assert torch.equal(back.k_scale, k_scale) and torch.equal(back.k_means, sm.k_means)
     assert sm.to_json()["key_smoothing"] and not r.to_json()["key_smoothing"]
+    assert sm.summary() == r.summary() + "; key smoothing on 4/4 layers"
+    one_off = k_scale.clone()
+    one_off[2] = 1.0
+    assert _smoothed(r, one_off).summary().endswith("on 3/4 layers")
     assert Recipe.load(r.save(tmp_path / "r.safetensors")).k_scale is None
     with pytest.raises(ValueError, match="key scales have shape"):
         Recipe(r.layers, D, H, r.k_means, k_scale=torch.ones(len(LAYERS), H + 1, D))
