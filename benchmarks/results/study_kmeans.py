@@ -60,6 +60,7 @@ def install(folder: Path) -> None:
     for path in sorted(folder.glob("*__codebooks_*.pt")):
         model, fname = path.name.split("__", 1)
         dest = Path(model_cache_dir(model)) / fname
+        dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(path.read_bytes())
         print(f"installed {dest}")
 

@@ -382,6 +382,7 @@ def test_sawkvcache_loads_the_models_key_means_by_itself(tiny, tmp_path, monkeyp
 
     means = torch.randn(16, 1, 32) * 4
     path = key_means_path(str(model_dir))
+    path.parent.mkdir(parents=True)  # a lookup does not create the model's cache folder
     save_file({"k_means": means}, str(path))
     ids = torch.arange(300, 340)[None]
     with warnings.catch_warnings():
