@@ -250,8 +250,9 @@ class Attention(nn.Module):
             )
         else:
             q, k = self.ops.rope(positions, q, k, self.rope.cos_sin)
-        if self.q_mul is not None:
-            q, k = q * self.q_mul, k * self.k_mul
+        if self.q_mul is not None:  # in place: RoPE's outputs are fresh tensors
+            q.mul_(self.q_mul)
+            k.mul_(self.k_mul)
         # v stays a strided view of the qkv output: the write kernels take row strides
         o = self.backend.forward(q, k, v, self.kv, ctx, self.scale)
         return self.o_proj(o.reshape(t, -1))
