@@ -23,7 +23,7 @@ Two precisions (``PREC``):
   rotation (``R (k - mu) = R k - R mu``, ``R mu`` from the host). Under the CPU interpreter
   the host passes ``"exact16_emulated"``: the same products as an fp32 dot, because Triton
   3.6's interpreter gets bf16 dots wrong; ``bench_kernels.py``'s GPU check pass covers the
-  16-bit MMA itself (the reason ``cache_write.DEFAULT_ROTATION_16`` is still tf32x3).
+  16-bit MMA itself; it is ``cache_write.DEFAULT_ROTATION_16``.
 """
 
 from __future__ import annotations
