@@ -201,8 +201,15 @@ def report_cmd(
     out: Annotated[Path, typer.Option(help="results directory")] = Path("benchmarks/results"),
     run: Annotated[bool, typer.Option(help="compute missing results (else only re-read)")] = True,
     device: Annotated[str, typer.Option(help="torch device for the model")] = "cpu",
+    mc_items: Annotated[
+        int | None,
+        typer.Option(help="multiple-choice items per task, instead of the size's (results "
+                     "already in --out are kept: use a fresh --out)"),
+    ] = None,
 ) -> None:
     """Accuracy study: run missing (model, method, task) results, then write report.md + plots."""
+    from dataclasses import replace
+
     from sawkv.eval.report import build_report
     from sawkv.eval.study import DEFAULT_METHODS as STUDY_METHODS
     from sawkv.eval.study import DEFAULT_TASKS, SIZES, run_study
@@ -212,8 +219,13 @@ def report_cmd(
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     method_list = [m.strip() for m in methods.split(",") if m.strip()] or list(STUDY_METHODS)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] or list(DEFAULT_TASKS)
+    study_size = SIZES[size]
+    if mc_items is not None:
+        if mc_items <= 0:
+            raise typer.BadParameter(f"--mc-items must be positive, got {mc_items}")
+        study_size = replace(study_size, mc_items=mc_items)
     if run:
-        run_study(model_list, method_list, task_list, out, SIZES[size], device=device)
+        run_study(model_list, method_list, task_list, out, study_size, device=device)
     print(build_report(out, model_list, method_list, task_list))
 
 

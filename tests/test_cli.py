@@ -138,3 +138,28 @@ def test_calibrate_and_eval_reject_bad_input(tmp_path):
     latin.write_bytes("café".encode("latin-1"))
     res = CliRunner().invoke(app, ["eval", "--methods", "auto", "--text", str(latin)])
     assert res.exit_code != 0 and "not UTF-8" in res.output
+
+
+def test_report_mc_items_overrides_the_size(tmp_path, monkeypatch):
+    import sawkv.eval.report as report
+    import sawkv.eval.study as study
+
+    seen = {}
+
+    def fake_run(models, methods, tasks, out, size, device="cpu"):
+        seen.update(models=models, tasks=tasks, size=size)
+        return []
+
+    monkeypatch.setattr(study, "run_study", fake_run)
+    monkeypatch.setattr(report, "build_report", lambda *a: tmp_path / "report.md")
+    args = ["report", "--models", "m", "--methods", "auto", "--tasks", "hellaswag", "--size",
+            "gpu", "--out", str(tmp_path)]  # fmt: skip
+    res = CliRunner().invoke(app, [*args, "--mc-items", "400"])
+    assert res.exit_code == 0, res.output
+    gpu = study.SIZES["gpu"]
+    assert seen["size"].mc_items == 400 and gpu.mc_items == 100
+    assert seen["size"].ppl_tokens == gpu.ppl_tokens  # everything else as the size says
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and seen["size"] == gpu
+    res = CliRunner().invoke(app, [*args, "--mc-items", "0"])
+    assert res.exit_code != 0 and "--mc-items must be positive" in res.output

@@ -31,7 +31,9 @@ from sawkv.kernels.plan import DecodePlan, plan_decode
 from sawkv.kernels.sinks import SinkKV, merge_sinks
 from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _store_out
 
-LN2 = 0.6931471805599453
+# a Triton global must be a tl.constexpr to be read inside @jit code (the interpreter does not
+# check; the compiler does: tests/gpu_compile)
+LN2 = tl.constexpr(0.6931471805599453)
 
 __all__ = ["paged_attention_decode", "KernelConfig", "DECODE_CONFIG", "DECODE_CONFIG_D256"]
 

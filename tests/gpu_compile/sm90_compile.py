@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sawkv.kernels.cache_write import _cache_write_kernel
+from sawkv.kernels.decode import _decode_kernel, _decode_reduce_kernel
 from sawkv.kernels.dequant import _dequant_kernel
+from sawkv.kernels.extend import _extend_kernel
+from sawkv.kernels.launch import DECODE_CONFIG, DECODE_CONFIG_D256, EXTEND_CONFIG, _dot_code
 from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -20,6 +24,8 @@ WRITE_PTRS = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_page_ptr": "*u8", "v_page_p
               "v_perm_ptr": "*i32", "slot_ptr": "*i64", "mean_ptr": "*fp32",
               "norm": "fp32"}  # fmt: skip
 FP32_ROWS = {"k_ptr": "*fp32", "v_ptr": "*fp32"}
+# (bits, head_dim, had_block, rotate_v): INT4 with K+V rotation, INT8 without, bf16 pages
+ATTN_CASES = ((4, 128, 128, True), (8, 64, 0, False), (16, 256, 0, False))
 DEQUANT_PTRS = {"page_ptr": "*u8", "meta_ptr": "*fp16", "perm_ptr": "*i32", "bt_ptr": "*i32",
                 "lens_ptr": "*i32", "start_ptr": "*i32", "out_ptr": "*fp16"}  # fmt: skip
 
@@ -45,6 +51,34 @@ def main() -> None:
                 print(f"cache_write bits={bits} d={d} had={had} {prec}: smem {k.metadata.shared}")
             k = compile_one(_dequant_kernel, DEQUANT_PTRS, dict(BLOCK_SIZE=16, D=d, BITS=bits))
             print(f"dequant bits={bits} d={d}: smem {k.metadata.shared}")
+    for bits, d, had, rot_v in ATTN_CASES:
+        page = "*bf16" if bits == 16 else "*u8"
+        ptrs = {"q_ptr": "*bf16", "k_page_ptr": page, "v_page_ptr": page, "k_meta_ptr": "*fp16",
+                "v_meta_ptr": "*fp16", "k_perm_ptr": "*i32", "v_perm_ptr": "*i32",
+                "bt_ptr": "*i32", "lens_ptr": "*i32", "qsl_ptr": "*i32", "out_ptr": "*bf16",
+                "part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "lse_ptr": "*fp32",
+                "norm": "fp32", "qscale": "fp32"}  # fmt: skip
+        dot = _dot_code(torch.bfloat16, bits)
+        common = dict(G=4, D=d, HAD=had, ROT_V=rot_v)
+        cfg = DECODE_CONFIG if d <= 128 else DECODE_CONFIG_D256
+        # WRITE_LSE: attention sinks merge the decode's log-sum-exp (the path that once read a
+        # non-constexpr global and failed only on the GPU)
+        for single, write_lse in ((True, False), (False, False), (False, True)):
+            consts = dict(common, G_PAD=16, BLOCK_SIZE=16, BITS=bits, BLOCK_N=cfg.block_n,
+                          NUM_SPLITS=1 if single else 4, SINGLE=single, DOT=dot,
+                          INTERPRET=False, TRANS_QK=False, WRITE_LSE=write_lse)  # fmt: skip
+            k = compile_one(_decode_kernel, ptrs, consts, num_warps=cfg.num_warps)
+            print(f"decode bits={bits} d={d} single={single} lse={write_lse}: "
+                  f"smem {k.metadata.shared}")  # fmt: skip
+        for write_lse in (False, True):
+            consts = dict(common, G_PAD=16, NUM_SPLITS=4, SPLITS_PAD=4, WRITE_LSE=write_lse)
+            k = compile_one(_decode_reduce_kernel, ptrs, consts)
+            print(f"decode_reduce bits={bits} d={d} lse={write_lse}: smem {k.metadata.shared}")
+        consts = dict(common, G_PAD=4, BLOCK_SIZE=16, BITS=bits, BLOCK_N=EXTEND_CONFIG.block_n,
+                      BLOCK_R=EXTEND_CONFIG.block_r, DOT=dot, INTERPRET=False,
+                      TRANS_QK=False)  # fmt: skip
+        k = compile_one(_extend_kernel, ptrs, consts, num_warps=EXTEND_CONFIG.num_warps)
+        print(f"extend bits={bits} d={d}: smem {k.metadata.shared}")
     sys.stdout.flush()
 
 

@@ -31,3 +31,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert sum(line.startswith("write_groups") for line in lines) == 18
     assert sum(line.startswith("cache_write") for line in lines) == 18
     assert sum(line.startswith("dequant") for line in lines) == 6
+    # 3 page formats x (single, split, split + log-sum-exp) decode, 2 reduce, 1 extend
+    assert sum(line.startswith("decode ") for line in lines) == 9
+    assert sum(line.startswith("decode_reduce") for line in lines) == 6
+    assert sum(line.startswith("extend") for line in lines) == 3
