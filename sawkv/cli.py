@@ -203,8 +203,10 @@ def report_cmd(
     device: Annotated[str, typer.Option(help="torch device for the model")] = "cpu",
     mc_items: Annotated[
         int | None,
-        typer.Option(help="multiple-choice items per task, instead of the size's (results "
-                     "already in --out are kept: use a fresh --out)"),
+        typer.Option(
+            help="multiple-choice items per task, instead of the size's (results "
+            "already in --out are kept: use a fresh --out)"
+        ),
     ] = None,
 ) -> None:
     """Accuracy study: run missing (model, method, task) results, then write report.md + plots."""

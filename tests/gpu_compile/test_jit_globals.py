@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
 
 pytest.importorskip("triton")
-
-import sawkv  # noqa: E402
 
 
 def _jit_functions(tree: ast.AST):
@@ -64,5 +63,7 @@ def test_jit_functions_read_only_constexpr_globals():
         with open(spec.origin, encoding="utf-8") as f:
             if "triton.jit" not in f.read():
                 continue
-        bad += [f"{info.name}:{x}" for x in plain_number_globals(importlib.import_module(info.name))]
+        bad += [
+            f"{info.name}:{x}" for x in plain_number_globals(importlib.import_module(info.name))
+        ]
     assert not bad, f"jit functions read non-constexpr globals: {bad}"
