@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from sawkv.eval.calibrate_recipe import fake_quant_heads
 from sawkv.eval.recipe_search import KLScorer
+from sawkv.hf.cache import cache_kwargs
 from sawkv.quant.methods import parse_method
 
 
@@ -64,7 +65,7 @@ class VariantScorer(KLScorer):
 
         k_means = self.k_means if k_means is None else k_means
         cache = variant_cache(k_layers, v_layers, k_means, num_sink)
-        logits = self.model(self.ids, past_key_values=cache, use_cache=True).logits
+        logits = self.model(self.ids, **cache_kwargs(self.model, cache), use_cache=True).logits
         total = 0.0
         for ref, out in zip(self.ref, logits):
             total += float((ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum())

@@ -60,7 +60,7 @@ from sawkv.eval.recipe_search import (
     smoothing_masks,
     uniform_candidates,
 )
-from sawkv.hf.cache import attention_shape
+from sawkv.hf.cache import attention_shape, cache_kwargs
 from sawkv.quant.methods import KVMethod
 from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
 
@@ -443,10 +443,10 @@ def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], 
     for w in windows:
         ids = w[None].to(device)
         plain = Cache(layers=[DynamicLayer() for _ in range(num_layers)])
-        ref = model(ids, past_key_values=plain, use_cache=True).logits[0]
+        ref = model(ids, **cache_kwargs(model, plain), use_cache=True).logits[0]
         for j, layers in enumerate(configs):
             cache = fake_quant_cache(list(layers), k_means, k_scale=k_scale)
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[0]
+            logits = model(ids, **cache_kwargs(model, cache), use_cache=True).logits[0]
             totals[j] += float(kl_per_token(ref, logits).sum())
             done += 1
             if progress is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from sawkv.hf.cache import attention_shape
+from sawkv.hf.cache import attention_shape, cache_kwargs
 from sawkv.quant.methods import KVMethod, parse_method
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -60,7 +60,7 @@ class KLScorer:
         self.num_calls = 0
         plain = Cache(layers=[DynamicLayer() for _ in range(self.num_layers)])
         with torch.no_grad():
-            logits = model(self.ids, past_key_values=plain, use_cache=True).logits
+            logits = model(self.ids, **cache_kwargs(model, plain), use_cache=True).logits
         self.ref = F.log_softmax(logits.float(), -1)
 
     @torch.no_grad()
@@ -70,7 +70,7 @@ class KLScorer:
         from sawkv.eval.calibrate_recipe import fake_quant_cache
 
         cache = fake_quant_cache(list(layers), self.k_means, num_sink, self.k_scale)
-        logits = self.model(self.ids, past_key_values=cache, use_cache=True).logits
+        logits = self.model(self.ids, **cache_kwargs(self.model, cache), use_cache=True).logits
         self.num_calls += 1
         # one window at a time: [seq_len, vocab] temporaries
         return torch.stack([(ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum(-1)

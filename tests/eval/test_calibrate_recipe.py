@@ -30,7 +30,7 @@ from sawkv.eval.recipe_search import (
     promote_high,
     uniform_candidates,
 )
-from sawkv.hf.cache import SawKVCache
+from sawkv.hf.cache import SawKVCache, cache_kwargs
 from sawkv.quant import parse_method
 from sawkv.quant.recipe import Recipe, default_budget, plain_int4_bits
 
@@ -240,12 +240,18 @@ def kl_served(model, windows: torch.Tensor, method) -> float:
     with torch.no_grad():
         for w in windows:
             ref = F.log_softmax(model(w[None]).logits[0].float(), -1)
-            out = model(w[None], past_key_values=SawKVCache(model, method)).logits[0]
+            out = model(w[None], **cache_kwargs(model, SawKVCache(model, method))).logits[0]
             total += float((ref.exp() * (ref - F.log_softmax(out.float(), -1))).sum())
             count += len(w)
     return total / count
 
 
+# transformers 5.23 renamed forward's past_key_values to cache (the old name warns): calibration
+# must pass whichever name the model takes (cache_kwargs)
+NO_RENAME_WARNING = pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+
+
+@NO_RENAME_WARNING
 @pytest.mark.parametrize("smooth", [False, True])
 def test_kl_scorer_matches_the_served_cache(tiny, smooth):
     model, tok = tiny
@@ -289,6 +295,7 @@ def tiny():
     return model, tok
 
 
+@NO_RENAME_WARNING
 def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     from sawkv.eval.tasks import cached_windows
     from sawkv.models.hub import cache_dir
@@ -359,8 +366,10 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     assert (loaded.k_scale is None) == (k_scale is None)
     ids = torch.arange(200, 240)[None]
     with torch.no_grad():
-        a = model(ids, past_key_values=SawKVCache(model, recipe)).logits
-        b = model(ids, past_key_values=SawKVCache(model, "saw-int4", model_name=model_dir)).logits
+        a = model(ids, **cache_kwargs(model, SawKVCache(model, recipe))).logits
+        b = model(
+            ids, **cache_kwargs(model, SawKVCache(model, "saw-int4", model_name=model_dir))
+        ).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -391,8 +400,8 @@ def test_sawkvcache_loads_the_models_key_means_by_itself(tiny, tmp_path, monkeyp
     explicit = SawKVCache(model, "int4-bdr32-kc", k_means=means)
     assert torch.equal(auto.layers[3].k_mean, means[3])
     with torch.no_grad():
-        a = model(ids, past_key_values=auto).logits
-        b = model(ids, past_key_values=explicit).logits
+        a = model(ids, **cache_kwargs(model, auto)).logits
+        b = model(ids, **cache_kwargs(model, explicit)).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     path.unlink()
     with pytest.warns(UserWarning, match="mu = 0"):
