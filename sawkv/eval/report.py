@@ -3,7 +3,8 @@
 Reads the per-(model, method, task) JSONs of :mod:`sawkv.eval.study` and writes, under
 ``out_dir`` (``benchmarks/results``):
 
-* ``report.md``: per model, a method x task table: bits per element (metadata included), each
+* ``report.md``: per model, a method x task table: bits per element (metadata included), the
+  concurrent 16K-token sequences an H200 would hold at those bits (computed), each
   task's primary metric with its standard error, and for every method vs the reference
   (``auto``, the model's own KV dtype) the paired difference on the same items / windows with
   its paired SE, plus the perplexity ratio and the share of the naive-INT4 gap recovered;
@@ -28,6 +29,33 @@ from sawkv.eval.study import result_path, safe_name
 
 REFERENCE = "auto"
 NAIVE = "int4"
+# KV pool of an H200 as `sawkv serve` sizes it: gpu_memory_utilization 0.9 of 141 GB (the
+# weights, small for the study's models, are not subtracted)
+H200_KV_BYTES = 0.9 * 141e9
+CAPACITY_TOKENS = 16384
+
+
+def attention_shape_of(model: str) -> tuple[int, int, int] | None:
+    """``(num_layers, num_kv_heads, head_dim)`` from the model's config; None if unavailable."""
+    try:
+        from transformers import AutoConfig
+
+        from sawkv.hf.cache import attention_shape
+        from sawkv.models import resolve_model_dir
+
+        return tuple(attention_shape(AutoConfig.from_pretrained(resolve_model_dir(model))))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def concurrent_seqs(shape: tuple[int, int, int] | None, bits: float) -> int | None:
+    """Sequences of :data:`CAPACITY_TOKENS` tokens whose K and V fit :data:`H200_KV_BYTES` at
+    ``bits`` per element (sinks not counted); None without the model's shape."""
+    if shape is None:
+        return None
+    num_layers, num_kv_heads, head_dim = shape
+    bytes_per_token = bits * 2 * num_layers * num_kv_heads * head_dim / 8
+    return int(H200_KV_BYTES // (CAPACITY_TOKENS * bytes_per_token))
 
 
 def load_results(out_dir, models, methods, tasks) -> dict:
@@ -112,7 +140,8 @@ def model_table(model: str, results: dict, methods: list[str], tasks: list[str])
     ref, naive = results.get(REFERENCE, {}), results.get(NAIVE, {})
     tasks = [t for t in tasks if any(t in results.get(m, {}) for m in methods)]
     gap_task = next((t for t in tasks if t.startswith("ppl-")), None)
-    head = ["method", "bits/elem"] + [_header_name(t, results) for t in tasks]
+    shape = attention_shape_of(model)
+    head = ["method", "bits/elem", "16K seqs / H200"] + [_header_name(t, results) for t in tasks]
     if gap_task:
         head.append(f"gap recovered ({gap_task})")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -122,7 +151,10 @@ def model_table(model: str, results: dict, methods: list[str], tasks: list[str])
         if not per:
             continue
         bits = next(iter(per.values()))["bits_per_element"]
-        cells, row = [m, f"{bits:.2f}"], {"method": m, "bits_per_element": bits, "tasks": {}}
+        # `auto` is scored in fp32 on the CPU; a server would hold it in BF16
+        seqs = concurrent_seqs(shape, min(bits, 16.0))
+        cells = [m, f"{bits:.2f}", "–" if seqs is None else f"{seqs:,}"]
+        row = {"method": m, "bits_per_element": bits, "h200_16k_seqs": seqs, "tasks": {}}
         for t in tasks:
             res = per.get(t)
             cmp = compare(res, ref.get(t), naive.get(t)) if res and m != REFERENCE else {}
@@ -235,7 +267,9 @@ CAVEAT = (
     "Baseline caveat: the reference is the model's own 4/5-bit GGUF weights with full-precision "
     "KV (`auto`); KV quantization is measured against that. All K/V are read quantized, prefill "
     "included. Cells: metric ± SE, then (difference vs `auto` ± paired SE over the same items / "
-    "windows). Bits per element include (scale, min) metadata; KIVI's full-precision residual "
+    "windows). Bits per element include (scale, min) metadata. `16K seqs / H200` is computed, "
+    "not measured: 0.9 x 141 GB over 16,384 tokens x the K/V bytes per token at those bits "
+    "(`auto` as BF16; weights and sink tokens not counted). KIVI's full-precision residual "
     "window and mixed precision's sink tokens are not counted (KIVI's window of 128 recent "
     "tokens covers a whole multiple-choice prompt, so its MC cells equal `auto` by construction). "
     "Baseline methods (kivi, kmeans, "

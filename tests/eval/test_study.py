@@ -74,6 +74,10 @@ def test_study_resumes_and_reports(local_model, cache_root):
     md = report.build_report(out, [local_model], METHODS, ["ppl-austen"]).read_text()
     for name in res:
         assert f"| {name} |" in md
+    # capacity column: 2 layers x 2 KV heads x d=32, K and V; int4 at 5 bits is 160 bytes a
+    # token, auto (fp32 here) counts as BF16, 512 bytes: 126.9e9 / (16384 x bytes) sequences
+    assert "| int4 | 5.00 | 48,408 |" in md
+    assert "| auto | 32.00 | 15,127 |" in md
     summary = json.loads((out / "study_summary.json").read_text())
     assert len(summary[local_model]) == len(METHODS)
 
@@ -102,6 +106,13 @@ def test_paired_comparisons():
     assert cmp["ppl_ratio"] == pytest.approx(1.1)
     assert cmp["gap_recovered"] == pytest.approx(0.9)
     assert cmp["ppl_ratio_se"] == pytest.approx(0.0, abs=1e-9)  # a constant shift: no noise
+
+
+def test_capacity_needs_the_models_shape():
+    assert report.attention_shape_of("no-such-model-anywhere") is None
+    assert report.concurrent_seqs(None, 4.25) is None
+    # Qwen3-8B's shape (36 layers, 8 KV heads, d=128): 147,456 BF16 bytes a token
+    assert report.concurrent_seqs((36, 8, 128), 16.0) == int(126.9e9 // (16384 * 147456))
 
 
 def test_report_marks_results_from_another_device():
