@@ -28,48 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from sawkv.eval.calibrate import get_recipe
-from sawkv.eval.calibrate_recipe import Cache, DynamicLayer, _FakeQuantLayer
+from sawkv.eval.calibrate_recipe import Cache, _FakeQuantLayer
 from sawkv.eval.tasks import cached_windows, prefix_ids
 from sawkv.hf.cache import cache_kwargs
 from sawkv.models.hub import load_hf_model
-from sawkv.quant.hadamard import rotate_matmul
-from sawkv.quant.int4 import dequantize_int, quantize_int
 
 VARIANTS = ("recipe", "all4", "k8", "v8", "k8top3", "khalf", "recipe-khalf", "kquarter")
-
-
-def fake_quant(x, bits: int, had_block: int, mean, group: int | None) -> torch.Tensor:
-    """``x [H, S, d]`` through a token-wise page with ``group``-element groups (None: one)."""
-    if mean is not None:
-        x = x - mean.to(x)[:, None, :]
-    y = rotate_matmul(x, had_block) if had_block else x
-    y = dequantize_int(*quantize_int(y, bits, group))
-    y = rotate_matmul(y, had_block) if had_block else y
-    return y if mean is None else y + mean.to(x)[:, None, :]
-
-
-class _Layer(_FakeQuantLayer):
-    """A recipe layer with the key/value bits and the key group size overridden."""
-
-    def __init__(self, method, k_mean, num_sink, k_scale, k_bits, v_bits, k_group):
-        super().__init__(method, k_mean, num_sink, k_scale)
-        self.k_bits, self.v_bits, self.k_group = k_bits, v_bits, k_group
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        m, s = self.method, self.k_scale
-        mu = self.k_mean if m.center_k else None
-        ks = key_states.float() if s is None else key_states.float() / s.to(key_states.device)
-        k = torch.stack([fake_quant(x, self.k_bits, m.had_block, mu, self.k_group) for x in ks])
-        if s is not None:
-            k = k * s.to(k.device)
-        hb_v = m.had_block if m.rotate_v else 0
-        v = torch.stack([fake_quant(x.float(), self.v_bits, hb_v, None, None)
-                         for x in value_states])  # fmt: skip
-        k, v = k.to(key_states.dtype), v.to(value_states.dtype)
-        n = max(0, min(self.num_sink - self.get_seq_length(), k.shape[2]))
-        if n:
-            k[:, :, :n], v[:, :, :n] = key_states[:, :, :n], value_states[:, :, :n]
-        return DynamicLayer.update(self, k, v, *args, **kwargs)
 
 
 def variant_layers(recipe, name: str) -> list[tuple]:
@@ -105,9 +69,10 @@ def perplexity(model, windows, bos: bool, layers, recipe) -> float:
         cache = None
         if layers is not None:
             cache = Cache(layers=[
-                _Layer(m, None if recipe.k_means is None else recipe.k_means[i].float(),
-                       recipe.num_sink, None if recipe.k_scale is None else recipe.k_scale[i],
-                       kb, vb, g)
+                _FakeQuantLayer(m, None if recipe.k_means is None else recipe.k_means[i].float(),
+                                recipe.num_sink,
+                                None if recipe.k_scale is None else recipe.k_scale[i],
+                                k_bits=kb, v_bits=vb, k_group=g)
                 for i, (m, kb, vb, g) in enumerate(layers)
             ])  # fmt: skip
         kwargs = {} if cache is None else cache_kwargs(model, cache)

@@ -303,13 +303,18 @@ def causal_attention(
 
 
 def fake_quant_heads(
-    x: torch.Tensor, bits: int, had_block: int | None, mean: torch.Tensor | None
+    x: torch.Tensor,
+    bits: int,
+    had_block: int | None,
+    mean: torch.Tensor | None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """``x [H, S, d]`` -> what a token-wise ``int{bits}`` page returns, in model space.
 
     The same numerics as :meth:`KVMethod.fake_quant` (center, rotate, per-token min/max
     quantize, dequantize, rotate back, add the mean), with the rotation as one matmul and no
     INT4 packing (lossless), so the many candidates of a calibration stay cheap.
+    ``group_size``: one (scale, min) per that many rotated elements (None: per token).
     """
     from sawkv.quant.hadamard import rotate_matmul
     from sawkv.quant.int4 import dequantize_int, quantize_int
@@ -319,7 +324,7 @@ def fake_quant_heads(
     y = x if mean is None else x - mean
     if had_block is not None:
         y = rotate_matmul(y, had_block)
-    y = dequantize_int(*quantize_int(y, bits))
+    y = dequantize_int(*quantize_int(y, bits, group_size))
     if had_block is not None:
         y = rotate_matmul(y, had_block)
     return y if mean is None else y + mean
@@ -389,10 +394,14 @@ class _FakeQuantLayer(DynamicLayer):
 
     def __init__(
         self, method: KVMethod, k_mean: torch.Tensor | None, num_sink: int = 0,
-        k_scale: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None, k_bits: int | None = None,
+        v_bits: int | None = None, k_group: int | None = None,
     ):  # fmt: skip
         super().__init__()
         self.method, self.k_mean, self.num_sink = method, k_mean, num_sink
+        # what-if overrides (benchmarks/saw_int4_keys.py): K/V bits, key metadata group size
+        self.k_bits, self.v_bits = k_bits or method.bits, v_bits or method.bits
+        self.k_group = k_group
         # [H, 1, d]: keys are [B, H, S, d]
         self.k_scale = None if k_scale is None else k_scale.float()[:, None]
 
@@ -401,10 +410,12 @@ class _FakeQuantLayer(DynamicLayer):
         hb_v = m.had_block if m.rotate_v else None
         s = self.k_scale
         ks = key_states.float() if s is None else key_states.float() / s.to(key_states.device)
-        k = torch.stack([fake_quant_heads(x, m.bits, m.had_block, mu) for x in ks])
+        k = torch.stack([fake_quant_heads(x, self.k_bits, m.had_block, mu, self.k_group)
+                         for x in ks])  # fmt: skip
         if s is not None:
             k = k * s.to(k.device)
-        v = torch.stack([fake_quant_heads(x.float(), m.bits, hb_v, None) for x in value_states])
+        v = torch.stack([fake_quant_heads(x.float(), self.v_bits, hb_v, None)
+                         for x in value_states])  # fmt: skip
         k, v = k.to(key_states.dtype), v.to(value_states.dtype)
         # attention sinks: positions below num_sink stay exact ([B, H, S, d], S = new tokens)
         n = max(0, min(self.num_sink - self.get_seq_length(), k.shape[2]))
