@@ -1,0 +1,147 @@
+"""Where a decode step's device time goes, kernel by kernel, for each KV method (GPU).
+
+Answers "why is INT4 slower than BF16 at c=1": one engine per method (dummy weights), ``batch``
+requests decoding together, ``steps`` decode steps under ``torch.profiler`` (CUDA graphs on, as
+served; CUPTI records the kernels a graph replay launches). Prints, per method, the step's wall
+time and device time per kernel family (GEMMs, attention decode, cache write, norms, ...) per
+step, and writes everything as JSON:
+
+    python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from sawkv.bench.throughput import build_engine, warm_up
+from sawkv.engine.sampling_params import SamplingParams
+
+# kernel name -> family, first match wins (names differ across torch/cuBLAS/Triton versions)
+FAMILIES = [
+    ("decode_attention", r"paged_decode|decode_kernel|_decode|flash_fwd_splitkv|flash_decod"),
+    ("split_reduce", r"reduce|combine"),
+    ("cache_write", r"cache_write|write_kv|index_copy|scatter|reshape_and_cache|_write"),
+    ("gemm", r"gemm|gemv|sm90_xmma|cutlass|nvjet|ampere_|sm80_|matmul|splitK"),
+    ("norm_rope_act", r"norm|rope|rotary|silu|gelu|act_and_mul|mul_kernel|triton_"),
+    ("sampling", r"argmax|topk|sort|softmax|sample|multinomial"),
+    ("copy_fill", r"copy|fill|memcpy|memset|cat|elementwise|vectorized|unrolled"),
+]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, pat in FAMILIES:
+        if re.search(pat, low):
+            return fam
+    return "other"
+
+
+def profile_method(args, method: str) -> dict:
+    engine = build_engine(
+        args.model, method, load_format="dummy", max_model_len=args.max_model_len,
+        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched,
+    )  # fmt: skip
+    prompt = [int(x) for x in torch.randint(100, 20000, (args.input_len,))]
+    warm_up(engine, prompt[:16])
+    params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 16, ignore_eos=True,
+                            detokenize=False)  # fmt: skip
+    for i in range(args.batch):
+        engine.add_request(f"p{i}", prompt, params)
+    # prefill every request and a few decode steps (graphs replay from here on)
+    for _ in range(args.batch + 8):
+        engine.step()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    _sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        _sync()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            k = kernels[ev.name]
+            k[0] += ev.device_time  # microseconds
+            k[1] += 1
+    fams: dict[str, float] = defaultdict(float)
+    for name, (us, _n) in kernels.items():
+        fams[family(name)] += us / args.steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    engine.shutdown()
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {
+        "method": method,
+        "batch": args.batch,
+        "input_len": args.input_len,
+        "wall_ms_per_step": wall_ms,
+        "device_us_per_step": sum(fams.values()),
+        "families_us_per_step": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [
+            {
+                "name": n[:160],
+                "us_per_step": us / args.steps,
+                "calls_per_step": c / args.steps,
+                "family": family(n),
+            }  # fmt: skip
+            for n, (us, c) in top
+        ],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--methods", default="bf16,int4-bdr128")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-batched", type=int, default=4096)
+    p.add_argument("--out", default=".")
+    args = p.parse_args()
+    rows = []
+    for m in args.methods.split(","):
+        rows.append(profile_method(args, m))
+        r = rows[-1]
+        print(f"== {m}: wall {r['wall_ms_per_step']:.3f} ms/step, device "
+              f"{r['device_us_per_step'] / 1e3:.3f} ms/step", flush=True)  # fmt: skip
+        for k in r["top_kernels"][:12]:
+            print(f"   {k['us_per_step']:8.1f} us x{k['calls_per_step']:.0f}  {k['family']:16s} "
+                  f"{k['name'][:90]}")  # fmt: skip
+    out = Path(args.out) / f"profile_step_b{args.batch}.json"
+    out.write_text(json.dumps({
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch": torch.__version__, "command": "python benchmarks/profile_step.py "
+        f"--methods {args.methods} --batch {args.batch} --input-len {args.input_len}",
+        "rows": rows}, indent=1))  # fmt: skip
+    fams = sorted({f for r in rows for f in r["families_us_per_step"]})
+    print(f"\nus per decode step by kernel family (batch {args.batch})")
+    print(f"{'family':18s}" + "".join(f"{r['method']:>16s}" for r in rows))
+    for f in fams:
+        print(f"{f:18s}" + "".join(f"{r['families_us_per_step'].get(f, 0):16.1f}" for r in rows))
+    print(f"{'device total':18s}" + "".join(f"{r['device_us_per_step']:16.1f}" for r in rows))
+    print(f"{'wall':18s}" + "".join(f"{r['wall_ms_per_step'] * 1e3:16.1f}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
