@@ -52,6 +52,7 @@ struct DecodeParams {
 namespace detail {
 
 constexpr int kWarps = 4;
+constexpr int kMinSplitTokens = 128;  // plan.py: _cuda_splits
 constexpr int kThreads = 32 * kWarps;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -233,7 +234,14 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   const int start = min(max(p.window > 0 ? max(seq_len - p.window, 0) : 0, p.first), seq_len);
   const int start16 = start & ~15;
   const int span = max(seq_len - start16, 0);
-  const int per_split = (span + p.num_splits - 1) / p.num_splits;
+  // The host plans num_splits from the block-table width (fixed per CUDA graph), which can be
+  // far above this sequence's length (a c=1 step of a 256-token chat under a 17K-wide table
+  // planned 64 splits of one group each). Only the splits the real span needs (>= 128 tokens
+  // each, the host's rule) do work: the others leave at once and the merge counts the rest.
+  const int num_splits =
+      min(p.num_splits, max(1, (span + kMinSplitTokens - 1) / kMinSplitTokens));
+  if (split >= num_splits) return;
+  const int per_split = (span + num_splits - 1) / num_splits;
   const int chunk = (per_split + 15) & ~15;
   const int lo = start16 + split * chunk;
   const int hi = min(seq_len, lo + chunk);
@@ -657,7 +665,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   __syncthreads();
 
   const int64_t head0 = (int64_t)s * Hq + h * G;  // first query head of this CTA
-  if (p.num_splits > 1) {
+  if (num_splits > 1) {
     for (int i = tid; i < G * D; i += kThreads) {
       const int q = i / D, d = i % D;
       p.part_o[((head0 + q) * p.num_splits + split) * D + d] = sbuf[q * D + d] + s_vm[0][q];
@@ -671,7 +679,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
     if (tid == 0) {
       int* ticket = p.tickets + (int64_t)s * num_kv_heads + h;
       const int done = atomicAdd(ticket, 1);
-      s_ticket = done == p.num_splits - 1;
+      s_ticket = done == num_splits - 1;
       if (s_ticket) *ticket = 0;  // ready for the next launch (and CUDA graph replays)
     }
     __syncthreads();
@@ -679,13 +687,13 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
     __threadfence();
     // last CTA of this (sequence, KV head): merge the splits' states. Loads are spread over
     // threads and unrolled, so the merge costs a few L2 round trips, not one per split.
-    const int ns = p.num_splits;
-    float* s_w = reinterpret_cast<float*>(smem + Mem::kStaging);  // [G][num_splits]
+    const int ns = num_splits, stride = p.num_splits;  // splits used; workspace row length
+    float* s_w = reinterpret_cast<float*>(smem + Mem::kStaging);  // [G][ns]
     for (int i = tid; i < G * ns; i += kThreads)
-      s_w[i] = __ldcg(p.part_ml + ((head0 + i / ns) * ns + i % ns) * 2);
+      s_w[i] = __ldcg(p.part_ml + ((head0 + i / ns) * stride + i % ns) * 2);
     __syncthreads();
     for (int q = warp; q < G; q += kWarps) {
-      const float* ml = p.part_ml + (head0 + q) * ns * 2;
+      const float* ml = p.part_ml + (head0 + q) * stride * 2;
       float M = -INFINITY;
       for (int j = lane; j < ns; j += 32) M = fmaxf(M, s_w[q * ns + j]);
       M = warp_max_all(M);
@@ -702,7 +710,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
     // one thread per 4 outputs: 16-byte loads, 16 in flight (a few L2 round trips in all)
     for (int i = tid; i < G * (D / 4); i += kThreads) {
       const int q = i / (D / 4), d = 4 * (i % (D / 4));
-      const float4* po = reinterpret_cast<const float4*>(p.part_o + (head0 + q) * ns * D + d);
+      const float4* po = reinterpret_cast<const float4*>(p.part_o + (head0 + q) * stride * D + d);
       const float* wq = s_w + q * ns;
       float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 16
