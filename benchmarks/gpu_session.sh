@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh kernels    # ~9 min: GPU tests, kernel checks + timings,
 #                                             #   CUDA knob sweep, ncu of the decode kernel
 #   bash benchmarks/gpu_session.sh write      # ~3 min: kernel checks + write timings
+#   bash benchmarks/gpu_session.sh engine     # ~6 min: GPU engine tests (CUDA decode on and
+#                                             #   off), decode-step device time per kernel (c=1)
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
 #                                             #   short c=16,64,128 (needs `carry: [".whl"]`)
 #   bash benchmarks/gpu_session.sh ab .alt/paged_decode.cuh
@@ -63,6 +65,14 @@ case "$part" in
         --out "$work" > "$work/ab_$variant.txt" 2>&1
       echo "== $variant"; grep -E "^decode|Error|error" "$work/ab_$variant.txt" | tail -16
     done
+    ;;
+  engine)  # GPU engine tests (CUDA decode on, then off), then device time per decode step by kernel
+    timeout 200 python -m pytest -q -x -p no:logging tests/engine/test_gpu.py 2>&1 | tail -3
+    SAWKV_CUDA_DECODE=0 timeout 150 python -m pytest -q -x -p no:logging tests/engine/test_gpu.py \
+      2>&1 | tail -3
+    timeout 200 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 \
+      --out "$work" > "$work/profile_step_b1_log.txt" 2>&1
+    tail -14 "$work/profile_step_b1_log.txt"
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
