@@ -70,7 +70,7 @@ case "$part" in
     timeout 200 python -m pytest -q -x -p no:logging tests/engine/test_gpu.py 2>&1 | tail -3
     SAWKV_CUDA_DECODE=0 timeout 150 python -m pytest -q -x -p no:logging tests/engine/test_gpu.py \
       2>&1 | tail -3
-    timeout 200 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 \
+    timeout 320 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 \
       --out "$work" > "$work/profile_step_b1_log.txt" 2>&1
     tail -14 "$work/profile_step_b1_log.txt"
     ;;
