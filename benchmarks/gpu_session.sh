@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh write      # ~3 min: kernel checks + write timings
 #   bash benchmarks/gpu_session.sh engine     # ~6 min: GPU engine tests (CUDA decode on and
 #                                             #   off), decode-step device time per kernel (c=1)
+#   bash benchmarks/gpu_session.sh prefill    # ~6 min: 16K-token engine prefill vs bf16, ncu 1x32K
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
 #                                             #   short c=16,64,128 (needs `carry: [".whl"]`)
 #   bash benchmarks/gpu_session.sh ab .alt/paged_decode.cuh
@@ -73,6 +74,11 @@ case "$part" in
     timeout 320 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 \
       --out "$work" > "$work/profile_step_b1_log.txt" 2>&1
     tail -14 "$work/profile_step_b1_log.txt"
+    ;;
+  prefill)  # engine prefill of a 16K prompt, alone and under decode load, then ncu of 1x32K decode
+    timeout 330 python benchmarks/bench_prefill.py --out "$work" > "$work/prefill_log.txt" 2>&1
+    tail -12 "$work/prefill_log.txt"
+    ncu_decode int4-bdr128 1 32768
     ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac
