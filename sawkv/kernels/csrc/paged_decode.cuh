@@ -256,14 +256,17 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   const int per_w = (nsub + kWarps - 1) / kWarps;
   const int sub_begin = warp * per_w, sub_end = min(nsub, sub_begin + per_w);
   const int* bt = p.block_tables + (int64_t)s * p.stride_bt;
-  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
-  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * Geo::kLaneBytes;
+  // the copy takes 512 contiguous bytes per instruction (chunk 32 i + lane), so each 32-byte
+  // sector is requested from L2 once; the ring keeps the page's byte order, so lane r still
+  // reads its kVec chunks at r * kLaneBytes
+  const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * 16;
+  const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * 16;
   const __half* mbase = (lane < 4 ? p.k_meta : p.v_meta) + (int64_t)h * p.stride_meta_h +
                         8 * (lane & 3);  // lanes 0-3: K metadata, 4-7: V, 16 bytes each
   const bool meta_lane = lane < 8;
   uint8_t* ring = smem + warp * (STAGES * U * kGroupBytes);
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  const uint32_t dst_code = ring_s + lane * Geo::kLaneBytes;
+  const uint32_t dst_code = ring_s + lane * 16;
   const uint32_t dst_meta = ring_s + 2 * kCodeBytes + 16 * (lane & 7);
   const int64_t stride_page_b = p.stride_page_b, stride_meta_b = p.stride_meta_b;
   const int in_page_mask = p.block_size - 1, block_shift = p.block_shift;
@@ -292,8 +295,8 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
     const uint32_t dst = dst_code + slot * kGroupBytes;
 #pragma unroll
     for (int i = 0; i < Geo::kVec; ++i) {
-      cp_async16_s(dst + 16 * i, kbase + code_off + 16 * i);
-      cp_async16_s(dst + kCodeBytes + 16 * i, vbase + code_off + 16 * i);
+      cp_async16_s(dst + 512 * i, kbase + code_off + 512 * i);
+      cp_async16_s(dst + kCodeBytes + 512 * i, vbase + code_off + 512 * i);
     }
     cp_async16_if(dst_meta + slot * kGroupBytes, mbase + meta_off, meta_lane);
   };
