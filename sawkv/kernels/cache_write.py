@@ -265,10 +265,12 @@ def rotated_mean(k_mean: torch.Tensor, had_block: int) -> torch.Tensor:
 
     Cached per mean tensor (identity and version counter), so a layer's mean is rotated once,
     before any CUDA-graph capture, not on every write; the entry holds the mean, so its memory
-    cannot be reused by another tensor while the entry lives."""
+    cannot be reused by another tensor while the entry lives. Inference tensors (means loaded
+    under ``torch.inference_mode``) have no version counter and are taken as fixed."""
     key = (id(k_mean), had_block)
+    version = None if k_mean.is_inference() else k_mean._version
     hit = _ROTATED_MEANS.get(key)
-    if hit is not None and hit[0] is k_mean and hit[1] == k_mean._version:
+    if hit is not None and hit[0] is k_mean and hit[1] == version:
         return hit[2]
     num_rows, head_dim = k_mean.shape
     mu = k_mean.float().contiguous()
@@ -279,7 +281,7 @@ def rotated_mean(k_mean: torch.Tensor, had_block: int) -> torch.Tensor:
     if len(_ROTATED_MEANS) >= 1024:  # bounded: drop the oldest entries
         for old in list(_ROTATED_MEANS)[:256]:
             del _ROTATED_MEANS[old]
-    _ROTATED_MEANS[key] = (k_mean, k_mean._version, out)
+    _ROTATED_MEANS[key] = (k_mean, version, out)
     return out
 
 
