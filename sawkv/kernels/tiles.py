@@ -191,6 +191,17 @@ def _page_rows(
 
 
 @triton.jit
+def _k_meta_rows(meta_row, K_HALF: tl.constexpr):
+    """Offsets into ``k_meta`` from offsets ``meta_row`` into ``v_meta``: with K_HALF each key
+    has 4 fp16 (``[..., 4]``) where a value has 2, and both tensors are contiguous with the
+    same leading dims (``checks.check_pages``), so every offset doubles; else they coincide.
+    One set of metadata strides then serves both (the kernels take ``v_meta``'s)."""
+    if K_HALF:
+        return meta_row * 2
+    return meta_row
+
+
+@triton.jit
 def _meta_rows(
     bt_row_ptr, n, mask, h, stride_meta_b, stride_meta_h, stride_meta_t, BLOCK_SIZE: tl.constexpr
 ):
