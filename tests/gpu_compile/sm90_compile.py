@@ -45,8 +45,8 @@ def main() -> None:
             for had, rot_v, prec in ((0, False, "tf32x3"), (d, True, "tf32x3"),
                                      (d, True, "exact16")):  # fmt: skip
                 ptrs = WRITE_PTRS if prec == "exact16" else {**WRITE_PTRS, **FP32_ROWS}
-                # keys with one (scale, min) per half: once per bits and head_dim
-                for k_half in (False, True) if prec == "exact16" else (False,):
+                # keys with one (scale, min) per half: once per bits
+                for k_half in (False, True) if prec == "exact16" and d == 128 else (False,):
                     base = dict(BLOCK_SIZE=16, D=d, BITS=bits, HAD=had, ROT_V=rot_v,
                                 HAS_MEAN=True, PREC=prec, K_HALF=k_half)  # fmt: skip
                     tag = f"bits={bits} d={d} had={had} {prec} k_half={k_half}"
@@ -54,7 +54,7 @@ def main() -> None:
                     print(f"write_groups {tag}: smem {k.metadata.shared}")
                     k = compile_one(_cache_write_kernel, ptrs, {**base, "BLOCK_T": 32})
                     print(f"cache_write {tag}: smem {k.metadata.shared}")
-            for half in (False, True):
+            for half in (False, True) if d == 128 else (False,):
                 k = compile_one(_dequant_kernel, DEQUANT_PTRS,
                                 dict(BLOCK_SIZE=16, D=d, BITS=bits, HALF=half))  # fmt: skip
                 print(f"dequant bits={bits} d={d} half={half}: smem {k.metadata.shared}")
