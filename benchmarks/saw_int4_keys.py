@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +40,15 @@ VARIANTS = ("recipe", "all4", "k8", "v8", "k8top3", "khalf", "recipe-khalf", "kq
 def variant_layers(recipe, name: str) -> list[tuple]:
     """Per layer ``(method, k_bits, v_bits, k_group)`` of variant ``name``."""
     d = recipe.head_dim
-    int4 = next(m for m in recipe.layers if m.bits == 4)
+    # the variants set the key groups themselves (a recipe's -kh layers: per half, as served)
+    int4 = replace(next(m for m in recipe.layers if m.bits == 4), k_half_meta=False)
     gains = recipe.info.get("kl_drop_int8", {})
     top3 = {int(i) for i in sorted(gains, key=lambda i: -gains[i])[:3]}
     out = []
     for i, m in enumerate(recipe.layers):
         if name in ("recipe", "recipe-khalf"):
-            group = d // 2 if name == "recipe-khalf" and m.bits == 4 else None
-            out.append((m, m.bits, m.bits, group))
+            half = m.k_half_meta or (name == "recipe-khalf" and m.bits == 4)
+            out.append((replace(m, k_half_meta=False), m.bits, m.bits, d // 2 if half else None))
         else:
             k_bits = 8 if name == "k8" or (name == "k8top3" and i in top3) else 4
             group = {"khalf": d // 2, "kquarter": d // 4}.get(name)

@@ -281,6 +281,9 @@ def calibrate_cmd(
         Path | None, typer.Option("--json", help="also write the recipe as JSON here")
     ] = None,
     device: Annotated[str, typer.Option(help="torch device for the model's forwards")] = "cpu",
+    k_half: Annotated[
+        bool, typer.Option(help="also try keys with per-half metadata (-kh) within the budget")
+    ] = True,
 ) -> None:
     """Build the model's saw-int4 recipe (per-layer KV format under a bit budget) and store it."""
     from sawkv.eval.calibrate import get_recipe, recipe_path
@@ -293,7 +296,8 @@ def calibrate_cmd(
     if bad or not text_list:
         raise typer.BadParameter(f"--texts: unknown {bad}; valid: {', '.join(TEXT_NAMES)}")
     try:
-        cfg = RecipeConfig(texts=text_list, tokens_per_text=tokens_per_text, budget=budget)
+        cfg = RecipeConfig(texts=text_list, tokens_per_text=tokens_per_text, budget=budget,
+                           k_half_meta=k_half)  # fmt: skip
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     path = recipe_path(model)
@@ -334,6 +338,10 @@ def _print_recipe(recipe, model: str, path: Path) -> None:
         kl4, kl = info["kl_all_int4"], info["kl_recipe"]
         console.print(f"KL to full precision (calibration windows): all-INT4 {kl4:.4f}, "
                       f"recipe {kl:.4f} nats/token")  # fmt: skip
+    weighed = info.get("kl_k_half_vs_int8")
+    if weighed:
+        console.print(f"bits to -kh keys or INT8 layers: KL {weighed['k_half']:.4f} (-kh) vs "
+                      f"{weighed['int8']:.4f} (INT8)")  # fmt: skip
     console.print(f"stored: {path}")
 
 

@@ -37,12 +37,15 @@ _MAX_SCORE_ELEMS = 1 << 25
 
 
 # ---- write ---------------------------------------------------------------------------------------
-def _encode(x: torch.Tensor, bits: int, page_dtype: torch.dtype):
-    """fp32 ``x [n, H, d]`` -> (page data ``[n, H, P]``, meta ``[n, H, 2]`` fp16 or None)."""
+def _encode(x: torch.Tensor, bits: int, page_dtype: torch.dtype, halves: bool = False):
+    """fp32 ``x [n, H, d]`` -> (page data ``[n, H, P]``, meta fp16 or None).
+
+    meta is ``[n, H, 2]`` (scale, min), or with ``halves`` ``[n, H, 4]`` (scale_lo, min_lo,
+    scale_hi, min_hi) of elements ``[0, d/2)`` and ``[d/2, d)`` quantized on their own."""
     if bits == 16:
         return x.to(page_dtype), None
-    codes, meta = quantize_int(x, bits)
-    return (pack_int4(codes) if bits == 4 else codes), meta[..., 0, :]
+    codes, meta = quantize_int(x, bits, x.shape[-1] // 2 if halves else None)
+    return (pack_int4(codes) if bits == 4 else codes), meta.flatten(-2)
 
 
 def cache_write_ref(
@@ -59,7 +62,7 @@ def cache_write_ref(
         k, v: ``[num_tokens, num_kv_heads, head_dim]`` float (post-RoPE).
         pages: one layer's pages in format ``fmt`` (module docstring).
         slot_mapping: ``[num_tokens]`` int32/int64 slot of each token; -1 skips the token.
-        fmt: the pages' format (bits, had_block, rotate_v, shapes).
+        fmt: the pages' format (bits, had_block, rotate_v, k_half_meta, shapes).
         k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
     """
     check_write_inputs(k, v, pages, slot_mapping, fmt, k_mean)
@@ -79,7 +82,7 @@ def cache_write_ref(
         kx = rotate(kx, had_block)
         vx = rotate(vx, had_block) if fmt.rotate_v else vx
     for x, cache, meta, is_key in ((kx, k_cache, k_meta, True), (vx, v_cache, v_meta, False)):
-        data, m = _encode(x, bits, cache.dtype)
+        data, m = _encode(x, bits, cache.dtype, halves=is_key and fmt.k_half_meta)
         if bits == 16:
             # advanced indices around a slice: cache[b, :, o] is [n, H, P]
             cache[block_ids, :, offsets] = data
@@ -96,14 +99,17 @@ def cache_write_ref(
 
 # ---- read ----------------------------------------------------------------------------------------
 def _gather(cache, meta, block_ids: torch.Tensor, bits: int, is_key: bool) -> torch.Tensor:
-    """Dequantized fp32 K or V of the pages ``block_ids [..., nb]`` -> ``[..., H, nb*bs, d]``."""
+    """Dequantized fp32 K or V of the pages ``block_ids [..., nb]`` -> ``[..., H, nb*bs, d]``.
+
+    ``meta [..., 2 * G]`` holds G (scale, min) pairs per row, each for d / G consecutive
+    elements (G = 2: a key of a ``k_half_meta`` format)."""
     pages = cache[block_ids]  # [..., nb, H, bs, P]
     if bits == 16:
         x = pages.float()
     else:
         pages = from_pages(pages, bits, is_key)
         codes = unpack_int4(pages) if bits == 4 else pages
-        x = dequantize_int(codes, meta[block_ids].unsqueeze(-2))
+        x = dequantize_int(codes, meta[block_ids].unflatten(-1, (-1, 2)))
     x = x.movedim(-4, -3)  # [..., H, nb, bs, d]
     return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
 

@@ -6,7 +6,9 @@ layout is :mod:`sawkv.kernels.page_format`'s)::
     k_cache, v_cache  [num_blocks, num_kv_heads, block_size, P]
         P = head_dim // 2 uint8 (INT4, two codes per byte), head_dim uint8 (INT8),
             head_dim in the float dtype (bits 16: auto/bf16/fp16)
-    k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min); None for 16
+    k_meta            [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min), or 4
+                      (scale_lo, min_lo, scale_hi, min_hi) with ``-kh``; None for 16
+    v_meta            [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min); None for 16
 
 Layers may differ (a ``saw-int4`` :class:`~sawkv.quant.recipe.Recipe`: INT4 with its own
 Hadamard block per layer, INT8 for a few): every layer then has its own
@@ -33,8 +35,8 @@ def parse_servable_method(name: str, head_dim: int) -> KVMethod:
     if not method.is_servable:
         raise ValueError(
             f"kv_cache_dtype {name!r} is an evaluation-only method (simulated or unsupported by "
-            f"the paged kernels); the engine serves saw-int4, auto, bf16, fp16, int8 and "
-            f"int4[-bdr{{b}}][-kv][-kc]"
+            f"the paged kernels); the engine serves saw-int4, auto, bf16, fp16 and "
+            f"int4|int8[-bdr{{b}}][-kv][-kc][-kh]"
         )
     return method
 
@@ -196,6 +198,7 @@ class KVCacheSpec:
             had_block=lspec.had_block,
             rotate_v=lspec.method.rotate_v,
             dtype=lspec.page_dtype,
+            k_half_meta=lspec.method.k_half_meta,
         )
 
     def num_blocks_for(self, memory_bytes: int) -> int:

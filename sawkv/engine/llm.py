@@ -16,7 +16,8 @@ class LLM:
     """Batch generation through the engine.
 
     ``model``: a preset (``qwen3-8b``... dummy weights), a registry name or a HF directory;
-    ``kv_cache_dtype``: ``auto``, ``bf16``, ``fp16``, ``int8`` or ``int4[-bdr{b}][-kv][-kc]``;
+    ``kv_cache_dtype``: ``auto``, ``bf16``, ``fp16``, ``saw-int4`` or
+    ``int4|int8[-bdr{b}][-kv][-kc][-kh]``;
     other keyword arguments go to :class:`sawkv.config.EngineConfig` and its sub-configs
     (``max_model_len``, ``num_gpu_blocks``, ``max_num_seqs``, ``load_format``...).
 

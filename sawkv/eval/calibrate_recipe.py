@@ -14,38 +14,41 @@ seen, and no single corpus decides):
    Gemma-3 (fake-quant, its v3 recipe formats, 4 x 1,024 tokens of Austen): +6.8% -> +3.3%
    perplexity; on SmolLM2 +3.85% -> +3.77%.
 2. **Local errors** (cheap): for every candidate INT4 format (Hadamard block b in
-   {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off) quantize each
-   layer's K and V and measure the relative error of its causal attention output
-   ``|o_hat - o|^2 / |o|^2`` against exact attention with the same queries (64 query
-   positions per window, all keys).
+   {none, 16, ..., head_dim}, K-only or K+V rotation, key centering on/off, and with
+   ``k_half_meta`` keys with one (scale, min) per half, ``-kh``) quantize each layer's K and
+   V and measure the relative error of its causal attention output ``|o_hat - o|^2 / |o|^2``
+   against exact attention with the same queries (64 query positions per window, all keys).
 3. **Search by end-to-end KL** (:mod:`sawkv.eval.recipe_search`; the KL of the next-token
    distributions to full precision on short chunks of each text's window): start from
    the best of a few uniform INT4 recipes and the lowest-local-error recipe, then coordinate
    descent over layers (each layer's ``num_alternatives`` lowest-error formats; a change is
    kept only if the KL drops by more than its noise), so the recipe never scores worse on
-   calibration windows than the uniform methods tried.
+   calibration windows than the uniform methods tried. ``-kh`` formats cost 16 / head_dim
+   more bits per element (a uniform ``-kh`` recipe: 4.75 at d=64, 4.375 at d=128): starts
+   and changes are kept within the budget.
 4. **INT8 under the budget**: of the ``num_sens_layers`` layers with the largest INT4
    attention-output error, those whose INT8 (same transform) lowers the KL most, while the
    average bits per element (metadata included) stays within the budget; by default 0.25
    above plain per-token INT4 (4.75 at d=64, 4.5 at d=128, 4.375 at d=256), i.e. one layer
-   in sixteen.
+   in sixteen without ``-kh``. Where ``-kh`` layers take the bits of INT8 layers, the recipe
+   without ``-kh`` is finished with its INT8 layers too, and the lower KL wins.
 5. **Attention sinks**: each of ``sink_candidates`` (exact first tokens per sequence, e.g.
    0, 1 or 4) is scored by the same KL with the final layers, and the lowest wins. They cost
    ~0.01 bits per element at 4K tokens, and help or hurt by model: measured on Austen,
    Qwen2.5-Coder-0.5B went from +4.3% to +2.6% perplexity with 4, while 4 hurt Gemma-3
    without its BOS. :func:`choose_num_sink` does this step alone, for a stored recipe.
 
-Group sizes are not candidates (the paged kernels do not serve them). K and V share one format
-per layer because a layer's ``PageFormat`` has one ``bits`` for both.
+Group sizes are not candidates (the paged kernels do not serve them; ``-kh``, two groups per key,
+they do). K and V share one format per layer because a layer's ``PageFormat`` has one ``bits``
+for both.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +56,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from sawkv.eval.recipe_search import (
     KLScorer,
-    best_start,
-    coordinate_descent,
-    promote_high,
+    search_formats,
     smoothing_descent,
     smoothing_masks,
-    uniform_candidates,
+    spend_on_high,
 )
 from sawkv.hf.cache import attention_shape, cache_kwargs
 from sawkv.quant.methods import KVMethod
@@ -80,7 +81,8 @@ class RecipeConfig:
     change only if its KL drop exceeds ``min_z`` standard errors; the ``num_sens_layers``
     layers with the largest INT4 attention-output error are the INT8 candidates (0: every
     layer). ``budget`` None means :func:`~sawkv.quant.recipe.default_budget`.
-    ``smooth_keys`` tries key smoothing (kept only where it lowers the KL).
+    ``smooth_keys`` tries key smoothing (kept only where it lowers the KL). ``k_half_meta``
+    adds the ``-kh`` variant of every INT4 format to the candidates (within the budget).
     """
 
     texts: tuple[str, ...] = CALIB_TEXTS
@@ -98,6 +100,7 @@ class RecipeConfig:
     high_bits: int = 8
     sink_candidates: tuple[int, ...] = (0, 1, 4)
     smooth_keys: bool = True
+    k_half_meta: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,9 +133,12 @@ class RecipeConfig:
             raise ValueError(f"high_bits must be 8 (what the kernels serve), got {self.high_bits}")
 
 
-def candidate_formats(head_dim: int, bits: int, min_had_block: int = 16) -> list[KVMethod]:
+def candidate_formats(
+    head_dim: int, bits: int, min_had_block: int = 16, k_half: bool = False
+) -> list[KVMethod]:
     """Every servable token-wise format of ``bits``: Hadamard block none or a power of two in
-    [min_had_block, head_dim], K-only or K+V rotation, key centering on or off."""
+    [min_had_block, head_dim], K-only or K+V rotation, key centering on or off, and with
+    ``k_half`` keys with one (scale, min) per half or per key (``-kh`` or not)."""
     blocks: list[int | None] = [None]
     b = min_had_block
     while b <= head_dim:
@@ -143,9 +149,10 @@ def candidate_formats(head_dim: int, bits: int, min_had_block: int = 16) -> list
     for hb in blocks:
         for rotate_v in (False, True) if hb is not None else (False,):
             for center_k in (False, True):
-                m = KVMethod(kind="int", bits=bits, had_block=hb, rotate_v=rotate_v,
-                             center_k=center_k)  # fmt: skip
-                out.append(m.resolve(head_dim))
+                for kh in (False, True) if k_half else (False,):
+                    m = KVMethod(kind="int", bits=bits, had_block=hb, rotate_v=rotate_v,
+                                 center_k=center_k, k_half_meta=kh)  # fmt: skip
+                    out.append(m.resolve(head_dim))
     return out
 
 
@@ -337,7 +344,7 @@ def format_errors(
     K/V stored by each of ``methods`` (queries, keys and values of every captured window).
 
     Args:
-        methods: resolved token-wise methods (no group size).
+        methods: resolved token-wise methods (no group size; ``-kh`` allowed).
         layer_data: the layer's captured windows (see :func:`capture_qkv`).
         k_mean: ``[num_kv_heads, head_dim]`` key mean (used by methods that center keys).
     """
@@ -346,14 +353,17 @@ def format_errors(
     for q, k, v, scale, window, pos in layer_data:
         ref = causal_attention(q, k, v, scale, window, pos)
         den += float(ref.pow(2).sum())
-        # a key format is (bits, block, centering), a value format (bits, block if -kv)
+        # a key format is (bits, block, centering, key group), a value format (bits, block
+        # if -kv)
         keys: dict[tuple, torch.Tensor] = {}
         values: dict[tuple, torch.Tensor] = {}
         for m in methods:
-            kf = (m.bits, m.had_block, m.center_k)
+            group = m.group_size_for(k.shape[-1], is_key=True)
+            kf = (m.bits, m.had_block, m.center_k, group)
             vf = (m.bits, m.had_block if m.rotate_v else None)
             if kf not in keys:
-                keys[kf] = fake_quant_heads(k, m.bits, m.had_block, k_mean if m.center_k else None)
+                mean = k_mean if m.center_k else None
+                keys[kf] = fake_quant_heads(k, m.bits, m.had_block, mean, group)
             if vf not in values:
                 values[vf] = fake_quant_heads(v, *vf, None)
             out = causal_attention(q, keys[kf], values[vf], scale, window, pos)
@@ -400,6 +410,7 @@ class _FakeQuantLayer(DynamicLayer):
         super().__init__()
         self.method, self.k_mean, self.num_sink = method, k_mean, num_sink
         # what-if overrides (benchmarks/saw_int4_keys.py): K/V bits, key metadata group size
+        # (default: the method's, e.g. half a key with -kh)
         self.k_bits, self.v_bits = k_bits or method.bits, v_bits or method.bits
         self.k_group = k_group
         # [H, 1, d]: keys are [B, H, S, d]
@@ -410,7 +421,8 @@ class _FakeQuantLayer(DynamicLayer):
         hb_v = m.had_block if m.rotate_v else None
         s = self.k_scale
         ks = key_states.float() if s is None else key_states.float() / s.to(key_states.device)
-        k = torch.stack([fake_quant_heads(x, self.k_bits, m.had_block, mu, self.k_group)
+        group = self.k_group or m.group_size_for(ks.shape[-1], is_key=True)
+        k = torch.stack([fake_quant_heads(x, self.k_bits, m.had_block, mu, group)
                          for x in ks])  # fmt: skip
         if s is not None:
             k = k * s.to(k.device)
@@ -466,16 +478,6 @@ def mean_kls(model, windows: list[torch.Tensor], configs: list[list[KVMethod]], 
     return [t / count for t in totals]
 
 
-def num_high_layers(num_layers: int, low_bits: float, high_bits: float, budget: float) -> int:
-    """Most layers that can take the high format with the average within ``budget``."""
-    if budget < low_bits - 1e-9:
-        raise ValueError(
-            f"budget {budget:.4f} bits per element is below the low format's {low_bits:.4f}"
-        )
-    n = math.floor(num_layers * (budget - low_bits) / (high_bits - low_bits) + 1e-9)
-    return max(0, min(num_layers, n))
-
-
 def calibrate_recipe(
     model, tokenizer, cfg: RecipeConfig | None = None, progress: Progress | None = None
 ) -> Recipe:
@@ -509,34 +511,26 @@ def calibrate_recipe(
             smooth_captured(captured, s_full)
     k_means, k_scale = smoothing_masks(mu, s_full, on)
     score = score.smoothed(k_means, k_scale)
-    candidates = candidate_formats(head_dim, 4, cfg.min_had_block)
-    local, errors = best_formats(captured, k_means, candidates, progress, "int4")
+    candidates = candidate_formats(head_dim, 4, cfg.min_had_block, k_half=cfg.k_half_meta)
+    _, errors = best_formats(captured, k_means, candidates, progress, "int4")
     del captured
-    starts = {m.name: [m] * num_layers for m in uniform_candidates(head_dim, errors)}
-    starts["local"] = local
-    start, layers, kl_starts = best_start(score, starts)
-    if progress is not None:
-        progress("start", len(starts), len(starts))
-    layers, kl_low, changes = coordinate_descent(
-        score, layers, errors, candidates, cfg.num_alternatives, cfg.num_passes, cfg.min_z,
-        progress,
+    start, layers, kl_starts, kl_low, changes = search_formats(
+        score, errors, candidates, head_dim, budget, cfg.num_alternatives, cfg.num_passes,
+        cfg.min_z, progress,
     )  # fmt: skip
     flips = []
     if cfg.smooth_keys:  # per layer, with the formats chosen: keep whichever is better
         on, kl_low, flips = smoothing_descent(score, layers, mu, s_full, on, cfg.min_z, progress)
         k_means, k_scale = smoothing_masks(mu, s_full, on)
         score = score.smoothed(k_means, k_scale)
-    n_high = num_high_layers(
-        num_layers, plain_int4_bits(head_dim), cfg.high_bits + 32 / head_dim, budget
-    )
     # End-to-end KL costs a forward per probe: only the layers whose INT4 attention-output
     # error is largest are probed (all of them if asked).
-    errs = [e[m.name] for e, m in zip(errors, layers)]
-    by_err = sorted(range(num_layers), key=lambda i: (-errs[i], i))
-    probed = sorted(by_err[: cfg.num_sens_layers or num_layers]) if n_high else []
-    layers, kl_recipe, drops, promoted = promote_high(
-        score, layers, kl_low, probed, n_high, cfg.high_bits, progress
-    )
+    layers, kl_recipe, drops, promoted, kh_vs_int8 = spend_on_high(
+        score, layers, kl_low, errors, head_dim, budget, cfg.num_sens_layers, cfg.high_bits,
+        progress,
+    )  # fmt: skip
+    # each layer's INT4 format's error (what chose the probed layers)
+    errs = [e[replace(m, bits=4).name] for e, m in zip(errors, layers)]
     num_sink, kl_sinks = _best_sinks(score, layers, cfg.sink_candidates, {0: kl_recipe})
     info = {
         "texts": list(cfg.texts),
@@ -556,6 +550,8 @@ def calibrate_recipe(
         "kl_recipe": kl_sinks[num_sink],
         "kl_sinks": {str(n): kl for n, kl in kl_sinks.items()},
         "kl_drop_int8": {str(i): d for i, d in drops.items()},
+        "kl_k_half_vs_int8": kh_vs_int8,
+        "k_half_layers": [i for i, m in enumerate(layers) if m.k_half_meta],
         "int4_attn_error": errs,
         "num_kl_forwards": score.num_calls,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -576,8 +572,6 @@ def choose_num_sink(model, tokenizer, recipe: Recipe, cfg: RecipeConfig | None =
     """Step 5 alone: ``recipe`` with the sink count of lowest KL on the calibration windows
     (for recipes stored before sinks were part of calibration; ``info["kl_sinks"]`` records
     the scores)."""
-    from dataclasses import replace
-
     cfg = cfg or RecipeConfig()
     score = KLScorer(model, sens_windows(calib_windows(tokenizer, cfg), cfg), recipe.k_means,
                      recipe.k_scale)  # fmt: skip

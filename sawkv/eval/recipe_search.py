@@ -15,6 +15,11 @@ per-token KL divergence of the model's next-token distribution to full precision
 
 Each step keeps a change only when the KL on the calibration windows drops, so the recipe
 never scores worse there than the best uniform INT4 method it starts from.
+
+Formats differ in size once keys may carry per-half metadata (``-kh``: +32 bits per key and
+head, so ``+16 / head_dim`` bits per element): every step stays within the budget
+(:func:`search_formats`), and the bits ``-kh`` layers take from INT8 layers are weighed by KL
+(:func:`spend_on_high`).
 """
 
 from __future__ import annotations
@@ -99,11 +104,26 @@ def block_se(diff: torch.Tensor, block_len: int = 32) -> float:
     return float(blocks.std() / blocks.numel() ** 0.5)
 
 
-def uniform_candidates(head_dim: int, errors: list[dict[str, float]], num_top: int = 2) -> Layers:
+def recipe_bits(layers: Layers, head_dim: int) -> float:
+    """Average bits per element of per-layer formats, metadata included (as
+    :meth:`~sawkv.quant.recipe.Recipe.bits_per_element`)."""
+    return sum(m.bits_per_element(head_dim) for m in layers) / len(layers)
+
+
+def fits(layers: Layers, head_dim: int, budget: float | None) -> bool:
+    """Whether ``layers`` stay within ``budget`` bits per element (None: no budget)."""
+    return budget is None or recipe_bits(layers, head_dim) <= budget + 1e-9
+
+
+def uniform_candidates(
+    head_dim: int, errors: list[dict[str, float]], num_top: int = 2, budget: float | None = None
+) -> Layers:
     """INT4 formats tried as uniform recipes: ``int4-bdr{b}-kv-kc`` for every Hadamard block
     b >= 32 dividing head_dim (the previous default is ``int4-bdr64-kv-kc``), K-only
-    ``int4-bdr{head_dim}-kc``, and the ``num_top`` formats with the lowest mean log local
-    error over layers (``errors[layer][name]``)."""
+    ``int4-bdr{head_dim}-kc``, their ``-kh`` variants where the candidates (``errors[layer]
+    [name]``) have them, and the ``num_top`` formats with the lowest mean log local error over
+    layers; only formats within ``budget`` (a uniform ``-kh`` recipe costs ``4 + 48 /
+    head_dim``: 4.75 at d=64, within the default budget there)."""
     names = []
     b = 32
     while b <= head_dim:
@@ -111,14 +131,28 @@ def uniform_candidates(head_dim: int, errors: list[dict[str, float]], num_top: i
             names.append(f"int4-bdr{b}-kv-kc")
         b *= 2
     names.append(f"int4-bdr{head_dim}-kc")
-    log_err = {n: sum(math.log(max(e[n], 1e-30)) for e in errors) for n in errors[0]}
+    names += [f"{n}-kh" for n in names]
+    affordable = [n for n in errors[0] if fits([parse_method(n, head_dim)], head_dim, budget)]
+    log_err = {n: sum(math.log(max(e[n], 1e-30)) for e in errors) for n in affordable}
     names += sorted(log_err, key=lambda n: (log_err[n], n))[:num_top]
     out: Layers = []
     for n in names:
         m = parse_method(n, head_dim)
-        if m.name in errors[0] and m not in out:
+        if m.name in affordable and m not in out:
             out.append(m)
     return out
+
+
+def local_start(
+    errors: list[dict[str, float]], candidates: Layers, head_dim: int, budget: float | None
+) -> Layers:
+    """Per layer the candidate of lowest local error; if that recipe is over ``budget``
+    (``-kh`` everywhere beyond it), per layer the lowest-error candidate without ``-kh``."""
+    layers = [min(candidates, key=lambda m: (e[m.name], m.name)) for e in errors]
+    if fits(layers, head_dim, budget):
+        return layers
+    plain = [m for m in candidates if not m.k_half_meta]
+    return [min(plain, key=lambda m: (e[m.name], m.name)) for e in errors]
 
 
 def best_start(score: KLScorer, starts: dict[str, Layers]) -> tuple[str, Layers, dict]:
@@ -142,10 +176,14 @@ def coordinate_descent(
     num_passes: int = 1,
     min_z: float = 2.0,
     progress: Progress | None = None,
+    *,
+    budget: float | None = None,
+    head_dim: int | None = None,
 ) -> tuple[Layers, float, list[dict]]:
     """Greedy passes over layers: try each layer's ``num_alternatives`` lowest-local-error
-    formats, keep the one that lowers the KL most, if its drop exceeds ``min_z`` standard
-    errors of the paired per-token difference (:func:`block_se`).
+    formats (among those that keep the recipe within ``budget`` bits per element at
+    ``head_dim``, given the other layers), keep the one that lowers the KL most, if its drop
+    exceeds ``min_z`` standard errors of the paired per-token difference (:func:`block_se`).
 
     A single layer moves the KL by a few percent, as much as the choice of calibration tokens
     does: without the ``min_z`` test the descent fits the noise of its windows (measured on
@@ -154,6 +192,8 @@ def coordinate_descent(
 
     Returns ``(layers, kl, changes)``, each change ``{layer, from, to, kl, z}``.
     """
+    if budget is not None and head_dim is None:
+        raise ValueError("coordinate_descent with a budget needs head_dim (bits per element)")
     layers, changes = list(layers), []
     cur = score.per_token(layers)
     total = num_passes * len(layers)
@@ -161,7 +201,9 @@ def coordinate_descent(
         num_changes = len(changes)
         for i in range(len(layers)):
             best = None
-            for m in local_ranking(errors[i], candidates, num_alternatives):
+            options = [m for m in candidates
+                       if fits(layers[:i] + [m] + layers[i + 1 :], head_dim, budget)]  # fmt: skip
+            for m in local_ranking(errors[i], options, num_alternatives):
                 if m == layers[i]:
                     continue
                 trial = score.per_token(layers[:i] + [m] + layers[i + 1 :])
@@ -180,6 +222,40 @@ def coordinate_descent(
         if len(changes) == num_changes:
             break
     return layers, float(cur.double().mean()), changes
+
+
+def search_formats(
+    score: KLScorer,
+    errors: list[dict[str, float]],
+    candidates: Layers,
+    head_dim: int,
+    budget: float | None,
+    num_alternatives: int = 2,
+    num_passes: int = 1,
+    min_z: float = 2.0,
+    progress: Progress | None = None,
+) -> tuple[str, Layers, dict[str, float], float, list[dict]]:
+    """Steps 1 and 2 within ``budget``: the best start (uniform candidates that fit, and the
+    local start, :func:`local_start`), then :func:`coordinate_descent` over ``candidates``.
+
+    Args:
+        errors: per layer, each candidate's local error (``errors[layer][name]``).
+        candidates: the formats a layer may take (e.g. INT4 with and without ``-kh``).
+    Returns:
+        ``(start name, layers, {start: KL}, KL, changes)``.
+    """
+    num_layers = len(errors)
+    starts = {m.name: [m] * num_layers
+              for m in uniform_candidates(head_dim, errors, budget=budget)}  # fmt: skip
+    starts["local"] = local_start(errors, candidates, head_dim, budget)
+    start, layers, kl_starts = best_start(score, starts)
+    if progress is not None:
+        progress("start", len(starts), len(starts))
+    layers, kl, changes = coordinate_descent(
+        score, layers, errors, candidates, num_alternatives, num_passes, min_z, progress,
+        budget=budget, head_dim=head_dim,
+    )  # fmt: skip
+    return start, layers, kl_starts, kl, changes
 
 
 def smoothing_masks(
@@ -223,6 +299,68 @@ def smoothing_descent(
         if progress is not None:
             progress("smoothing", i + 1, len(layers))
     return on, float(cur.double().mean()), flips
+
+
+def num_high_layers(num_layers: int, low_bits: float, high_bits: float, budget: float) -> int:
+    """Most layers that can take the high format with the average within ``budget``."""
+    if budget < low_bits - 1e-9:
+        raise ValueError(
+            f"budget {budget:.4f} bits per element is below the low format's {low_bits:.4f}"
+        )
+    n = math.floor(num_layers * (budget - low_bits) / (high_bits - low_bits) + 1e-9)
+    return max(0, min(num_layers, n))
+
+
+def _promote_within(score, layers, kl, errors, head_dim, budget, num_probed, high_bits, progress):
+    """:func:`promote_high` with as many high layers as ``layers`` leave of ``budget``, probing
+    the ``num_probed`` layers of largest local error (0: all)."""
+    low = recipe_bits(layers, head_dim)
+    # a promotion adds high_bits - bits to one layer, whatever its metadata
+    n_high = num_high_layers(len(layers), low, low + high_bits - layers[0].bits, budget)
+    errs = [e[m.name] for e, m in zip(errors, layers)]
+    by_err = sorted(range(len(layers)), key=lambda i: (-errs[i], i))
+    probed = sorted(by_err[: num_probed or len(layers)]) if n_high else []
+    return promote_high(score, layers, kl, probed, n_high, high_bits, progress)
+
+
+def spend_on_high(
+    score: KLScorer,
+    layers: Layers,
+    kl: float,
+    errors: list[dict[str, float]],
+    head_dim: int,
+    budget: float,
+    num_probed: int = 8,
+    high_bits: int = 8,
+    progress: Progress | None = None,
+) -> tuple[Layers, float, dict[int, float], list[int], dict[str, float]]:
+    """Step 3: INT8 layers (:func:`promote_high`) with the bits the INT4 ``layers`` leave of
+    ``budget``. Where ``-kh`` layers take bits that would buy more INT8 layers, the same
+    recipe without ``-kh`` (more INT8 layers) is finished too, and the lower KL wins.
+
+    Args:
+        layers: INT4 formats of one bit width (``-kh`` or not), KL ``kl``.
+        errors: per layer, each format's local error (names of ``layers`` and of their
+            ``-kh``-less variants); the ``num_probed`` layers of largest error are probed.
+    Returns:
+        ``(layers, kl, {layer: KL drop of its promotion}, promoted layers, {"k_half": KL,
+        "int8": KL})``, the last empty when there was nothing to weigh.
+    """
+    args = (errors, head_dim, budget, num_probed, high_bits, progress)
+    out = _promote_within(score, layers, kl, *args)
+    plain = [replace(m, k_half_meta=False) for m in layers]
+    if plain == list(layers):
+        return (*out, {})
+
+    def n_high(ls):
+        low = recipe_bits(ls, head_dim)
+        return num_high_layers(len(ls), low, low + high_bits - ls[0].bits, budget)
+
+    if n_high(plain) <= n_high(layers):  # -kh costs no INT8 layer
+        return (*out, {})
+    other = _promote_within(score, plain, score(plain), *args)
+    weighed = {"k_half": out[1], "int8": other[1]}
+    return (*(other if other[1] < out[1] else out), weighed)
 
 
 def promote_high(

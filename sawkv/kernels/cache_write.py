@@ -1,7 +1,8 @@
 """Fused cache write: center, rotate, quantize, pack and scatter new K/V tokens into the pages.
 
 One program takes ``BLOCK_T`` tokens of one KV head, K and V both, in one pass: load, subtract
-the key mean, rotate in registers (:mod:`sawkv.kernels.rotation`), per-row min/max, quantize,
+the key mean, rotate in registers (:mod:`sawkv.kernels.rotation`), per-row min/max (per half-row
+for keys of a ``k_half_meta`` format: the halves the kernels already hold apart), quantize,
 pack two codes per byte and store at ``slot_mapping`` (INT4/INT8 bytes in the fragment order of
 ``page_layout.py``). Nothing but the pages is written.
 
@@ -26,7 +27,7 @@ from sawkv.kernels.checks import check_write_inputs
 from sawkv.kernels.launch import _perm_args
 from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.rotation import load_rotated_rows
-from sawkv.kernels.tiles import _rotate_rows_kernel
+from sawkv.kernels.tiles import _k_meta_rows, _rotate_rows_kernel
 
 FP16_MAX = 65504.0
 # Rotation of bf16/fp16 rows by default: "exact16" (16-bit tensor cores, rotation.py). The GPU
@@ -37,24 +38,54 @@ DEFAULT_ROTATION_16 = "exact16"
 
 
 @triton.jit
-def _quantize(lo, hi, BITS: tl.constexpr):
-    """Rows ``[lo | hi]`` (each ``[R, DH]`` fp32) -> codes ``(c_lo, c_hi)`` uint8 ``[R, DH]``
-    and per-row fp16 ``(scale, min)`` ``[R]``, as ``sawkv.quant.int4.quantize_int``."""
+def _scale_min(mn, mx, BITS: tl.constexpr):
+    """Range ``[mn, mx]`` ``[R]`` fp32 -> fp16 ``(scale, min)`` and the fp32 min and reciprocal
+    step the codes are computed against (the fp16-rounded ones, so both directions agree)."""
     qmax = 2.0**BITS - 1.0
-    lo = tl.minimum(tl.maximum(tl.where(lo != lo, 0.0, lo), -65504.0), 65504.0)
-    hi = tl.minimum(tl.maximum(tl.where(hi != hi, 0.0, hi), -65504.0), 65504.0)
-    mn = tl.minimum(tl.min(lo, axis=1), tl.min(hi, axis=1))
-    mx = tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1))
     scale16 = ((mx - mn) / qmax).to(tl.float16)
     mn16 = mn.to(tl.float16)
     scale = scale16.to(tl.float32)
-    mnf = mn16.to(tl.float32)
     inv = tl.where(scale > 0, tl.math.div_rn(1.0, tl.where(scale > 0, scale, 1.0)), 0.0)
-    c_lo = tl.floor((lo - mnf[:, None]) * inv[:, None] + 0.5)
-    c_hi = tl.floor((hi - mnf[:, None]) * inv[:, None] + 0.5)
-    c_lo = tl.minimum(tl.maximum(c_lo, 0.0), qmax).to(tl.uint8)
-    c_hi = tl.minimum(tl.maximum(c_hi, 0.0), qmax).to(tl.uint8)
-    return c_lo, c_hi, scale16, mn16
+    return scale16, mn16, mn16.to(tl.float32), inv
+
+
+@triton.jit
+def _codes(x, mnf, inv, BITS: tl.constexpr):
+    """``[R, DH]`` fp32 -> uint8 codes ``floor((x - min) / scale + 0.5)`` clamped to the range."""
+    qmax = 2.0**BITS - 1.0
+    c = tl.floor((x - mnf[:, None]) * inv[:, None] + 0.5)
+    return tl.minimum(tl.maximum(c, 0.0), qmax).to(tl.uint8)
+
+
+@triton.jit
+def _quantize(lo, hi, BITS: tl.constexpr, HALF: tl.constexpr):
+    """Rows ``[lo | hi]`` (each ``[R, DH]`` fp32) -> codes ``(c_lo, c_hi)`` uint8 ``[R, DH]``
+    and fp16 ``(scale_lo, min_lo, scale_hi, min_hi)`` ``[R]``, as
+    ``sawkv.quant.int4.quantize_int``: one range per row (both pairs the same), or with HALF
+    one per half (``quantize_int`` with groups of d/2)."""
+    lo = tl.minimum(tl.maximum(tl.where(lo != lo, 0.0, lo), -65504.0), 65504.0)
+    hi = tl.minimum(tl.maximum(tl.where(hi != hi, 0.0, hi), -65504.0), 65504.0)
+    if HALF:
+        s_lo, m_lo, mnf_lo, inv_lo = _scale_min(tl.min(lo, axis=1), tl.max(lo, axis=1), BITS)
+        s_hi, m_hi, mnf_hi, inv_hi = _scale_min(tl.min(hi, axis=1), tl.max(hi, axis=1), BITS)
+        c_lo = _codes(lo, mnf_lo, inv_lo, BITS)
+        return c_lo, _codes(hi, mnf_hi, inv_hi, BITS), s_lo, m_lo, s_hi, m_hi
+    mn = tl.minimum(tl.min(lo, axis=1), tl.min(hi, axis=1))
+    mx = tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1))
+    scale16, mn16, mnf, inv = _scale_min(mn, mx, BITS)
+    c_lo = _codes(lo, mnf, inv, BITS)
+    return c_lo, _codes(hi, mnf, inv, BITS), scale16, mn16, scale16, mn16
+
+
+@triton.jit
+def _store_meta(meta_ptr, meta_row, s_lo, m_lo, s_hi, m_hi, mask, HALF: tl.constexpr):
+    """Store ``(scale, min)`` at ``meta_row`` (offsets into this tensor), or with HALF
+    ``(scale_lo, min_lo, scale_hi, min_hi)``; ``mask`` None stores every row."""
+    tl.store(meta_ptr + meta_row, s_lo, mask=mask)
+    tl.store(meta_ptr + meta_row + 1, m_lo, mask=mask)
+    if HALF:
+        tl.store(meta_ptr + meta_row + 2, s_hi, mask=mask)
+        tl.store(meta_ptr + meta_row + 3, m_hi, mask=mask)
 
 
 @triton.jit
@@ -62,14 +93,15 @@ def _quantize_store(
     lo,  # [BLOCK_T, DH] fp32, first half of each row
     hi,  # [BLOCK_T, DH] fp32, second half
     page_ptr,  # [num_blocks, H, block_size, P] uint8 or float
-    meta_ptr,  # [num_blocks, H, block_size, 2] fp16
+    meta_ptr,  # [num_blocks, H, block_size, 2 | 4] fp16
     perm_ptr,  # [16, P] int32 byte order of a 16-token group (INT4/INT8; page_layout.py)
     page_row,  # [BLOCK_T] int64 element offset of each token's row (float) or group (INT)
     in_group,  # [BLOCK_T] token offset within its 16-token group
-    meta_row,  # [BLOCK_T] int64 element offset of each token's (scale, min)
+    meta_row,  # [BLOCK_T] int64 element offset of each token's metadata in meta_ptr
     row_mask,  # [BLOCK_T] bool
     BITS: tl.constexpr,
     DH: tl.constexpr,
+    HALF: tl.constexpr,  # one (scale, min) per half-row (k_half_meta keys)
 ):
     cols = tl.arange(0, DH)[None, :]
     m2 = row_mask[:, None]
@@ -78,7 +110,7 @@ def _quantize_store(
         tl.store(page_ptr + page_row[:, None] + cols, lo.to(ty), mask=m2)
         tl.store(page_ptr + page_row[:, None] + DH + cols, hi.to(ty), mask=m2)
     else:
-        c_lo, c_hi, scale16, mn16 = _quantize(lo, hi, BITS)
+        c_lo, c_hi, s_lo, m_lo, s_hi, m_hi = _quantize(lo, hi, BITS, HALF)
         # canonical byte j of the row goes where the group's byte table puts it
         perm_row = perm_ptr + in_group[:, None] * (DH if BITS == 4 else 2 * DH) + cols
         dest = page_ptr + page_row[:, None] + tl.load(perm_row, mask=m2, other=0)
@@ -88,8 +120,7 @@ def _quantize_store(
             tl.store(dest, c_lo, mask=m2)
             dest_hi = page_ptr + page_row[:, None] + tl.load(perm_row + DH, mask=m2, other=0)
             tl.store(dest_hi, c_hi, mask=m2)
-        tl.store(meta_ptr + meta_row, scale16, mask=row_mask)
-        tl.store(meta_ptr + meta_row + 1, mn16, mask=row_mask)
+        _store_meta(meta_ptr, meta_row, s_lo, m_lo, s_hi, m_hi, row_mask, HALF)
 
 
 @triton.jit
@@ -98,8 +129,8 @@ def _cache_write_kernel(
     v_ptr,  # [T, H, D] float
     k_page_ptr,  # [num_blocks, H, block_size, P]
     v_page_ptr,  # same
-    k_meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (dummy for BITS=16)
-    v_meta_ptr,  # same
+    k_meta_ptr,  # [num_blocks, H, block_size, 2 | 4 (K_HALF)] fp16 (dummy for BITS=16)
+    v_meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (dummy for BITS=16)
     k_perm_ptr,  # [16, P] int32 (INT4/INT8; dummy for BITS=16)
     v_perm_ptr,
     slot_ptr,  # [T] int32/int64, -1 = skip
@@ -114,7 +145,7 @@ def _cache_write_kernel(
     stride_page_b,
     stride_page_h,
     stride_page_t,
-    stride_meta_b,
+    stride_meta_b,  # v_meta's strides (k_meta's offsets follow: _k_meta_rows)
     stride_meta_h,
     stride_meta_t,
     BLOCK_SIZE: tl.constexpr,
@@ -124,6 +155,7 @@ def _cache_write_kernel(
     ROT_V: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     PREC: tl.constexpr,
+    K_HALF: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     DH: tl.constexpr = D // 2
@@ -145,8 +177,8 @@ def _cache_write_kernel(
                                    stride_mean_h, norm, BLOCK_T, HAS_MEAN, HAD > 0, HAD, DH,
                                    PREC)  # fmt: skip
     _quantize_store(
-        k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group, meta_row, row_mask,
-        BITS, DH,
+        k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group,
+        _k_meta_rows(meta_row, K_HALF), row_mask, BITS, DH, K_HALF,
     )  # fmt: skip
 
     v_lo, v_hi = load_rotated_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
@@ -154,7 +186,7 @@ def _cache_write_kernel(
                                    PREC)  # fmt: skip
     _quantize_store(
         v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group, meta_row, row_mask,
-        BITS, DH,
+        BITS, DH, False,
     )  # fmt: skip
 
 
@@ -188,10 +220,11 @@ def cache_write(
             must be contiguous.
         pages: :class:`KVPages` ``(k_cache, v_cache, k_meta, v_meta)`` of one layer in format
             ``fmt`` (``page_format.py``: codes ``[num_blocks, num_kv_heads, block_size,
-            page_dim]``, fp16 (scale, min) metadata ``[..., 2]``, None for bits=16).
+            page_dim]``, fp16 (scale, min) metadata ``[..., 2]`` (``k_meta [..., 4]`` with
+            ``fmt.k_half_meta``), None for bits=16).
         slot_mapping: ``[num_tokens]`` int32/int64, slot = block_id * block_size + offset;
             -1 skips the token (padding).
-        fmt: the pages' :class:`PageFormat` (bits, had_block, rotate_v, shapes).
+        fmt: the pages' :class:`PageFormat` (bits, had_block, rotate_v, k_half_meta, shapes).
         k_mean: ``[num_kv_heads, head_dim]`` key mean subtracted before rotating, or None.
         block_t, num_warps: tuning knobs (tokens per program, a power of two >= 16; warps);
             None picks them from the shape.
@@ -220,7 +253,8 @@ def cache_write(
     k_cache, v_cache, k_meta, v_meta = pages
     k_meta_arg = k_cache if k_meta is None else k_meta
     v_meta_arg = v_cache if v_meta is None else v_meta
-    meta_strides = (0, 0, 0) if k_meta is None else k_meta.stride()[:3]
+    # v_meta's strides: k_meta's offsets are derived from them (tiles._k_meta_rows)
+    meta_strides = (0, 0, 0) if v_meta is None else v_meta.stride()[:3]
     k_perm, v_perm = _perm_args(fmt.bits, head_dim, k.device)
     exact_ok = bool(had_block) and k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
     prec = DEFAULT_ROTATION_16 if exact_ok else "tf32x3"
@@ -244,7 +278,8 @@ def cache_write(
         0 if k_mean is None else k_mean.stride(0), *k_cache.stride()[:3], *meta_strides,
     )  # fmt: skip
     consts = dict(BLOCK_SIZE=fmt.block_size, D=head_dim, BITS=fmt.bits, HAD=had_block,
-                  ROT_V=fmt.rotate_v, HAS_MEAN=k_mean is not None, PREC=prec)  # fmt: skip
+                  ROT_V=fmt.rotate_v, HAS_MEAN=k_mean is not None, PREC=prec,
+                  K_HALF=fmt.k_half_meta)  # fmt: skip
     if group_path and fmt.bits != 16 and block_t is None:
         grid = (triton.cdiv(num_tokens, 16), fmt.num_kv_heads)
         _cache_write_groups_kernel[grid](*args, **consts, NONE=_NONE, num_warps=num_warps or 4)

@@ -40,7 +40,8 @@ def check_pages(pages: KVPages, fmt: PageFormat, device) -> int:
     """Check one layer's pages against ``fmt``; return ``num_blocks``.
 
     ``k_cache, v_cache [num_blocks, num_kv_heads, block_size, page_dim]`` of ``fmt.dtype``;
-    ``k_meta, v_meta [num_blocks, num_kv_heads, block_size, 2]`` fp16, or None for bits=16.
+    ``k_meta [num_blocks, num_kv_heads, block_size, fmt.k_meta_dim]`` and ``v_meta [...,
+    2]`` fp16, or None for bits=16.
     """
     check_format(fmt)
     if not isinstance(pages, tuple) or len(pages) != 4:
@@ -59,7 +60,13 @@ def check_pages(pages: KVPages, fmt: PageFormat, device) -> int:
     if fmt.is_quantized:
         for name, m in (("k_meta", k_meta), ("v_meta", v_meta)):
             check_tensor(name, m, 4, (torch.float16,), device)
-            check_shape(name, m, fmt.meta_shape(num_blocks))
+            want = fmt.meta_shape(num_blocks, is_key=name == "k_meta")
+            if m.shape[-1] != want[-1]:
+                raise ValueError(
+                    f"{name} last dim {m.shape[-1]} does not fit the format: {want[-1]} fp16 per "
+                    f"token and head (k_half_meta={fmt.k_half_meta})"
+                )
+            check_shape(name, m, want)
     elif k_meta is not None or v_meta is not None:
         raise ValueError("k_meta and v_meta must be None for bits=16 pages")
     for name, t in zip(KVPages._fields, pages):

@@ -51,8 +51,8 @@ def _decode_kernel(
     q_ptr,  # [S, Hq, D]
     k_page_ptr,  # [num_blocks, Hkv, block_size, P]
     v_page_ptr,
-    k_meta_ptr,  # [num_blocks, Hkv, block_size, 2] fp16 (dummy for BITS=16)
-    v_meta_ptr,
+    k_meta_ptr,  # [num_blocks, Hkv, block_size, 2 | 4 (K_HALF)] fp16 (dummy for BITS=16)
+    v_meta_ptr,  # [num_blocks, Hkv, block_size, 2] fp16
     k_perm_ptr,  # [16, P] int32 byte order of a 16-token group (INT4/INT8; page_layout.py)
     v_perm_ptr,
     bt_ptr,  # [S, max_blocks] int32
@@ -71,7 +71,7 @@ def _decode_kernel(
     stride_page_b,
     stride_page_h,
     stride_page_t,
-    stride_meta_b,
+    stride_meta_b,  # v_meta's (k_meta's offsets follow: tiles._k_meta_rows)
     stride_meta_h,
     stride_meta_t,
     stride_os,
@@ -89,6 +89,7 @@ def _decode_kernel(
     DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
     TRANS_QK: tl.constexpr,
+    K_HALF: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
     """Positions below ``first`` are not attended (attention sinks read elsewhere).
@@ -115,7 +116,9 @@ def _decode_kernel(
     g = tl.arange(0, G_PAD)
     row_mask = g < G
     q_rows = s.to(tl.int64) * stride_qs + (h * G + g) * stride_qh
-    q_lo, q_hi, q_sum = _load_query(q_ptr, q_rows, row_mask, norm, qscale, DH, G_PAD, HAD, DOT)
+    q_lo, q_hi, q_sum, q_sum_lo, q_sum_hi = _load_query(
+        q_ptr, q_rows, row_mask, norm, qscale, DH, G_PAD, HAD, DOT
+    )
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -129,21 +132,23 @@ def _decode_kernel(
         t0 = lo
         while t0 < hi:
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
-                q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, 0, bt_row, h,
+                q_lo, q_hi, q_sum, q_sum_lo, q_sum_hi, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos,
+                0, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
                 stride_page_b, stride_page_h, stride_page_t,
                 stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK, K_HALF,
             )  # fmt: skip
             t0 += BLOCK_N
     else:
         for t0 in tl.range(lo, hi, BLOCK_N):
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
-                q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, 0, bt_row, h,
+                q_lo, q_hi, q_sum, q_sum_lo, q_sum_hi, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos,
+                0, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
                 stride_page_b, stride_page_h, stride_page_t,
                 stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, False, not INTERPRET, TRANS_QK, K_HALF,
             )  # fmt: skip
 
     if SINGLE:
@@ -315,6 +320,7 @@ def _launch_triton(
         BLOCK_SIZE=fmt.block_size, BITS=fmt.bits, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
         SINGLE=single, **_launch_extra(config, head_dim),
         DOT=_dot_code(q.dtype, fmt.bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
+        K_HALF=fmt.k_half_meta,
         WRITE_LSE=write_lse, num_warps=config.num_warps,
         num_stages=config.num_stages, **common,
     )  # fmt: skip

@@ -88,13 +88,17 @@ def build_error() -> str | None:
     return _STATE.get("error")  # type: ignore[return-value]
 
 
-def supports(q: torch.Tensor, bits: int, num_q_heads: int, num_kv_heads: int) -> bool:
-    """Shapes and dtypes the CUDA kernel serves (others go to the Triton kernel)."""
+def supports(q: torch.Tensor, fmt: PageFormat, num_q_heads: int) -> bool:
+    """Formats, shapes and dtypes the CUDA kernel serves (others go to the Triton kernel):
+    INT4/INT8 pages with one (scale, min) per key (its ring stages a group's metadata as
+    ``(scale, min)`` pairs; ``k_half_meta`` pages are read by the Triton kernel), fp16/bf16 q,
+    head_dim 64/128/256, at most 16 query heads per KV head."""
     return (
-        bits in (4, 8)
+        fmt.bits in (4, 8)
+        and not fmt.k_half_meta
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] in (64, 128, 256)
-        and num_q_heads // num_kv_heads <= 16
+        and num_q_heads // fmt.num_kv_heads <= 16
     )
 
 

@@ -29,7 +29,7 @@ from sawkv.kernels.sinks import SinkKV
 @triton.jit
 def _dequant_kernel(
     page_ptr,  # [num_blocks, H, block_size, P] uint8 codes or float rows
-    meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (scale, min); dummy for BITS=16
+    meta_ptr,  # [num_blocks, H, block_size, 2] fp16 (scale, min), [..., 4] (HALF); dummy for 16
     perm_ptr,  # [16, P] int32 byte order of a group (INT4/INT8)
     bt_ptr,  # [S, max_blocks] int32
     lens_ptr,  # [S] int32
@@ -45,6 +45,7 @@ def _dequant_kernel(
     BLOCK_SIZE: tl.constexpr,
     D: tl.constexpr,
     BITS: tl.constexpr,
+    HALF: tl.constexpr,  # (scale_lo, min_lo, scale_hi, min_hi) per row: k_half_meta keys
 ):
     DH: tl.constexpr = D // 2
     grp = tl.program_id(0)
@@ -75,11 +76,19 @@ def _dequant_kernel(
             hi = tl.load(group + tl.load(perm_ptr + o * p_row + DH + cols), mask=ok[:, None],
                          other=0)  # fmt: skip
             lo, hi = lo.to(tl.float32), hi.to(tl.float32)
-        meta = meta_ptr + page * stride_meta_b + h * stride_meta_h + (in_page + o) * 2
-        scale = tl.load(meta, mask=ok[:, None], other=0.0).to(tl.float32)
-        mn = tl.load(meta + 1, mask=ok[:, None], other=0.0).to(tl.float32)
-        lo = tl.minimum(tl.maximum(lo * scale + mn, -65504.0), 65504.0)
-        hi = tl.minimum(tl.maximum(hi * scale + mn, -65504.0), 65504.0)
+        if HALF:
+            meta = meta_ptr + page * stride_meta_b + h * stride_meta_h + (in_page + o) * 4
+            s_lo = tl.load(meta, mask=ok[:, None], other=0.0).to(tl.float32)
+            m_lo = tl.load(meta + 1, mask=ok[:, None], other=0.0).to(tl.float32)
+            s_hi = tl.load(meta + 2, mask=ok[:, None], other=0.0).to(tl.float32)
+            m_hi = tl.load(meta + 3, mask=ok[:, None], other=0.0).to(tl.float32)
+        else:
+            meta = meta_ptr + page * stride_meta_b + h * stride_meta_h + (in_page + o) * 2
+            s_lo = tl.load(meta, mask=ok[:, None], other=0.0).to(tl.float32)
+            m_lo = tl.load(meta + 1, mask=ok[:, None], other=0.0).to(tl.float32)
+            s_hi, m_hi = s_lo, m_lo
+        lo = tl.minimum(tl.maximum(lo * s_lo + m_lo, -65504.0), 65504.0)
+        hi = tl.minimum(tl.maximum(hi * s_hi + m_hi, -65504.0), 65504.0)
     start = tl.load(start_ptr + s)
     dest = out_ptr + (start + pos).to(tl.int64)[:, None] * stride_out_t + h * stride_out_h + cols
     ty = out_ptr.dtype.element_ty
@@ -103,7 +112,8 @@ def dequant_pages(
 
     Args:
         cache: ``[num_blocks, H, block_size, P]`` one layer's K or V pages; meta its
-            ``[num_blocks, H, block_size, 2]`` fp16 (scale, min), None for bits=16.
+            ``[num_blocks, H, block_size, 2]`` fp16 (scale, min) (keys of a ``k_half_meta``
+            format: ``[..., 4]``, a pair per half), None for bits=16.
         block_tables: ``[S, max_blocks]`` int32. seq_lens: ``[S]`` int32.
         row_starts: ``[S + 1]`` int32, first row of each sequence in ``out``.
         out: ``[total_rows, H, head_dim]`` bf16/fp16/fp32, written in place.
@@ -127,7 +137,8 @@ def dequant_pages(
     _dequant_kernel[grid](
         cache, meta_arg, k_perm if is_key else v_perm, block_tables, seq_lens, row_starts, out,
         block_tables.stride(0), *cache.stride()[:2], *meta_strides, out.stride(0), out.stride(1),
-        BLOCK_SIZE=cache.shape[2], D=head_dim, BITS=bits, num_warps=4,
+        BLOCK_SIZE=cache.shape[2], D=head_dim, BITS=bits, HALF=is_key and fmt.k_half_meta,
+        num_warps=4,
     )  # fmt: skip
     return out
 

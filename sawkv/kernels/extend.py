@@ -30,8 +30,8 @@ def _extend_kernel(
     q_ptr,  # [T, Hq, D]
     k_page_ptr,
     v_page_ptr,
-    k_meta_ptr,
-    v_meta_ptr,
+    k_meta_ptr,  # [num_blocks, Hkv, block_size, 2 | 4 (K_HALF)] fp16 (dummy for BITS=16)
+    v_meta_ptr,  # [num_blocks, Hkv, block_size, 2] fp16
     k_perm_ptr,  # [16, P] int32 byte order of a 16-token group (INT4/INT8; page_layout.py)
     v_perm_ptr,
     bt_ptr,  # [S, max_blocks] int32
@@ -47,7 +47,7 @@ def _extend_kernel(
     stride_page_b,
     stride_page_h,
     stride_page_t,
-    stride_meta_b,
+    stride_meta_b,  # v_meta's (k_meta's offsets follow: tiles._k_meta_rows)
     stride_meta_h,
     stride_meta_t,
     stride_ot,
@@ -64,6 +64,7 @@ def _extend_kernel(
     DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
     TRANS_QK: tl.constexpr,
+    K_HALF: tl.constexpr,
 ):
     """Rows are (query token, head) pairs: row r is token r // G_PAD, head r % G_PAD."""
     DH: tl.constexpr = D // 2
@@ -83,7 +84,9 @@ def _extend_kernel(
     row_mask = (i < q_len) & (g < G)
     qpos = ctx + i
     q_rows = (q_start + i).to(tl.int64) * stride_qt + (h * G + g) * stride_qh
-    q_lo, q_hi, q_sum = _load_query(q_ptr, q_rows, row_mask, norm, qscale, DH, BLOCK_R, HAD, DOT)
+    q_lo, q_hi, q_sum, q_sum_lo, q_sum_hi = _load_query(
+        q_ptr, q_rows, row_mask, norm, qscale, DH, BLOCK_R, HAD, DOT
+    )
 
     # positions any row of this program may see: causal up to its last token, window below
     hi = tl.minimum(seq_len, ctx + qt * BLOCK_Q + BLOCK_Q)
@@ -101,21 +104,23 @@ def _extend_kernel(
         t0 = lo
         while t0 < hi:
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
-                q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, window, bt_row, h,
+                q_lo, q_hi, q_sum, q_sum_lo, q_sum_hi, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos,
+                window, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
                 stride_page_b, stride_page_h, stride_page_t,
                 stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK, K_HALF,
             )  # fmt: skip
             t0 += BLOCK_N
     else:
         for t0 in tl.range(lo, hi, BLOCK_N):
             acc_lo, acc_hi, m_i, l_i = _attend_tile(
-                q_lo, q_hi, q_sum, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos, window, bt_row, h,
+                q_lo, q_hi, q_sum, q_sum_lo, q_sum_hi, acc_lo, acc_hi, m_i, l_i, t0, hi, qpos,
+                window, bt_row, h,
                 k_page_ptr, v_page_ptr, k_meta_ptr, v_meta_ptr, k_perm_ptr, v_perm_ptr,
                 stride_page_b, stride_page_h, stride_page_t,
                 stride_meta_b, stride_meta_h, stride_meta_t,
-                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK,
+                BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK, K_HALF,
             )  # fmt: skip
     o_rows = (q_start + i).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
     # the output rotation (ROT_V) runs in _rotate_rows_kernel: here it would cost occupancy
@@ -219,6 +224,7 @@ def _launch_triton(q, pages, block_tables, seq_lens, qsl, fmt, scale, sliding_wi
         G=g, G_PAD=g_pad, D=head_dim, BLOCK_SIZE=fmt.block_size, BITS=fmt.bits, HAD=had_block,
         ROT_V=fmt.rotate_v, BLOCK_N=config.block_n, BLOCK_R=block_r,
         DOT=_dot_code(q.dtype, fmt.bits), INTERPRET=_interpreting(), TRANS_QK=config.trans_qk,
+        K_HALF=fmt.k_half_meta,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )  # fmt: skip

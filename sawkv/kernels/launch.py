@@ -102,11 +102,13 @@ def _launch_extra(config: KernelConfig, head_dim: int) -> dict:
 
 
 def _meta_args(pages):
-    """(k_meta, v_meta, meta strides) for a launch; the page tensors stand in for bits=16."""
+    """(k_meta, v_meta, meta strides) for a launch; the page tensors stand in for bits=16.
+    The strides are v_meta's: k_meta's offsets are derived from them (``tiles._k_meta_rows``;
+    the same with one (scale, min) per key)."""
     k_cache, v_cache, k_meta, v_meta = pages
     if k_meta is None:
         return k_cache, v_cache, (0, 0, 0)
-    return k_meta, v_meta, k_meta.stride()[:3]
+    return k_meta, v_meta, v_meta.stride()[:3]
 
 
 _PERMS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

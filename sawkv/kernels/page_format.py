@@ -8,10 +8,16 @@ outside tokens, so one head's page is one contiguous run)::
         page_dim = head_dim // 2 (INT4, two codes per byte), head_dim (INT8 codes; float rows
         of a 16-bit format); INT4/INT8 rows are byte-permuted in 16-token groups
         (tensor-core fragment order, ``page_layout.py``)
-    k_meta, v_meta    [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min); None for 16
+    k_meta            [num_blocks, num_kv_heads, block_size, k_meta_dim] fp16; None for 16
+        k_meta_dim = 2: (scale, min) of the whole key;
+        k_meta_dim = 4 (``k_half_meta``): (scale_lo, min_lo, scale_hi, min_hi), lo = rotated
+        elements [0, d/2), hi = [d/2, d): the halves an INT4 byte packs (element i in its low
+        nibble, i + d/2 in its high one), which the kernels already hold apart
+    v_meta            [num_blocks, num_kv_heads, block_size, 2] fp16 (scale, min); None for 16
 
 Keys are stored as ``R (k - mu)`` and values as ``R v`` (``rotate_v``) or ``v``, R the
-block-diagonal Hadamard of block ``had_block`` (0 = none). Torch only (a leaf).
+block-diagonal Hadamard of block ``had_block`` (0 = none); ``x ~= code * scale + min`` with the
+(scale, min) of the element's group. Torch only (a leaf).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class PageFormat:
     of ``dtype``, which must then be given); ``had_block`` 0 or the Hadamard block (a power of
     two in [16, min(head_dim, 256)] dividing head_dim); ``rotate_v`` values stored rotated too
     (needs ``had_block``). ``head_dim``, ``num_kv_heads`` and ``block_size`` fix the shapes.
+    ``k_half_meta`` (bits 4/8 only): keys get one (scale, min) per half of the rotated vector
+    (``k_meta [..., 4]``), so each half's range sets its own step: +32 bits per key and head.
     """
 
     bits: int
@@ -53,6 +61,7 @@ class PageFormat:
     had_block: int = 0
     rotate_v: bool = False
     dtype: torch.dtype | None = None  # page dtype; None -> uint8 for bits 4/8
+    k_half_meta: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 16):
@@ -84,6 +93,11 @@ class PageFormat:
         check_had_block(self.had_block, self.head_dim)
         if self.rotate_v and not self.had_block:
             raise ValueError("rotate_v needs had_block > 0")
+        if self.k_half_meta and self.bits == 16:
+            raise ValueError(
+                "k_half_meta (one (scale, min) per half of each key) needs INT4/INT8 pages, got "
+                "bits=16"
+            )
 
     @property
     def is_quantized(self) -> bool:
@@ -99,31 +113,39 @@ class PageFormat:
         """Shape of ``k_cache`` / ``v_cache`` with ``num_blocks`` blocks."""
         return (num_blocks, self.num_kv_heads, self.block_size, self.page_dim)
 
-    def meta_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
-        """Shape of ``k_meta`` / ``v_meta`` (INT4/INT8 formats) with ``num_blocks`` blocks."""
-        return (num_blocks, self.num_kv_heads, self.block_size, 2)
+    @property
+    def k_meta_dim(self) -> int:
+        """Last dim of ``k_meta``: 2 (scale, min), or 4 with ``k_half_meta``."""
+        return 4 if self.k_half_meta else 2
+
+    def meta_shape(self, num_blocks: int, *, is_key: bool) -> tuple[int, int, int, int]:
+        """Shape of ``k_meta`` (``is_key``) or ``v_meta`` (INT4/INT8 formats) with
+        ``num_blocks`` blocks."""
+        last = self.k_meta_dim if is_key else 2
+        return (num_blocks, self.num_kv_heads, self.block_size, last)
 
     @property
     def page_size_bytes(self) -> int:
         """Bytes of one page (one block index) of one layer: K and V with their metadata."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = self.page_dim * elem + (4 if self.is_quantized else 0)
-        return 2 * self.num_kv_heads * self.block_size * per_token
+        meta = 2 * (self.k_meta_dim + 2) if self.is_quantized else 0  # fp16 K and V metadata
+        return self.num_kv_heads * self.block_size * (2 * self.page_dim * elem + meta)
 
     def empty_pages(self, num_blocks: int, device: torch.device | str = "cpu") -> KVPages:
         """Zero-filled pages of ``num_blocks`` blocks in this format."""
         shape = self.page_shape(num_blocks)
 
-        def meta():
+        def meta(is_key: bool):
             if not self.is_quantized:
                 return None
-            return torch.zeros(self.meta_shape(num_blocks), dtype=META_DTYPE, device=device)
+            shape = self.meta_shape(num_blocks, is_key=is_key)
+            return torch.zeros(shape, dtype=META_DTYPE, device=device)
 
         return KVPages(
             torch.zeros(shape, dtype=self.dtype, device=device),
             torch.zeros(shape, dtype=self.dtype, device=device),
-            meta(),
-            meta(),
+            meta(True),
+            meta(False),
         )
 
 

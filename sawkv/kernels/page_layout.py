@@ -23,7 +23,8 @@ INT4: word ``u = 2w + s`` of a lane joins k-steps (keys) or m-tiles (values) ``w
 ``(a0[w], a1[w])`` (s = 0) or ``(a2[w], a3[w])`` (s = 1), two codes each.
 
 Every byte belongs to one token (no read-modify-write when a single token is written) and the
-metadata ``[num_blocks, H, block_size, 2]`` keeps one row per token. Torch only (a leaf).
+metadata ``[num_blocks, H, block_size, 2]`` (keys of a ``k_half_meta`` format: ``[..., 4]``)
+keeps one row per token. Torch only (a leaf).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ How the kernels read the cache:
   kernel, ``page_layout.py``); these kernels gather them through the ``[16, P]`` byte table.
 * Dequantization is folded into the products instead of applied per element:
   ``q.k_n = s_n (q.c_n) + m_n sum(q)`` and ``sum_n p_n v_n = (p * s_v) @ c + sum_n p_n m_n``,
-  with the integer codes c (exact in bf16/fp16) fed straight to ``tl.dot``.
+  with the integer codes c (exact in bf16/fp16) fed straight to ``tl.dot``. Keys with one
+  (scale, min) per half (``k_half_meta``) take the two halves' products apart:
+  ``q.k_n = s_lo (q_lo.c_lo) + m_lo sum(q_lo) + s_hi (q_hi.c_hi) + m_hi sum(q_hi)``.
 * The query is rotated once per program in registers; with rotated values the output is
   rotated back once (``sum p R v = R sum p v``). Keys were stored centered: softmax ignores the
   shared ``q.mu``, so the read path never sees the mean.
@@ -191,6 +193,17 @@ def _page_rows(
 
 
 @triton.jit
+def _k_meta_rows(meta_row, K_HALF: tl.constexpr):
+    """Offsets into ``k_meta`` from offsets ``meta_row`` into ``v_meta``: with K_HALF each key
+    has 4 fp16 (``[..., 4]``) where a value has 2, and both tensors are contiguous with the
+    same leading dims (``checks.check_pages``), so every offset doubles; else they coincide.
+    One set of metadata strides then serves both (the kernels take ``v_meta``'s)."""
+    if K_HALF:
+        return meta_row * 2
+    return meta_row
+
+
+@triton.jit
 def _meta_rows(
     bt_row_ptr, n, mask, h, stride_meta_b, stride_meta_h, stride_meta_t, BLOCK_SIZE: tl.constexpr
 ):
@@ -202,7 +215,9 @@ def _meta_rows(
 def _attend_tile(
     q_lo,  # [R, DH] product dtype, rotated and scaled
     q_hi,
-    q_sum,  # [R] fp32
+    q_sum,  # [R] fp32 sum of q_lo and q_hi
+    q_sum_lo,  # [R] fp32 sum of q_lo (K_HALF)
+    q_sum_hi,  # [R] fp32 sum of q_hi (K_HALF)
     acc_lo,  # [R, DH] fp32
     acc_hi,
     m_i,  # [R] fp32 running max (log2 units)
@@ -222,7 +237,7 @@ def _attend_tile(
     stride_page_b,
     stride_page_h,
     stride_page_t,
-    stride_meta_b,
+    stride_meta_b,  # v_meta's strides (k_meta's offsets follow: _k_meta_rows)
     stride_meta_h,
     stride_meta_t,
     BLOCK_SIZE: tl.constexpr,
@@ -233,6 +248,7 @@ def _attend_tile(
     CAUSAL: tl.constexpr,
     FAST: tl.constexpr,
     TRANS_QK: tl.constexpr,
+    K_HALF: tl.constexpr,  # keys carry (scale, min) per half: k_meta [..., 4]
 ):
     """One online-softmax step over the KV tile at positions ``t0 .. t0 + BLOCK_N``
     (scores in log2 units; q carries the softmax scale)."""
@@ -252,18 +268,35 @@ def _attend_tile(
     else:
         allowed = tok_mask[None, :] & (qpos[:, None] >= 0)
     k_lo, k_hi = _load_tile(k_page_ptr, page_row, o, k_perm_ptr, tok_mask, BITS, DH, DOT, FAST)
-    if TRANS_QK:
-        # K as the A operand (fresh registers every tile) and q^T as B: saves the register
-        # copies of q that the A-operand form costs, at the price of one transpose of the scores
-        qk = tl.trans(_dot(k_lo, tl.trans(q_lo), DOT) + _dot(k_hi, tl.trans(q_hi), DOT))
+    if K_HALF and BITS != 16:
+        # each half has its own (scale, min): the halves' products are scaled apart
+        k_row = _k_meta_rows(meta_row, True)
+        ks_lo = tl.load(k_meta_ptr + k_row, mask=tok_mask, other=0.0).to(tl.float32)
+        km_lo = tl.load(k_meta_ptr + k_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
+        ks_hi = tl.load(k_meta_ptr + k_row + 2, mask=tok_mask, other=0.0).to(tl.float32)
+        km_hi = tl.load(k_meta_ptr + k_row + 3, mask=tok_mask, other=0.0).to(tl.float32)
+        if TRANS_QK:
+            qk_lo = tl.trans(_dot(k_lo, tl.trans(q_lo), DOT))
+            qk_hi = tl.trans(_dot(k_hi, tl.trans(q_hi), DOT))
+        else:
+            qk_lo = _dot(q_lo, tl.trans(k_lo), DOT)
+            qk_hi = _dot(q_hi, tl.trans(k_hi), DOT)
+        qk = qk_lo * ks_lo[None, :] + q_sum_lo[:, None] * km_lo[None, :]
+        qk += qk_hi * ks_hi[None, :] + q_sum_hi[:, None] * km_hi[None, :]
     else:
-        qk = _dot(q_lo, tl.trans(k_lo), DOT)
-        qk += _dot(q_hi, tl.trans(k_hi), DOT)
-    if BITS != 16:
-        ks = tl.load(k_meta_ptr + meta_row, mask=tok_mask, other=0.0).to(tl.float32)
-        km = tl.load(k_meta_ptr + meta_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
-        # q.(c s + m) = s (q.c) + m sum(q); q_sum sums the same rounded q the dot used
-        qk = qk * ks[None, :] + q_sum[:, None] * km[None, :]
+        if TRANS_QK:
+            # K as the A operand (fresh registers every tile) and q^T as B: saves the register
+            # copies of q that the A-operand form costs, at the price of one transpose of the
+            # scores
+            qk = tl.trans(_dot(k_lo, tl.trans(q_lo), DOT) + _dot(k_hi, tl.trans(q_hi), DOT))
+        else:
+            qk = _dot(q_lo, tl.trans(k_lo), DOT)
+            qk += _dot(q_hi, tl.trans(k_hi), DOT)
+        if BITS != 16:
+            ks = tl.load(k_meta_ptr + meta_row, mask=tok_mask, other=0.0).to(tl.float32)
+            km = tl.load(k_meta_ptr + meta_row + 1, mask=tok_mask, other=0.0).to(tl.float32)
+            # q.(c s + m) = s (q.c) + m sum(q); q_sum sums the same rounded q the dot used
+            qk = qk * ks[None, :] + q_sum[:, None] * km[None, :]
     qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1))
     # a row that has seen nothing yet keeps m = -inf; subtract 0 instead so no inf - inf NaN
@@ -298,7 +331,9 @@ def _load_query(
     HAD: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    """Query rows ``[R, d]`` -> rotated, scaled halves in the product dtype, and their row sum."""
+    """Query rows ``[R, d]`` -> rotated, scaled halves ``q_lo, q_hi [R, DH]`` in the product
+    dtype, and the row sums ``q_sum, q_sum_lo, q_sum_hi [R]`` fp32 of both halves, of q_lo
+    and of q_hi (``k_half_meta`` keys scale the halves apart)."""
     cols = tl.arange(0, DH)[None, :]
     ptr = q_ptr + rows_off[:, None] + cols
     q_lo = tl.load(ptr, mask=row_mask[:, None], other=0.0).to(tl.float32)
@@ -307,9 +342,10 @@ def _load_query(
         q_lo, q_hi = rotate_halves(q_lo, q_hi, norm, R, DH, HAD, ROT_PREC)
     q_lo = _to_dot(q_lo * qscale, DOT)
     q_hi = _to_dot(q_hi * qscale, DOT)
-    # sum of the rounded query, so m_n * sum(q) matches the product the codes see
-    q_sum = tl.sum(q_lo.to(tl.float32), axis=1) + tl.sum(q_hi.to(tl.float32), axis=1)
-    return q_lo, q_hi, q_sum
+    # sums of the rounded query, so m_n * sum(q) matches the product the codes see
+    q_sum_lo = tl.sum(q_lo.to(tl.float32), axis=1)
+    q_sum_hi = tl.sum(q_hi.to(tl.float32), axis=1)
+    return q_lo, q_hi, q_sum_lo + q_sum_hi, q_sum_lo, q_sum_hi
 
 
 @triton.jit

@@ -23,8 +23,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sawkv.kernels.cache_write import _quantize, _quantize_store
+from sawkv.kernels.cache_write import _quantize, _quantize_store, _store_meta
 from sawkv.kernels.rotation import load_rotated_rows
+from sawkv.kernels.tiles import _k_meta_rows
 
 _NONE = 1 << 30  # "no group" token index (beyond any batch)
 
@@ -81,7 +82,8 @@ def _cache_write_groups_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh, stride_mean_h,
     stride_page_b, stride_page_h, stride_page_t, stride_meta_b, stride_meta_h, stride_meta_t,
     BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, HAD: tl.constexpr,
-    ROT_V: tl.constexpr, HAS_MEAN: tl.constexpr, PREC: tl.constexpr, NONE: tl.constexpr,
+    ROT_V: tl.constexpr, HAS_MEAN: tl.constexpr, PREC: tl.constexpr, K_HALF: tl.constexpr,
+    NONE: tl.constexpr,
 ):  # fmt: skip
     DH: tl.constexpr = D // 2
     base = tl.program_id(0) * 16
@@ -101,17 +103,16 @@ def _cache_write_groups_kernel(
         k_lo, k_hi = load_rotated_rows(k_ptr, rows, stride_kt, h, stride_kh, full, mean_ptr,
                                        stride_mean_h, norm, 16, HAS_MEAN, HAD > 0, HAD, DH,
                                        PREC)  # fmt: skip
-        c_lo, c_hi, scale16, mn16 = _quantize(k_lo, k_hi, BITS)
+        c_lo, c_hi, s_lo, m_lo, s_hi, m_hi = _quantize(k_lo, k_hi, BITS, K_HALF)
         _store_group(c_lo, c_hi, k_page_ptr + run, BITS, DH, True)
-        tl.store(k_meta_ptr + meta_row, scale16)
-        tl.store(k_meta_ptr + meta_row + 1, mn16)
+        _store_meta(k_meta_ptr, _k_meta_rows(meta_row, K_HALF), s_lo, m_lo, s_hi, m_hi, None,
+                    K_HALF)  # fmt: skip
         v_lo, v_hi = load_rotated_rows(v_ptr, rows, stride_vt, h, stride_vh, full, mean_ptr,
                                        stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
                                        PREC)  # fmt: skip
-        c_lo, c_hi, scale16, mn16 = _quantize(v_lo, v_hi, BITS)
+        c_lo, c_hi, s_lo, m_lo, s_hi, m_hi = _quantize(v_lo, v_hi, BITS, False)
         _store_group(c_lo, c_hi, v_page_ptr + run, BITS, DH, False)
-        tl.store(v_meta_ptr + meta_row, scale16)
-        tl.store(v_meta_ptr + meta_row + 1, mn16)
+        _store_meta(v_meta_ptr, meta_row, s_lo, m_lo, s_hi, m_hi, None, False)
 
     # the tile's tokens that neither group covers go through the per-token path
     tok = base + r
@@ -128,9 +129,9 @@ def _cache_write_groups_kernel(
                                        stride_mean_h, norm, 16, HAS_MEAN, HAD > 0, HAD, DH,
                                        PREC)  # fmt: skip
         _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group,
-                        meta_row, row_mask, BITS, DH)  # fmt: skip
+                        _k_meta_rows(meta_row, K_HALF), row_mask, BITS, DH, K_HALF)  # fmt: skip
         v_lo, v_hi = load_rotated_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
                                        stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
                                        PREC)  # fmt: skip
         _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group,
-                        meta_row, row_mask, BITS, DH)  # fmt: skip
+                        meta_row, row_mask, BITS, DH, False)  # fmt: skip

@@ -2,7 +2,7 @@
 
 Grammar (suffixes in any order; :attr:`KVMethod.name` prints the canonical order)::
 
-    saw-int4 | auto | bf16 | fp16 | fp8 | int{k}[-g{G}][-bdr[{b}]][-kv][-kc]      k in {2, 3, 4, 8}
+    saw-int4 | auto | bf16 | fp16 | fp8 | int{k}[-g{G}][-bdr[{b}]][-kv][-kc][-kh]   k in 2, 3, 4, 8
 
 * ``saw-int4``: the model's calibrated per-layer recipe (:mod:`sawkv.quant.recipe`); parses to
   a placeholder that a cache or the engine resolves for its model.
@@ -13,7 +13,10 @@ Grammar (suffixes in any order; :attr:`KVMethod.name` prints the canonical order
   ``-g{G}`` one (scale, min) per G elements (default: the whole head);
   ``-bdr{b}`` block-diagonal Hadamard rotation with block b before quantizing (bare ``-bdr``:
   min(128, head_dim)), keys only unless ``-kv``; ``-kc`` subtract a calibrated per-(layer,
-  KV head) key mean first (exact for attention: softmax ignores the shared shift q.mu).
+  KV head) key mean first (exact for attention: softmax ignores the shared shift q.mu);
+  ``-kh`` keys with per-half metadata: one (scale, min) for each half of the (rotated) key
+  vector, elements [0, d/2) and [d/2, d), instead of one per key (+32 bits per key and head;
+  values keep one pair). Not with ``-g{G}``, which already sets the groups of both.
 
 Storage: INT4 is really packed two codes per byte, INT8 one per byte. INT3 and INT2 are
 *simulated* (fake-quant): codes are kept one per byte, and :meth:`KVMethod.bits_per_element`
@@ -45,14 +48,14 @@ from sawkv.quant.int4 import (
 INT_BITS = (2, 3, 4, 8)
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _INT_RE = re.compile(r"^int(\d+)$")
-_SUFFIX_RE = re.compile(r"^(g\d+|bdr\d*|kv|kc)$")
+_SUFFIX_RE = re.compile(r"^(g\d+|bdr\d*|kv|kc|kh)$")
 BUILTIN_NAMES = [
     "saw-int4",
     "auto",
     "bf16",
     "fp16",
     "fp8",
-    "int{2,3,4,8}[-g{G}][-bdr[{b}]][-kv][-kc]",
+    "int{2,3,4,8}[-g{G}][-bdr[{b}]][-kv][-kc][-kh]",
 ]
 
 
@@ -62,8 +65,8 @@ class Encoded:
 
     ``data``: INT4 ``[..., d // 2]`` uint8 packed; INT8/3/2 ``[..., d]`` uint8 codes; FP8
     ``[..., d]`` float8_e4m3fn; float methods ``[..., d]`` in their dtype.
-    ``meta``: ``[..., num_groups, 2]`` fp16 (scale, min) for int; ``[..., 1]`` fp32 scale for FP8;
-    None for float methods.
+    ``meta``: ``[..., num_groups, 2]`` fp16 (scale, min) for int (num_groups = 2 for keys of a
+    ``-kh`` method: lo half, hi half); ``[..., 1]`` fp32 scale for FP8; None for float methods.
     """
 
     data: torch.Tensor
@@ -89,6 +92,14 @@ class KVMethod:
     had_block: int | None = None
     rotate_v: bool = False
     center_k: bool = False
+    k_half_meta: bool = False  # keys: one (scale, min) per half of the rotated vector
+
+    def __post_init__(self) -> None:
+        if self.k_half_meta and (self.kind != "int" or self.group_size is not None):
+            raise ValueError(
+                "-kh (per-half key metadata) applies to int methods without -g{G} "
+                f"(kind={self.kind!r}, group_size={self.group_size})"
+            )
 
     # ---- naming -------------------------------------------------------------------------
     @property
@@ -108,6 +119,8 @@ class KVMethod:
             parts.append("kv")
         if self.center_k:
             parts.append("kc")
+        if self.k_half_meta:
+            parts.append("kh")
         return "-".join(parts)
 
     def __str__(self) -> str:
@@ -145,23 +158,36 @@ class KVMethod:
             )
         if m.kind == "int" and m.bits == 4 and head_dim % 2:
             raise ValueError(f"INT4 packing needs an even head_dim, got {head_dim}")
+        if m.k_half_meta and head_dim % 2:
+            raise ValueError(
+                f"-kh splits keys into halves and needs an even head_dim, got {head_dim}"
+            )
         return m
 
-    def meta_bytes_per_vector(self, head_dim: int) -> int:
+    def group_size_for(self, head_dim: int, *, is_key: bool) -> int | None:
+        """Elements sharing one (scale, min) in a K (``is_key``) or V vector; None = all."""
+        if is_key and self.k_half_meta:
+            return head_dim // 2
+        return self.group_size
+
+    def meta_bytes_per_vector(self, head_dim: int, *, is_key: bool = True) -> int:
+        """Metadata bytes of one K (``is_key``) or V vector of one head."""
         if self.kind == "int":
-            return 4 * (head_dim // (self.group_size or head_dim))
+            return 4 * (head_dim // (self.group_size_for(head_dim, is_key=is_key) or head_dim))
         return 4 if self.kind == "fp8" else 0
 
     def bits_per_element(self, head_dim: int, model_dtype_bits: int = 16) -> float:
-        """Average stored bits per K/V element including (scale, min) metadata."""
+        """Average stored bits per K/V element including (scale, min) metadata: the mean of
+        K's and V's (they differ with ``-kh``: ``bits + 64/d`` and ``bits + 32/d``)."""
         if self.kind == "auto":
             return float(model_dtype_bits)
         if self.kind == "float":
             return 16.0
-        return self.bits + 8 * self.meta_bytes_per_vector(head_dim) / head_dim
+        meta = sum(self.meta_bytes_per_vector(head_dim, is_key=k) for k in (True, False)) / 2
+        return self.bits + 8 * meta / head_dim
 
     def bytes_per_vector(self, head_dim: int) -> float:
-        """Bytes one token x head vector (K or V) occupies, metadata included."""
+        """Bytes one token x head vector (K or V, on average) occupies, metadata included."""
         return self.bits_per_element(head_dim) * head_dim / 8
 
     # ---- encode / decode ----------------------------------------------------------------
@@ -190,7 +216,8 @@ class KVMethod:
         x = self.transform(x, is_key=is_key, k_mean=k_mean)
         if self.kind == "fp8":
             return Encoded(*quantize_fp8(x))
-        codes, meta = quantize_int(x, self.bits, self.group_size)
+        group = self.group_size_for(x.shape[-1], is_key=is_key)
+        codes, meta = quantize_int(x, self.bits, group)
         return Encoded(pack_int4(codes) if self.bits == 4 else codes, meta)
 
     def decode(
@@ -298,7 +325,9 @@ def _parse_int(key: str, name: str) -> KVMethod:
     fields: dict = {}
     for s in suffixes:
         if not _SUFFIX_RE.match(s):
-            raise _unknown(name, f"suffix {'-' + s!r} is not one of -g{{G}}, -bdr[{{b}}], -kv, -kc")
+            raise _unknown(
+                name, f"suffix {'-' + s!r} is not one of -g{{G}}, -bdr[{{b}}], -kv, -kc, -kh"
+            )
         field = {"g": "group_size", "b": "had_block", "k": s}[s[0]]
         if field in fields:
             raise _unknown(name, f"suffix {'-' + s!r} given twice")
@@ -310,6 +339,12 @@ def _parse_int(key: str, name: str) -> KVMethod:
             fields[field] = True
     if fields.get("kv") and "had_block" not in fields:
         raise _unknown(name, "'-kv' rotates values too and needs '-bdr'")
+    if fields.get("kh") and "group_size" in fields:
+        raise _unknown(
+            name,
+            "'-kh' (one (scale, min) per half of each key) cannot be combined with '-g{G}', "
+            "which already sets the metadata groups of keys and values",
+        )
     return KVMethod(
         kind="int",
         bits=bits,
@@ -317,4 +352,5 @@ def _parse_int(key: str, name: str) -> KVMethod:
         had_block=fields.get("had_block"),
         rotate_v=fields.get("kv", False),
         center_k=fields.get("kc", False),
+        k_half_meta=fields.get("kh", False),
     )

@@ -134,7 +134,7 @@ def check_layer_method(m: KVMethod, head_dim: int) -> KVMethod:
     if not (m.kind == "int" and m.bits in (4, 8) and m.group_size is None):
         raise ValueError(
             f"recipe layer format {m.name!r} is not servable: a layer must be "
-            "int4 or int8 [-bdr{b}][-kv][-kc] without a group size"
+            "int4 or int8 [-bdr{b}][-kv][-kc][-kh] without a group size"
         )
     return m
 

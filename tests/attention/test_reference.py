@@ -46,8 +46,9 @@ def build(method_name, lens, *, head_dim=64, num_kv_heads=2, block_size=16, seed
         p = head_dim // 2 if bits == 4 else head_dim
         kc = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, generator=g)
         vc = torch.randint(0, 256, (*shape, p), dtype=torch.uint8, generator=g)
-        km = torch.full((*shape, 2), float("nan"), dtype=torch.float16)  # garbage: never read
-        vm = km.clone()
+        # garbage: never read
+        km = torch.full((*shape, 4 if m.k_half_meta else 2), float("nan"), dtype=torch.float16)
+        vm = torch.full((*shape, 2), float("nan"), dtype=torch.float16)
     perm = torch.randperm(num_blocks, generator=g).int()
     max_blocks = max(math.ceil(n / block_size) for n in lens) + 1
     tables = torch.full((len(lens), max_blocks), -1, dtype=torch.int32)
@@ -60,7 +61,7 @@ def build(method_name, lens, *, head_dim=64, num_kv_heads=2, block_size=16, seed
         slots.append(tables[s, pos // block_size].long() * block_size + pos % block_size)
     slot_mapping = torch.cat(slots)
     fmt = PageFormat(bits, head_dim, num_kv_heads, block_size, m.had_block or 0, m.rotate_v,
-                     torch.float32 if bits == 16 else None)  # fmt: skip
+                     torch.float32 if bits == 16 else None, m.k_half_meta)  # fmt: skip
     kmu = k_mean if m.center_k else None
     pages = KVPages(kc, vc, km, vm)
     cache_write_ref(k, v, pages, slot_mapping, fmt, kmu)
@@ -99,7 +100,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-METHODS = ["int4", "int4-bdr16-kc", "int4-bdr64-kv-kc", "int8-bdr32", "int8-kc", "bf16"]
+METHODS = ["int4", "int4-bdr16-kc", "int4-bdr64-kv-kc", "int8-bdr32", "int8-kc", "bf16",
+           "int4-bdr64-kv-kc-kh", "int8-kh"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "bf16"])
@@ -115,8 +117,10 @@ def test_write_bytes_match_encode(name):
     kc, vc = from_pages(kc, m.bits, True), from_pages(vc, m.bits, False)
     assert torch.equal(kc[blk, :, off], ek.data)
     assert torch.equal(vc[blk, :, off], ev.data)
-    assert torch.equal(km[blk, :, off], ek.meta[..., 0, :])
+    # one (scale, min) per row, or with -kh (scale_lo, min_lo, scale_hi, min_hi) for keys
+    assert torch.equal(km[blk, :, off], ek.meta.flatten(-2))
     assert torch.equal(vm[blk, :, off], ev.meta[..., 0, :])
+    assert km.shape[-1] == (4 if m.k_half_meta else 2)
 
 
 def test_write_skips_negative_slots():
@@ -149,7 +153,7 @@ def test_decode_equals_attention_over_fake_quant(name, window):
         start += n
 
 
-@pytest.mark.parametrize("name", ["int4-bdr64-kv-kc", "int8", "bf16"])
+@pytest.mark.parametrize("name", ["int4-bdr64-kv-kc", "int8", "bf16", "int4-bdr32-kc-kh"])
 def test_extend_equals_causal_attention_over_fake_quant(name):
     lens, q_lens = [37, 5, 70], [10, 5, 1]
     case = build(name, lens, num_kv_heads=1)
@@ -228,14 +232,33 @@ def test_validation_errors():
         paged_attention_decode_ref(q, pages, tables, seq_lens, None, scale=0.1)
     with pytest.raises(ValueError, match="slot_mapping"):
         cache_write_ref(q[:, :2], q[:, :2], pages, torch.zeros(1, dtype=torch.int16), fmt)
+    # pages of one (scale, min) per key read as a per-half format, and the reverse
+    kh = PageFormat(4, 64, 2, 16, k_half_meta=True)
+    with pytest.raises(ValueError, match="k_meta last dim 2 does not fit.*k_half_meta=True"):
+        paged_attention_decode_ref(q, pages, tables, seq_lens, kh, scale=0.1)
+    km4 = torch.zeros((*km.shape[:-1], 4), dtype=torch.float16)
+    with pytest.raises(ValueError, match="k_meta last dim 4"):
+        paged_attention_decode_ref(q, (kc, vc, km4, vm), tables, seq_lens, fmt, scale=0.1)
+    with pytest.raises(ValueError, match="v_meta last dim 4"):
+        paged_attention_decode_ref(q, (kc, vc, km4, km4), tables, seq_lens, kh, scale=0.1)
+    with pytest.raises(ValueError, match="k_half_meta.*needs INT4/INT8"):
+        PageFormat(16, 64, 2, 16, dtype=torch.float16, k_half_meta=True)
 
 
 def test_page_format_sizes_match_the_tensors():
     """page_size_bytes counts exactly the bytes of one block index of the allocated pages."""
     for fmt in (PageFormat(4, 128, 8, 16, had_block=128, rotate_v=True), PageFormat(8, 64, 2, 32),
-                PageFormat(16, 64, 2, 16, dtype=torch.bfloat16)):  # fmt: skip
+                PageFormat(16, 64, 2, 16, dtype=torch.bfloat16),
+                PageFormat(4, 64, 2, 16, had_block=64, k_half_meta=True),
+                PageFormat(8, 128, 1, 16, k_half_meta=True)):  # fmt: skip
         pages = fmt.empty_pages(3)
         per_block = sum(t[0].numel() * t.element_size() for t in pages if t is not None)
         assert fmt.page_size_bytes == per_block
         assert pages.k_cache.shape == fmt.page_shape(3)
         assert (pages.k_meta is None) == (fmt.bits == 16)
+        if fmt.k_half_meta:  # 4 fp16 per key (lo and hi halves), 2 per value
+            assert pages.k_meta.shape[-1] == 4 and pages.v_meta.shape[-1] == 2
+    # the bits a -kh method is accounted at are what its pages hold: (4 + 64/d + 4 + 32/d) / 2
+    kh = PageFormat(4, 64, 2, 16, k_half_meta=True)
+    m = parse_method("int4-kh", 64)
+    assert kh.page_size_bytes * 8 == m.bits_per_element(64) * 2 * 64 * 2 * 16

@@ -21,7 +21,8 @@ MODEL = "smollm2-135m"
 L, H, D = 30, 3, 64
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-MIXED = ["int4-bdr64-kv-kc", "int8-bdr32-kc", "int4-bdr16", "int4-kc", "int8", "int4-bdr64-kv"]
+MIXED = ["int4-bdr64-kv-kc", "int8-bdr32-kc", "int4-bdr16", "int4-kc", "int8", "int4-bdr64-kv",
+         "int4-bdr64-kv-kc-kh"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,15 @@ def test_mixed_pages_have_each_layers_format_and_real_size(mixed_llm):
         assert kv.pages.k_cache.dtype == torch.uint8 and kv.pages.k_meta is not None
         assert (kv.k_mean is not None) == m.center_k
         assert runner.model.layers[i].self_attn.kv is kv
-        assert (kv.fmt.bits, kv.fmt.had_block, kv.fmt.rotate_v) == (
+        assert (kv.fmt.bits, kv.fmt.had_block, kv.fmt.rotate_v, kv.fmt.k_half_meta) == (
             m.bits,
             m.had_block or 0,
             m.rotate_v,
+            m.k_half_meta,
         )
+        # -kh layers: (scale_lo, min_lo, scale_hi, min_hi) per key, one pair per value
+        assert kv.pages.k_meta.shape[-1] == (4 if m.k_half_meta else 2)
+        assert kv.pages.v_meta.shape[-1] == 2
         tensors = kv.pages
         per_block += sum(t[0].numel() * t.element_size() for t in tensors)
     assert llm.engine.spec.bytes_per_block == per_block
@@ -161,6 +166,26 @@ def _engine_logprobs(llm, ids):
         logits = eng.runner.model.compute_logits(eng.runner.model(inp, pos, ctx))
     eng.block_manager.free(seq)
     return logits.log_softmax(-1)
+
+
+def test_k_half_meta_is_served_as_hf_reads_it(private_cache):
+    """``-kh`` through the engine's pages (``k_meta [..., 4]``, written and read per half)
+    against HF reading the same method through SawKVCache: the two paths agree far better than
+    either agrees with keys quantized per row (what serving ``-kh`` pages as plain ones would
+    give), and the pool is sized by the larger pages."""
+    from sawkv.models.hub import load_hf_model
+
+    llm = make_llm("int4-bdr64-kv-kh")
+    plain = make_llm("int4-bdr64-kv")
+    assert llm.engine.runner.kv[0].fmt.k_half_meta
+    # 2 more fp16 per key: (32 + 8 + 32 + 4) vs (32 + 4) * 2 bytes per token and head
+    assert llm.engine.spec.bytes_per_block * 72 == plain.engine.spec.bytes_per_block * 76
+    model, tok = load_hf_model(MODEL)
+    ids = torch.tensor([tok.encode(TEXT)])
+    lp = _engine_logprobs(llm, ids[0].tolist())
+    kl_paths = kl(hf_logprobs_of(model, ids, "int4-bdr64-kv-kh"), lp)
+    kl_rows = kl(hf_logprobs_of(model, ids, "int4-bdr64-kv"), lp)
+    assert kl_paths < 0.5 * kl_rows, (kl_paths, kl_rows)
 
 
 def test_mixed_recipe_under_preemption_and_prefix_caching(mixed_llm):

@@ -35,7 +35,9 @@ def logprobs(llm, ids):
     return out.log_softmax(-1)
 
 
-@pytest.mark.parametrize("kv", ["bf16", "int8", "int4", "int4-bdr128", "int4-bdr64-kv"])
+@pytest.mark.parametrize(
+    "kv", ["bf16", "int8", "int4", "int4-bdr128", "int4-bdr64-kv", "int4-bdr128-kv-kh"]
+)
 def test_triton_backend_matches_torch(model_dir, kv):
     ids = torch.randint(0, 1000, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     ref = logprobs(make(model_dir, kv, attention_backend="torch", enforce_eager=True), ids)
@@ -153,6 +155,40 @@ def test_varlen_extend_matches_reference(bits, had, rot_v, window):
     assert dequant._VARLEN_OK.get(key) is True, "varlen FlashAttention did not run"
     err = (out.float().cpu() - ref.float()).norm() / ref.float().norm()
     assert err < 5e-3, err
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_k_half_meta_decode_takes_the_triton_kernel(bits):
+    """Pages with per-half key metadata on the GPU: the decode plan takes the Triton kernel
+    (the CUDA kernel reads one (scale, min) per key) even where the CUDA kernel is available,
+    and matches the fp32 reference; the same pages' format without it still plans CUDA."""
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
+    from paged_setup import paged_case
+
+    from sawkv.attention.reference import paged_attention_decode_ref
+    from sawkv.kernels import decode_cuda, paged_attention_decode, plan_decode
+
+    lens = [1000, 3, 4100, 17]
+    pages, tables, seq_lens, fmt = paged_case(
+        lens, head_dim=128, num_kv_heads=2, block_size=16, bits=bits, had_block=128,
+        rotate_v=True, dtype=torch.bfloat16, seed=9, k_half=True,
+    )  # fmt: skip
+    q = torch.randn(len(lens), 8, 128).bfloat16()
+    ref = paged_attention_decode_ref(q, pages, tables, seq_lens, fmt, scale=128**-0.5).float()
+    dev = [t.cuda() for t in (q, tables, seq_lens)]
+    cuda = type(pages)(*(None if t is None else t.cuda() for t in pages))
+    plan = plan_decode(dev[0], dev[1], dev[2], fmt)
+    assert plan.impl == "triton"
+    if decode_cuda.available(dev[0].device):
+        assert plan_decode(dev[0], dev[1], dev[2], replace(fmt, k_half_meta=False)).impl == "cuda"
+    out = paged_attention_decode(dev[0], cuda, dev[1], dev[2], fmt, scale=128**-0.5, plan=plan)
+    # fp16 products (q and p * scale_v rounded, ~5e-4 each) and a bf16 output
+    err = (out.float().cpu() - ref).norm() / ref.norm()
+    assert err < 1e-2, err
 
 
 @pytest.mark.parametrize("kv", ["bf16", "int4-bdr128"])

@@ -19,7 +19,6 @@ from sawkv.eval.calibrate_recipe import (
     fake_quant_heads,
     format_errors,
     mean_kls,
-    num_high_layers,
     query_positions,
 )
 from sawkv.eval.recipe_search import (
@@ -27,7 +26,11 @@ from sawkv.eval.recipe_search import (
     block_se,
     coordinate_descent,
     local_ranking,
+    num_high_layers,
     promote_high,
+    recipe_bits,
+    search_formats,
+    spend_on_high,
     uniform_candidates,
 )
 from sawkv.hf.cache import SawKVCache, cache_kwargs
@@ -67,7 +70,9 @@ def test_query_positions_spread_and_include_the_last():
     assert query_positions(5, 64).tolist() == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("name", ["int4", "int4-bdr32-kv-kc", "int8-bdr16-kc", "int4-bdr64"])
+@pytest.mark.parametrize(
+    "name", ["int4", "int4-bdr32-kv-kc", "int8-bdr16-kc", "int4-bdr64", "int4-bdr32-kc-kh"]
+)
 def test_fake_quant_heads_equals_the_method(name):
     # fp64 input: the butterfly and the matmul rotation agree to ~1e-15, so no code flips; both
     # dequantize in fp32 (~1e-6 apart), while one code step is > 0.1 here
@@ -77,7 +82,7 @@ def test_fake_quant_heads_equals_the_method(name):
     m = parse_method(name, 64)
     mean = mu if m.center_k else None
     want = m.fake_quant(x.transpose(0, 1), is_key=True, k_mean=mean).transpose(0, 1)
-    got = fake_quant_heads(x, m.bits, m.had_block, mean)
+    got = fake_quant_heads(x, m.bits, m.had_block, mean, m.group_size_for(64, is_key=True))
     torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-4)
 
 
@@ -87,6 +92,32 @@ def test_candidates_are_servable_and_complete():
     assert len(names) == 2 + 3 * 4 and len(set(names)) == len(names)
     assert {"int4", "int4-kc", "int4-bdr64-kv-kc", "int4-bdr16"} <= set(names)
     assert all(m.is_servable for m in candidate_formats(256, 8))
+    # with per-half key metadata: every format also as -kh
+    kh = [m.name for m in candidate_formats(64, 4, k_half=True)]
+    assert sorted(kh) == sorted(names + [n + "-kh" for n in names])
+    assert all(m.is_servable for m in candidate_formats(128, 4, k_half=True))
+
+
+def test_format_errors_of_k_half_are_those_of_per_half_keys():
+    """A -kh format's local error is that of keys quantized per half (values as its base):
+    keys whose halves differ 10x in range come back closer, so its error is lower."""
+    g = torch.Generator().manual_seed(4)
+    s, d = 128, 64
+    q = torch.randn(2, s, d, generator=g)
+    k = torch.randn(1, s, d, generator=g)
+    k[..., 32:] *= 10
+    v = torch.randn(1, s, d, generator=g)
+    pos = query_positions(s, 16)
+    data = [(q[:, pos], k, v, d**-0.5, None, pos)]
+    mu = k.mean(dim=1)
+    methods = [parse_method(n, d) for n in ("int4-bdr32-kc", "int4-bdr32-kc-kh")]
+    errs = format_errors(methods, data, mu)
+    kq = fake_quant_heads(k, 4, 32, mu, 32)
+    ref = causal_attention(q[:, pos], k, v, d**-0.5, None, pos)
+    out = causal_attention(q[:, pos], kq, fake_quant_heads(v, 4, None, None), d**-0.5, None, pos)
+    want = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+    assert errs["int4-bdr32-kc-kh"] == pytest.approx(want, rel=1e-6)
+    assert errs["int4-bdr32-kc-kh"] < errs["int4-bdr32-kc"]
 
 
 def test_format_errors_prefer_centering_keys_with_an_offset_channel():
@@ -224,6 +255,74 @@ def test_promote_high_takes_the_largest_positive_drop_only():
     assert promoted == [] and layers == [m4] * 5 and kl == 5.0
 
 
+# ---- per-half key metadata (-kh) under a budget ---------------------------------------------
+KH, BASE = "int4-bdr64-kv-kc-kh", "int4-bdr64-kv-kc"
+
+
+def kh_tables(num_layers: int, kh_cost: float):
+    """Local errors whose two lowest are ``KH`` then ``BASE`` in every layer; KL costs 1 per
+    layer for every format but ``BASE`` (0.5) and ``KH`` (``kh_cost``)."""
+    names = [m.name for m in candidate_formats(64, 4, k_half=True)]
+    errors = [{n: 1.0 for n in names} for _ in range(num_layers)]
+    cost = [{n: 1.0 for n in names} for _ in range(num_layers)]
+    for e, c in zip(errors, cost):
+        e[KH], e[BASE], c[KH], c[BASE] = 0.1, 0.2, kh_cost, 0.5
+    return errors, cost
+
+
+def test_search_picks_k_half_where_the_budget_allows_and_it_is_better():
+    """-kh (+0.25 bits per element per layer at d=64, averaged over layers) is taken where it
+    lowers the KL and the budget has room: on every layer at 4.75 (the default budget at d=64:
+    a uniform -kh start), on as many layers as fit at 4.5 + 2 x 0.25 / 6, on none at plain
+    INT4's 4.5 or where it does not lower the KL."""
+    cands = candidate_formats(64, 4, k_half=True)
+    errors, cost = kh_tables(6, 0.3)
+    start, layers, kl_starts, kl, _ = search_formats(TableScore(cost), errors, cands, 64, 4.75)
+    assert start == KH and [m.name for m in layers] == [KH] * 6 and kl == pytest.approx(1.8)
+    assert recipe_bits(layers, 64) == pytest.approx(4.75)
+    budget = 4.5 + 2 * 0.25 / 6
+    start, layers, kl_starts, kl, changes = search_formats(TableScore(cost), errors, cands, 64,
+                                                           budget)  # fmt: skip
+    assert start == BASE and KH not in kl_starts  # a uniform -kh recipe is over this budget
+    assert [m.name for m in layers] == [KH, KH] + [BASE] * 4  # the first that fit
+    assert recipe_bits(layers, 64) <= budget + 1e-9 and kl == pytest.approx(0.6 + 2.0)
+    _, layers, kl_starts, _, _ = search_formats(TableScore(cost), errors, cands, 64, 4.5)
+    assert [m.name for m in layers] == [BASE] * 6 and not any("kh" in n for n in kl_starts)
+    errors, worse = kh_tables(6, 0.7)  # -kh would raise the KL: not taken, though affordable
+    _, layers, kl_starts, _, _ = search_formats(TableScore(worse), errors, cands, 64, 4.75)
+    assert [m.name for m in layers] == [BASE] * 6 and KH in kl_starts
+    with pytest.raises(ValueError, match="head_dim"):
+        coordinate_descent(TableScore(cost), layers, errors, cands, budget=4.75)
+
+
+@pytest.mark.parametrize("kh_cost, int8_cost, winner", [(0.5, 0.0, "k_half"), (0.98, 0.0, "int8")])
+def test_spend_on_high_weighs_k_half_against_int8(kh_cost, int8_cost, winner):
+    """16 layers at d=64 and the default budget 4.75: -kh on every layer leaves no bits for an
+    INT8 layer, the same layers without -kh leave one. Both are finished and the lower KL
+    wins: 16 x kh_cost against 15 x 1 + the INT8 layer's cost."""
+    errors, cost = kh_tables(16, kh_cost)
+    for c in cost:
+        c[BASE] = 1.0
+        c["int8-bdr64-kv-kc"] = 1.0
+    cost[3]["int8-bdr64-kv-kc"] = int8_cost
+    score = TableScore(cost)
+    kh = [parse_method(KH, 64)] * 16
+    layers, kl, drops, promoted, weighed = spend_on_high(score, kh, score(kh), errors, 64, 4.75,
+                                                         num_probed=0)  # fmt: skip
+    assert weighed == pytest.approx({"k_half": 16 * kh_cost, "int8": 15 + int8_cost})
+    assert kl == pytest.approx(min(weighed.values()))
+    if winner == "k_half":
+        assert layers == kh and promoted == [] and drops == {}
+    else:
+        assert promoted == [3] and [m.name for m in layers].count(BASE) == 15
+        assert layers[3].name == "int8-bdr64-kv-kc" and len(drops) == 16
+    assert recipe_bits(layers, 64) <= 4.75 + 1e-9
+    # without -kh layers there is nothing to weigh
+    plain = [parse_method(BASE, 64)] * 16
+    *_, weighed = spend_on_high(score, plain, score(plain), errors, 64, 4.75)
+    assert weighed == {}
+
+
 def test_uniform_candidates_include_the_previous_default():
     names = [m.name for m in candidate_formats(64, 4)]
     errors = [{n: 1.0 for n in names} for _ in range(3)]
@@ -231,6 +330,13 @@ def test_uniform_candidates_include_the_previous_default():
     got = [m.name for m in uniform_candidates(64, errors, num_top=1)]
     assert got == ["int4-bdr32-kv-kc", "int4-bdr64-kv-kc", "int4-bdr64-kc", "int4-bdr16-kv"]
     assert len(uniform_candidates(256, [{n.replace("64", "256"): 1.0 for n in names}])) >= 4
+    # with -kh candidates: their variants too, where the budget affords them
+    kh_errors = [{m.name: 1.0 for m in candidate_formats(64, 4, k_half=True)}]
+    got = [m.name for m in uniform_candidates(64, kh_errors, num_top=0, budget=4.75)]
+    assert got == ["int4-bdr32-kv-kc", "int4-bdr64-kv-kc", "int4-bdr64-kc",
+                   "int4-bdr32-kv-kc-kh", "int4-bdr64-kv-kc-kh", "int4-bdr64-kc-kh"]  # fmt: skip
+    got = [m.name for m in uniform_candidates(64, kh_errors, num_top=2, budget=4.5)]
+    assert not any(n.endswith("-kh") for n in got)
 
 
 def kl_served(model, windows: torch.Tensor, method) -> float:
@@ -256,7 +362,8 @@ NO_RENAME_WARNING = pytest.mark.filterwarnings("error:.*past_key_values.*:Future
 def test_kl_scorer_matches_the_served_cache(tiny, smooth):
     model, tok = tiny
     wins = torch.stack([torch.arange(100, 140), torch.arange(900, 940)])
-    layers = [parse_method(n, 32) for n in ["int4-bdr32-kv-kc", "int8-bdr16-kc"] * 8]
+    layers = [parse_method(n, 32) for n in ["int4-bdr32-kv-kc", "int8-bdr16-kc"] * 7]
+    layers += [parse_method(n, 32) for n in ["int4-bdr16-kc-kh", "int8-kh"]]  # keys per half
     g = torch.Generator().manual_seed(7)
     means = torch.randn(16, 1, 32, generator=g)
     k_scale = torch.exp(torch.randn(16, 1, 16, generator=g)).repeat(1, 1, 2) if smooth else None
@@ -335,6 +442,14 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
     kl_sinks = {int(n): kl for n, kl in recipe.info["kl_sinks"].items()}
     assert sorted(kl_sinks) == [0, 1, 4] and recipe.num_sink == min(kl_sinks, key=kl_sinks.get)
     assert recipe.info["kl_recipe"] == kl_sinks[recipe.num_sink]
+    # -kh keys were candidates (within the budget); where they took the bits of INT8 layers,
+    # the recipe is whichever finish had the lower KL
+    kh_layers = [i for i, m in enumerate(recipe.layers) if m.k_half_meta]
+    assert recipe.info["k_half_layers"] == kh_layers
+    weighed = recipe.info["kl_k_half_vs_int8"]
+    if weighed:
+        assert kl_sinks[0] == min(weighed.values())
+        assert bool(kh_layers) == (weighed["k_half"] <= weighed["int8"])
     # never worse on the calibration windows than any uniform recipe it tried
     kl_starts = recipe.info["kl_starts"]
     assert "int4-bdr32-kv-kc" in kl_starts and "local" in kl_starts
@@ -371,6 +486,21 @@ def test_calibrate_recipe_end_to_end(tiny, tmp_path, monkeypatch):
             ids, **cache_kwargs(model, SawKVCache(model, "saw-int4", model_name=model_dir))
         ).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@NO_RENAME_WARNING
+def test_calibrate_recipe_tries_k_half_within_its_budget(tiny):
+    """With a budget that affords -kh on every layer (5.5 at d=32) the uniform -kh formats are
+    starts; without -kh candidates none is; either recipe stays within its budget."""
+    model, tok = tiny
+    common = dict(texts=("austen",), tokens_per_text=128, window_len=128, sens_len=48,
+                  num_queries=16, budget=5.5, sink_candidates=(0,))  # fmt: skip
+    recipe = calibrate_recipe(model, tok, RecipeConfig(**common))
+    assert "int4-bdr32-kv-kc-kh" in recipe.info["kl_starts"]
+    assert recipe.bits_per_element() <= 5.5 + 1e-9
+    plain = calibrate_recipe(model, tok, RecipeConfig(**common, k_half_meta=False))
+    assert not any(n.endswith("-kh") for n in plain.info["kl_starts"])
+    assert not any(m.k_half_meta for m in plain.layers) and plain.bits_per_element() <= 5.5
 
 
 def test_sawkvcache_loads_the_models_key_means_by_itself(tiny, tmp_path, monkeypatch):

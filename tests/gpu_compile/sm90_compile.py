@@ -24,8 +24,10 @@ WRITE_PTRS = {"k_ptr": "*bf16", "v_ptr": "*bf16", "k_page_ptr": "*u8", "v_page_p
               "v_perm_ptr": "*i32", "slot_ptr": "*i64", "mean_ptr": "*fp32",
               "norm": "fp32"}  # fmt: skip
 FP32_ROWS = {"k_ptr": "*fp32", "v_ptr": "*fp32"}
-# (bits, head_dim, had_block, rotate_v): INT4 with K+V rotation, INT8 without, bf16 pages
-ATTN_CASES = ((4, 128, 128, True), (8, 64, 0, False), (16, 256, 0, False))
+# (bits, head_dim, had_block, rotate_v, k_half_meta): INT4 with K+V rotation, INT8 without,
+# bf16 pages; INT4 and INT8 with keys scaled per half
+ATTN_CASES = ((4, 128, 128, True, False), (8, 64, 0, False, False), (16, 256, 0, False, False),
+              (4, 128, 128, True, True), (8, 64, 0, False, True))  # fmt: skip
 DEQUANT_PTRS = {"page_ptr": "*u8", "meta_ptr": "*fp16", "perm_ptr": "*i32", "bt_ptr": "*i32",
                 "lens_ptr": "*i32", "start_ptr": "*i32", "out_ptr": "*fp16"}  # fmt: skip
 
@@ -43,15 +45,20 @@ def main() -> None:
             for had, rot_v, prec in ((0, False, "tf32x3"), (d, True, "tf32x3"),
                                      (d, True, "exact16")):  # fmt: skip
                 ptrs = WRITE_PTRS if prec == "exact16" else {**WRITE_PTRS, **FP32_ROWS}
-                base = dict(BLOCK_SIZE=16, D=d, BITS=bits, HAD=had, ROT_V=rot_v, HAS_MEAN=True,
-                            PREC=prec)  # fmt: skip
-                k = compile_one(_cache_write_groups_kernel, ptrs, {**base, "NONE": _NONE})
-                print(f"write_groups bits={bits} d={d} had={had} {prec}: smem {k.metadata.shared}")
-                k = compile_one(_cache_write_kernel, ptrs, {**base, "BLOCK_T": 32})
-                print(f"cache_write bits={bits} d={d} had={had} {prec}: smem {k.metadata.shared}")
-            k = compile_one(_dequant_kernel, DEQUANT_PTRS, dict(BLOCK_SIZE=16, D=d, BITS=bits))
-            print(f"dequant bits={bits} d={d}: smem {k.metadata.shared}")
-    for bits, d, had, rot_v in ATTN_CASES:
+                # keys with one (scale, min) per half: once per bits
+                for k_half in (False, True) if prec == "exact16" and d == 128 else (False,):
+                    base = dict(BLOCK_SIZE=16, D=d, BITS=bits, HAD=had, ROT_V=rot_v,
+                                HAS_MEAN=True, PREC=prec, K_HALF=k_half)  # fmt: skip
+                    tag = f"bits={bits} d={d} had={had} {prec} k_half={k_half}"
+                    k = compile_one(_cache_write_groups_kernel, ptrs, {**base, "NONE": _NONE})
+                    print(f"write_groups {tag}: smem {k.metadata.shared}")
+                    k = compile_one(_cache_write_kernel, ptrs, {**base, "BLOCK_T": 32})
+                    print(f"cache_write {tag}: smem {k.metadata.shared}")
+            for half in (False, True) if d == 128 else (False,):
+                k = compile_one(_dequant_kernel, DEQUANT_PTRS,
+                                dict(BLOCK_SIZE=16, D=d, BITS=bits, HALF=half))  # fmt: skip
+                print(f"dequant bits={bits} d={d} half={half}: smem {k.metadata.shared}")
+    for bits, d, had, rot_v, k_half in ATTN_CASES:
         page = "*bf16" if bits == 16 else "*u8"
         ptrs = {"q_ptr": "*bf16", "k_page_ptr": page, "v_page_ptr": page, "k_meta_ptr": "*fp16",
                 "v_meta_ptr": "*fp16", "k_perm_ptr": "*i32", "v_perm_ptr": "*i32",
@@ -66,19 +73,22 @@ def main() -> None:
         for single, write_lse in ((True, False), (False, False), (False, True)):
             consts = dict(common, G_PAD=16, BLOCK_SIZE=16, BITS=bits, BLOCK_N=cfg.block_n,
                           NUM_SPLITS=1 if single else 4, SINGLE=single, DOT=dot,
-                          INTERPRET=False, TRANS_QK=False, WRITE_LSE=write_lse)  # fmt: skip
+                          INTERPRET=False, TRANS_QK=False, WRITE_LSE=write_lse,
+                          K_HALF=k_half)  # fmt: skip
             k = compile_one(_decode_kernel, ptrs, consts, num_warps=cfg.num_warps)
-            print(f"decode bits={bits} d={d} single={single} lse={write_lse}: "
+            print(f"decode bits={bits} d={d} k_half={k_half} single={single} lse={write_lse}: "
                   f"smem {k.metadata.shared}")  # fmt: skip
-        for write_lse in (False, True):
-            consts = dict(common, G_PAD=16, NUM_SPLITS=4, SPLITS_PAD=4, WRITE_LSE=write_lse)
-            k = compile_one(_decode_reduce_kernel, ptrs, consts)
-            print(f"decode_reduce bits={bits} d={d} lse={write_lse}: smem {k.metadata.shared}")
+        if not k_half:  # the reduce kernel never reads pages
+            for write_lse in (False, True):
+                consts = dict(common, G_PAD=16, NUM_SPLITS=4, SPLITS_PAD=4, WRITE_LSE=write_lse)
+                k = compile_one(_decode_reduce_kernel, ptrs, consts)
+                print(f"decode_reduce bits={bits} d={d} lse={write_lse}: "
+                      f"smem {k.metadata.shared}")  # fmt: skip
         consts = dict(common, G_PAD=4, BLOCK_SIZE=16, BITS=bits, BLOCK_N=EXTEND_CONFIG.block_n,
                       BLOCK_R=EXTEND_CONFIG.block_r, DOT=dot, INTERPRET=False,
-                      TRANS_QK=False)  # fmt: skip
+                      TRANS_QK=False, K_HALF=k_half)  # fmt: skip
         k = compile_one(_extend_kernel, ptrs, consts, num_warps=EXTEND_CONFIG.num_warps)
-        print(f"extend bits={bits} d={d}: smem {k.metadata.shared}")
+        print(f"extend bits={bits} d={d} k_half={k_half}: smem {k.metadata.shared}")
     sys.stdout.flush()
 
 

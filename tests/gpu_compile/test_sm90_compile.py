@@ -27,11 +27,15 @@ def test_kernels_compile_for_sm90(tmp_path):
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
-    # 2 bits x 3 head dims x 3 rotations (none, tf32x3, exact16) per write kernel; 6 dequant
-    assert sum(line.startswith("write_groups") for line in lines) == 18
-    assert sum(line.startswith("cache_write") for line in lines) == 18
-    assert sum(line.startswith("dequant") for line in lines) == 6
-    # 3 page formats x (single, split, split + log-sum-exp) decode, 2 reduce, 1 extend
-    assert sum(line.startswith("decode ") for line in lines) == 9
+    # 2 bits x 3 head dims x 3 rotations (none, tf32x3, exact16) per write kernel, and exact16
+    # with per-half key metadata at d=128; 2 bits x 3 head dims dequant, and per half at d=128
+    assert sum(line.startswith("write_groups") for line in lines) == 20
+    assert sum(line.startswith("cache_write") for line in lines) == 20
+    assert sum("k_half=True" in line for line in lines if line.startswith("cache_write")) == 2
+    assert sum(line.startswith("dequant") for line in lines) == 8
+    # 5 page formats (2 with per-half key metadata) x (single, split, split + log-sum-exp)
+    # decode and 1 extend; 2 reduce per format without it (the reduce never reads pages)
+    assert sum(line.startswith("decode ") for line in lines) == 15
+    assert sum("k_half=True" in line for line in lines if line.startswith("decode ")) == 6
     assert sum(line.startswith("decode_reduce") for line in lines) == 6
-    assert sum(line.startswith("extend") for line in lines) == 3
+    assert sum(line.startswith("extend") for line in lines) == 5

@@ -35,6 +35,7 @@ METHODS = [
     "int4-g32-kc",
     "int3-bdr-kc",
     "int2-bdr16",
+    "int4-bdr-kv-kc-kh",
 ]
 
 
@@ -56,6 +57,10 @@ def ref_fake_quant(x, method, mu=None, *, is_key):
         y = rotate(y, method.had_block)
     if method.kind == "fp8":
         y = dequantize_fp8(*quantize_fp8(y))
+    elif is_key and method.k_half_meta:  # -kh: each half of the rotated key on its own
+        h = y.shape[-1] // 2
+        y = torch.cat([dequantize_int(*quantize_int(y[..., :h], method.bits)),
+                       dequantize_int(*quantize_int(y[..., h:], method.bits))], -1)  # fmt: skip
     else:
         y = dequantize_int(*quantize_int(y, method.bits, method.group_size))
     if rot:
@@ -177,12 +182,18 @@ def test_int4_stores_the_bytes_its_layout_implies(model_name, ratio, request):
     model = request.getfixturevalue(model_name)
     num_layers, num_kv_heads, head_dim = attention_shape(model.config)
     ids = torch.randint(0, 256, (2, 33))
-    caches = {n: SawKVCache(model, n) for n in ("bf16", "int4-bdr", "int8")}
+    caches = {n: SawKVCache(model, n) for n in ("bf16", "int4-bdr", "int8", "int4-bdr-kh")}
     for c in caches.values():
         run_chunks(model, ids, c, [30, 3])
     elems = num_layers * 2 * ids.numel() * num_kv_heads  # vectors stored (K and V)
     assert caches["int4-bdr"].kv_bytes() == elems * (head_dim // 2 + 4)  # codes + fp16 pair
     assert caches["int8"].kv_bytes() == elems * (head_dim + 4)
+    # -kh: two fp16 pairs per key, one per value
+    assert caches["int4-bdr-kh"].kv_bytes() == elems * (head_dim // 2 + 6)
+    kh = caches["int4-bdr-kh"]
+    assert kh.bits_per_element() == pytest.approx(4 + 48 / head_dim)
+    assert kh.bits_per_element() == pytest.approx(kh.method.bits_per_element(head_dim))
+    assert tuple(kh.layers[0]._k.meta.shape) == (2, 33, num_kv_heads, 2, 2)
     assert caches["bf16"].kv_bytes() == elems * head_dim * 2
     got = caches["bf16"].kv_bytes() / caches["int4-bdr"].kv_bytes()
     assert got == pytest.approx(ratio)  # 3.56x at d=64, 3.76x at d=128

@@ -19,20 +19,27 @@ from sawkv.kernels import PageFormat, cache_write
 from sawkv.quant import unpack_int4
 
 # Pairwise-style grid: every head_dim, block_size, had_block (0, 16 .. head_dim), bits and
-# input dtype appears; tokens are not multiples of the block size.
-# (head_dim, num_kv_heads, num_tokens, block_size, bits, had_block, rotate_v, k_mean, dtype)
+# input dtype appears; tokens are not multiples of the block size. k_half: keys with one
+# (scale, min) per half (k_half_meta), INT4 and INT8, d=64 and d=128, with and without
+# rotation and centering.
+# (head_dim, num_kv_heads, num_tokens, block_size, bits, had_block, rotate_v, k_mean, dtype,
+#  k_half)
 CASES = [
-    (64, 2, 37, 16, 4, 0, False, False, torch.float32),
-    (64, 1, 20, 32, 4, 64, True, True, torch.float16),
-    (64, 2, 9, 64, 8, 16, False, True, torch.float32),
-    (128, 2, 33, 16, 4, 128, False, True, torch.float32),
-    (128, 1, 17, 32, 16, 32, True, True, torch.float32),
-    (128, 2, 40, 64, 8, 0, False, False, torch.float16),
-    (128, 1, 18, 16, 8, 64, True, False, torch.float16),
-    (256, 1, 19, 16, 4, 256, True, True, torch.float32),
-    (256, 1, 5, 32, 16, 0, False, False, torch.float16),
-    (256, 2, 21, 64, 4, 16, False, False, torch.float32),
-    (256, 1, 11, 16, 8, 128, False, True, torch.float32),
+    (64, 2, 37, 16, 4, 0, False, False, torch.float32, False),
+    (64, 1, 20, 32, 4, 64, True, True, torch.float16, False),
+    (64, 2, 9, 64, 8, 16, False, True, torch.float32, False),
+    (128, 2, 33, 16, 4, 128, False, True, torch.float32, False),
+    (128, 1, 17, 32, 16, 32, True, True, torch.float32, False),
+    (128, 2, 40, 64, 8, 0, False, False, torch.float16, False),
+    (128, 1, 18, 16, 8, 64, True, False, torch.float16, False),
+    (256, 1, 19, 16, 4, 256, True, True, torch.float32, False),
+    (256, 1, 5, 32, 16, 0, False, False, torch.float16, False),
+    (256, 2, 21, 64, 4, 16, False, False, torch.float32, False),
+    (256, 1, 11, 16, 8, 128, False, True, torch.float32, False),
+    (64, 2, 37, 16, 4, 64, True, True, torch.float32, True),
+    (64, 1, 20, 32, 8, 0, False, False, torch.float16, True),
+    (128, 2, 33, 16, 4, 0, False, True, torch.float32, True),
+    (128, 1, 18, 16, 8, 32, False, False, torch.float32, True),
 ]
 
 
@@ -46,7 +53,7 @@ def _fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs() / ulp
 
 
-def _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype, slots=None):
+def _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype, slots=None, k_half=False):
     g = torch.Generator().manual_seed(d + n)
     k = (3 * torch.randn(n, h, d, generator=g) + torch.randn(h, d, generator=g)).to(dtype)
     v = torch.randn(n, h, d, generator=g).to(dtype)
@@ -55,18 +62,20 @@ def _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype, slots=None):
     if slots is None:
         slots = torch.randperm(num_blocks * bs, generator=g)[:n].int()
         slots[n // 2] = -1  # padding token: skipped
+    if k_half:  # halves of different ranges, so a shared (scale, min) would differ
+        k[..., d // 2 :] *= 4
     page_dtype = dtype if bits == 16 else torch.float32
-    ours = empty_pages(num_blocks, h, bs, d, bits, page_dtype)
+    ours = empty_pages(num_blocks, h, bs, d, bits, page_dtype, k_half=k_half)
     ref = type(ours)(*(None if t is None else t.clone() for t in ours))
-    fmt = PageFormat(bits, d, h, bs, had, rot_v, page_dtype if bits == 16 else None)
+    fmt = PageFormat(bits, d, h, bs, had, rot_v, page_dtype if bits == 16 else None, k_half)
     cache_write(k, v, ours, slots, fmt, k_mean)
     cache_write_ref(k, v, ref, slots, fmt, k_mean)
     return ours, ref
 
 
-@pytest.mark.parametrize("d, h, n, bs, bits, had, rot_v, mean, dtype", CASES)
-def test_cache_write_matches_reference(d, h, n, bs, bits, had, rot_v, mean, dtype):
-    ours, ref = _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype)
+@pytest.mark.parametrize("d, h, n, bs, bits, had, rot_v, mean, dtype, k_half", CASES)
+def test_cache_write_matches_reference(d, h, n, bs, bits, had, rot_v, mean, dtype, k_half):
+    ours, ref = _write_both(d, h, n, bs, bits, had, rot_v, mean, dtype, k_half=k_half)
     for page, want in zip(ours[:2], ref[:2]):
         if bits == 16:
             # float pages: the rotated value itself, equal up to fp32 summation order
@@ -103,19 +112,22 @@ def _prefill_slots(chunks, bs, num_blocks, seed):
     return torch.cat(out).int()
 
 
-# (head_dim, block_size, bits, had_block, rotate_v, chunks (start, length) per sequence)
+# (head_dim, block_size, bits, had_block, rotate_v, chunks (start, length) per sequence,
+#  k_half)
 GROUP_CASES = [
-    (64, 16, 4, 0, False, [(0, 48), (5, 40), (16, 3)]),
-    (128, 32, 4, 128, True, [(0, 37), (30, 50), (0, 16)]),
-    (128, 16, 8, 0, False, [(7, 41), (0, 33)]),
-    (256, 64, 8, 64, True, [(0, 70), (1, 15)]),
-    (64, 32, 8, 32, False, [(3, 60)]),
-    (256, 16, 4, 256, False, [(16, 33), (0, 5)]),
+    (64, 16, 4, 0, False, [(0, 48), (5, 40), (16, 3)], False),
+    (128, 32, 4, 128, True, [(0, 37), (30, 50), (0, 16)], False),
+    (128, 16, 8, 0, False, [(7, 41), (0, 33)], False),
+    (256, 64, 8, 64, True, [(0, 70), (1, 15)], False),
+    (64, 32, 8, 32, False, [(3, 60)], False),
+    (256, 16, 4, 256, False, [(16, 33), (0, 5)], False),
+    (64, 16, 4, 0, False, [(0, 48), (5, 40), (16, 3)], True),
+    (128, 32, 8, 128, True, [(0, 37), (0, 16)], True),
 ]
 
 
-@pytest.mark.parametrize("d, bs, bits, had, rot_v, chunks", GROUP_CASES)
-def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, chunks):
+@pytest.mark.parametrize("d, bs, bits, had, rot_v, chunks, k_half", GROUP_CASES)
+def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, chunks, k_half):
     """Prefill-shaped slot maps (whole groups, ragged starts and ends, padding, groups split
     across tiles) through the group path: the same bytes as the reference (as above) and,
     without rotation, exactly the per-token path's."""
@@ -125,10 +137,12 @@ def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, ch
     n = slots.numel()
     g = torch.Generator().manual_seed(n)
     k = 3 * torch.randn(n, h, d, generator=g) + 1
+    k[..., : d // 2] *= 3  # halves of different ranges (k_half stores one pair for each)
     v = torch.randn(n, h, d, generator=g)
     k_mean = k.mean(0)
-    fmt = PageFormat(bits, d, h, bs, had, rot_v)
-    pages = [empty_pages(num_blocks, h, bs, d, bits, torch.float32, seed=1) for _ in range(3)]
+    fmt = PageFormat(bits, d, h, bs, had, rot_v, k_half_meta=k_half)
+    pages = [empty_pages(num_blocks, h, bs, d, bits, torch.float32, seed=1, k_half=k_half)
+             for _ in range(3)]  # fmt: skip
     ours, tokens, ref = pages
     cache_write(k, v, ours, slots, fmt, k_mean)
     cache_write(k, v, tokens, slots, fmt, k_mean, group_path=False)
@@ -147,19 +161,20 @@ def test_group_path_matches_reference_and_token_path(d, bs, bits, had, rot_v, ch
 
 # 16-bit inputs rotate on 16-bit tensor cores ("exact16": k, v rotated as loaded, the rotated
 # key mean subtracted afterwards); fp32 inputs take the tf32x3 dot. Both against the reference.
-# (head_dim, bits, had_block, rotate_v, dtype)
+# (head_dim, bits, had_block, rotate_v, dtype, k_half)
 EXACT16_CASES = [
-    (128, 4, 128, True, torch.bfloat16),  # had == d: two dots, then (a + b, a - b)
-    (128, 4, 64, False, torch.bfloat16),
-    (64, 8, 64, True, torch.float16),
-    (256, 4, 256, False, torch.bfloat16),
-    (256, 4, 32, True, torch.float16),
+    (128, 4, 128, True, torch.bfloat16, False),  # had == d: two dots, then (a + b, a - b)
+    (128, 4, 64, False, torch.bfloat16, False),
+    (64, 8, 64, True, torch.float16, False),
+    (256, 4, 256, False, torch.bfloat16, False),
+    (256, 4, 32, True, torch.float16, False),
+    (64, 4, 64, True, torch.bfloat16, True),
 ]
 
 
-@pytest.mark.parametrize("d, bits, had, rot_v, dtype", EXACT16_CASES)
+@pytest.mark.parametrize("d, bits, had, rot_v, dtype, k_half", EXACT16_CASES)
 @pytest.mark.parametrize("group_path", [True, False])
-def test_exact16_rotation_matches_reference(d, bits, had, rot_v, dtype, group_path):
+def test_exact16_rotation_matches_reference(d, bits, had, rot_v, dtype, k_half, group_path):
     h, bs = 2, 16
     chunks = [(0, 37), (5, 20)]
     num_blocks = sum((s + n + bs - 1) // bs for s, n in chunks) + 3
@@ -170,8 +185,9 @@ def test_exact16_rotation_matches_reference(d, bits, had, rot_v, dtype, group_pa
     k = (2 * torch.randn(n, h, d, generator=g) + 8 * torch.randn(h, d, generator=g)).to(dtype)
     v = torch.randn(n, h, d, generator=g).to(dtype)
     k_mean = k.float().mean(0)
-    fmt = PageFormat(bits, d, h, bs, had, rot_v)
-    ours, ref, tf32 = (empty_pages(num_blocks, h, bs, d, bits, torch.float32) for _ in range(3))
+    fmt = PageFormat(bits, d, h, bs, had, rot_v, k_half_meta=k_half)
+    ours, ref, tf32 = (empty_pages(num_blocks, h, bs, d, bits, torch.float32, k_half=k_half)
+                       for _ in range(3))  # fmt: skip
     cache_write(k, v, ours, slots, fmt, k_mean, group_path=group_path, rotation="exact16")
     cache_write(k, v, tf32, slots, fmt, k_mean, group_path=group_path, rotation="tf32x3")
     cache_write_ref(k, v, ref, slots, fmt, k_mean)
@@ -229,12 +245,14 @@ def test_awkward_values_match_reference_exactly():
     k[1, 0, :5] = float("inf")
     k[1, 0, 5:9] = -1e30
     k[2] = 0.75  # zero-range row
+    k[3, 0, 32:] = -2.0  # a zero-range half of a row whose other half is not
     v = k.flip(0).clone()
     slots = torch.tensor([0, 1, 17, 30])
-    for bits in (4, 8):
-        ours = empty_pages(2, 1, 16, 64, bits)
+    for bits, k_half in ((4, False), (8, False), (4, True), (8, True)):
+        ours = empty_pages(2, 1, 16, 64, bits, k_half=k_half)
         ref = type(ours)(*(t.clone() for t in ours))
-        fmt = PageFormat(bits=bits, head_dim=64, num_kv_heads=1, block_size=16)
+        fmt = PageFormat(bits=bits, head_dim=64, num_kv_heads=1, block_size=16,
+                         k_half_meta=k_half)  # fmt: skip
         cache_write(k, v, ours, slots, fmt)
         cache_write_ref(k, v, ref, slots, fmt)
         for a, b in zip(ours, ref):

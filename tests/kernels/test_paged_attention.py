@@ -40,16 +40,25 @@ DECODE_CASES = [
     (256, 2, 1, 64, 8, 128, False, [70, 3], 0, 0, 16, torch.float32),
     (128, 2, 4, 16, 4, 16, False, [1, 200], 0, 0, 64, torch.float16),
 ]
+# Keys with one (scale, min) per half (k_half_meta, the last field): INT4 and INT8, d=64 and
+# d=128, rotated or not, single and split-K (with the reduce kernel's output rotation).
+KH_DECODE_CASES = [
+    (64, 2, 4, 16, 4, 64, True, [37, 70], 0, 3, 16, torch.float32, True),
+    (64, 1, 2, 32, 8, 0, False, [100, 5], 0, 1, 32, torch.float16, True),
+    (128, 2, 8, 16, 4, 0, False, [150, 17], 40, 2, 32, torch.float16, True),
+    (128, 1, 4, 16, 8, 32, False, [63], 0, 0, 64, torch.float32, True),
+]
 
 
 @pytest.mark.parametrize(
-    "d, h, ratio, bs, bits, had, rot_v, lens, window, splits, block_n, dtype", DECODE_CASES
+    "d, h, ratio, bs, bits, had, rot_v, lens, window, splits, block_n, dtype, k_half",
+    [(*c, False) for c in DECODE_CASES] + KH_DECODE_CASES,
 )
 def test_decode_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, window, splits,
-                                  block_n, dtype):  # fmt: skip
+                                  block_n, dtype, k_half):  # fmt: skip
     pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
-        rotate_v=rot_v, dtype=dtype,
+        rotate_v=rot_v, dtype=dtype, k_half=k_half,
     )  # fmt: skip
     q = torch.randn(len(lens), h * ratio, d).to(dtype)
     kw = dict(scale=d**-0.5, sliding_window=window)
@@ -69,16 +78,22 @@ EXTEND_CASES = [
     (256, 1, 2, 32, 4, 256, False, [50, 20], [25, 20], 7, 16, torch.float16),
     (128, 1, 2, 16, 8, 16, False, [65], [64], 0, 64, torch.float32),
 ]
+# ... and with k_half_meta keys (the last field)
+EXTEND_CASES = [(*c, False) for c in EXTEND_CASES] + [
+    (64, 2, 2, 16, 4, 64, True, [37, 70], [10, 70], 0, 32, torch.float32, True),
+    (128, 1, 4, 32, 8, 0, False, [40, 90], [40, 17], 9, 32, torch.float16, True),
+]
 
 
 @pytest.mark.parametrize(
-    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype", EXTEND_CASES
+    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype, k_half",
+    EXTEND_CASES,
 )
 def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window,
-                                  block_r, dtype):  # fmt: skip
+                                  block_r, dtype, k_half):  # fmt: skip
     pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
-        rotate_v=rot_v, dtype=dtype,
+        rotate_v=rot_v, dtype=dtype, k_half=k_half,
     )  # fmt: skip
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
@@ -91,15 +106,16 @@ def test_extend_matches_reference(d, h, ratio, bs, bits, had, rot_v, lens, q_len
 
 
 @pytest.mark.parametrize(
-    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype", EXTEND_CASES
+    "d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype, k_half",
+    EXTEND_CASES,
 )
 def test_extend_via_dequant_and_sdpa_matches_reference(
-    d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype
+    d, h, ratio, bs, bits, had, rot_v, lens, q_lens, window, block_r, dtype, k_half
 ):
     # the prefill path on CUDA: pages dequantized once by a Triton kernel, then SDPA
     pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
-        rotate_v=rot_v, dtype=dtype, seed=3,
+        rotate_v=rot_v, dtype=dtype, seed=3, k_half=k_half,
     )  # fmt: skip
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), h * ratio, d).to(dtype)
@@ -126,6 +142,42 @@ def test_sdpa_extend_bf16_model(bits, had, rot_v):
     ref = paged_attention_extend_ref(q, pages, tables, seq_lens, qsl, fmt, scale=0.125).float()
     err = (out.float() - ref).norm() / ref.norm()
     assert err < 8e-3, err
+
+
+@pytest.mark.parametrize("k_half", [False, True])
+def test_decode_trans_qk_matches_reference(k_half):
+    """Scores as ``K q^T`` (``trans_qk``), both ways of scaling keys (per row, per half)."""
+    pages, tables, seq_lens, fmt = paged_case(
+        [70, 9], head_dim=64, num_kv_heads=1, block_size=16, bits=4, had_block=32,
+        rotate_v=False, k_half=k_half,
+    )  # fmt: skip
+    q = torch.randn(2, 4, 64)
+    cfg = KernelConfig(block_n=32, num_splits=2, trans_qk=True)
+    out = paged_attention_decode(q, pages, tables, seq_lens, fmt, scale=0.125, config=cfg)
+    ref = paged_attention_decode_ref(q, pages, tables, seq_lens, fmt, scale=0.125)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+def test_k_half_meta_decode_never_takes_the_cuda_kernel(monkeypatch):
+    """The CUDA decode kernel reads one (scale, min) per key: a plan for k_half_meta pages on a
+    GPU where that kernel builds picks the Triton kernel (asking for "cuda" is an error), while
+    the same format without it still takes the CUDA kernel. The GPU is faked: only the dispatch
+    decision runs (tests/engine/test_gpu.py runs it for real)."""
+    from types import SimpleNamespace
+
+    from sawkv.kernels import decode_cuda
+    from sawkv.kernels import plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(decode_cuda, "available", lambda device=None: True)
+    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(3, 8, 128))
+    fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=2, block_size=16, had_block=128)
+    kh = replace(fmt, k_half_meta=True)
+    assert plan_mod._use_cuda(q, fmt, 8, "auto") and plan_mod._use_cuda(q, fmt, 8, "cuda")
+    assert not plan_mod._use_cuda(q, kh, 8, "auto")
+    assert not decode_cuda.supports(q, replace(kh, bits=8), 8)
+    with pytest.raises(ValueError, match="not k_half_meta"):
+        plan_mod._use_cuda(q, kh, 8, "cuda")
 
 
 def test_decode_split_count_does_not_change_result():

@@ -27,12 +27,12 @@ from sawkv.quant.hadamard import rotate
 
 
 def _case(lens, *, d=64, h=2, bs=16, bits=4, had=64, rot_v=True, n=4, dtype=torch.float32,
-          seed=0):  # fmt: skip
+          seed=0, k_half=False):  # fmt: skip
     """Pages of ``lens`` sequences (centered keys) plus exact sinks that differ from what the
     pages hold (outliers 8x larger, as real sinks are), so ignoring them cannot pass."""
     pages, tables, lens_t, fmt, k_mean = paged_case(
         lens, head_dim=d, num_kv_heads=h, block_size=bs, bits=bits, had_block=had,
-        rotate_v=rot_v, dtype=dtype, seed=seed, with_mean=True,
+        rotate_v=rot_v, dtype=dtype, seed=seed, with_mean=True, k_half=k_half,
     )  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1000)
     sk = (8 * torch.randn(len(lens), n, h, d, generator=g)).to(dtype)
@@ -102,12 +102,17 @@ DECODE_CASES = [
     ([90, 40], 1, 2, 30, torch.float32, False, 4),  # window past the sinks for the first
     ([12, 4], 8, 1, 10, torch.float16, True, 4),  # window that still holds some sinks
 ]
+# ... the last field: keys with one (scale, min) per half (k_half_meta)
+DECODE_CASES = [(*c, False) for c in DECODE_CASES] + [
+    ([37, 3, 20], 2, 3, 0, torch.float32, True, 4, True),
+]
 
 
-@pytest.mark.parametrize("lens, ratio, splits, window, dtype, rot_v, bits", DECODE_CASES)
+@pytest.mark.parametrize("lens, ratio, splits, window, dtype, rot_v, bits, k_half", DECODE_CASES)
 def test_triton_decode_with_sinks_matches_reference(lens, ratio, splits, window, dtype, rot_v,
-                                                    bits):  # fmt: skip
-    pages, tables, lens_t, fmt, sinks = _case(lens, rot_v=rot_v, bits=bits, dtype=dtype, seed=1)
+                                                    bits, k_half):  # fmt: skip
+    pages, tables, lens_t, fmt, sinks = _case(lens, rot_v=rot_v, bits=bits, dtype=dtype, seed=1,
+                                              k_half=k_half)  # fmt: skip
     q = torch.randn(len(lens), 2 * ratio, 64).to(dtype)
     kw = dict(scale=0.125, sliding_window=window, sinks=sinks)
     out = torch.full_like(q, float("nan"))

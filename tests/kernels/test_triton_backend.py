@@ -18,6 +18,7 @@ FORMATS = [
     PageFormat(4, D, HKV, BS, had_block=32, rotate_v=True),
     PageFormat(8, D, HKV, BS),
     PageFormat(4, D, HKV, BS, had_block=32, rotate_v=True),  # same format as layer 0
+    PageFormat(4, D, HKV, BS, had_block=32, rotate_v=True, k_half_meta=True),  # keys per half
 ]
 
 
@@ -45,6 +46,6 @@ def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats(plan
             # each backend writes its own pages: the fused write may round a rotated value to
             # the neighbouring code (test_cache_write.py), ~1e-3 here; a wrong plan is O(1)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-2)
-    # the mixed step planned decode and extend once per distinct format: 2 formats x 2 kernels
+    # the mixed step planned decode and extend once per distinct format: 3 formats x 2 kernels
     plans = [p for c in steps[1].parts() for key, p in c.plans.items() if key[0] != "write"]
-    assert len(plans) == 4
+    assert len(plans) == 6

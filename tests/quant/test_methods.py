@@ -15,6 +15,8 @@ from sawkv.quant.methods import parse_method
         ("int4-bdr64", "int4-bdr64"),
         ("int4-kc-bdr128", "int4-bdr128-kc"),
         ("int4-kv-kc-bdr128", "int4-bdr128-kv-kc"),
+        ("int4-kh-kc-kv-bdr64", "int4-bdr64-kv-kc-kh"),
+        ("int8-kh", "int8-kh"),
         ("int4-g32", "int4-g32"),
         ("int3-bdr-kc", "int3-bdr-kc"),
         ("INT8", "int8"),
@@ -41,6 +43,8 @@ def test_bare_bdr_resolves_to_min_128_head_dim():
         ("int4-kv", "needs '-bdr'"),
         ("nope-bogus", "not a method family"),
         ("int4-g32-g16", "given twice"),
+        ("int4-kh-kh", "given twice"),
+        ("int4-g32-kh", "'-kh'.*cannot be combined with '-g"),
         ("", "empty"),
     ],
 )
@@ -58,8 +62,10 @@ def test_errors_name_valid_choices():
 
 @pytest.mark.parametrize(
     "name,head_dim,bits",
-    [("int4", 128, 4.25), ("int4", 64, 4.5), ("int8", 128, 8.25), ("bf16", 64, 16)],
-)
+    [("int4", 128, 4.25), ("int4", 64, 4.5), ("int8", 128, 8.25), ("bf16", 64, 16),
+     # -kh: keys bits + 64/d, values bits + 32/d
+     ("int4-bdr64-kc-kh", 64, 4.75), ("int4-kh", 128, 4.375), ("int8-kh", 256, 8.1875)],
+)  # fmt: skip
 def test_bits_per_element(name, head_dim, bits):
     assert parse_method(name, head_dim).bits_per_element(head_dim) == bits
 
@@ -88,6 +94,34 @@ def test_encode_is_rotate_then_quantize():
     torch.testing.assert_close(
         m.decode(enc, is_key=True, k_mean=mu), rotate(dequantize_int(codes, meta), 32) + mu
     )
+
+
+def test_kh_quantizes_each_half_of_the_rotated_key_on_its_own():
+    """Keys: one (scale, min) per half of ``R (k - mu)``; values keep one pair per vector;
+    the stored bytes are what ``-kh`` is accounted at."""
+    m = parse_method("int4-bdr32-kc-kh", 64)
+    k = torch.randn(6, 2, 64)
+    # Hadamard blocks of 32 keep the halves apart: the hi half's range is 10x the lo's, so one
+    # shared step would waste the lo half's codes
+    k[..., 32:] *= 10
+    mu = torch.randn(2, 64)
+    enc = m.encode(k, is_key=True, k_mean=mu)
+    y = rotate(k - mu, 32)
+    lo_codes, lo_meta = quantize_int(y[..., :32], 4)
+    hi_codes, hi_meta = quantize_int(y[..., 32:], 4)
+    assert enc.meta.shape == (6, 2, 2, 2)
+    assert torch.equal(enc.meta[..., 0, :], lo_meta[..., 0, :])
+    assert torch.equal(enc.meta[..., 1, :], hi_meta[..., 0, :])
+    want = torch.cat([dequantize_int(lo_codes, lo_meta), dequantize_int(hi_codes, hi_meta)], -1)
+    torch.testing.assert_close(m.decode(enc, is_key=True, rotated=True), want)
+    ev = m.encode(torch.randn(6, 2, 64), is_key=False)
+    assert ev.meta.shape == (6, 2, 1, 2)
+    assert enc.nbytes + ev.nbytes == 2 * 6 * 2 * 64 * m.bits_per_element(64) / 8
+    # finer groups: the same keys come back closer than with one pair per key
+    plain = parse_method("int4-bdr32-kc", 64)
+    err_kh = (m.fake_quant(k, is_key=True, k_mean=mu) - k)[..., :32].pow(2).mean()
+    err_plain = (plain.fake_quant(k, is_key=True, k_mean=mu) - k)[..., :32].pow(2).mean()
+    assert err_kh < err_plain / 10
 
 
 def test_values_rotate_only_with_kv():
@@ -139,4 +173,7 @@ def test_servable():
     assert parse_method("int8").is_servable
     assert not parse_method("int3-bdr").is_servable
     assert not parse_method("int4-g32").is_servable
+    assert parse_method("int4-bdr64-kv-kc-kh").is_servable
+    assert parse_method("int8-kh").is_servable
+    assert not parse_method("int3-kh").is_servable
     assert not parse_method("fp8").is_servable

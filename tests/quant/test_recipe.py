@@ -20,7 +20,7 @@ from sawkv.quant.recipe import (
 )
 
 D, H = 64, 2
-LAYERS = ("int4-bdr64-kv-kc", "int8-bdr32-kc", "int4-bdr16", "int4")
+LAYERS = ("int4-bdr64-kv-kc", "int8-bdr32-kc", "int4-bdr16", "int4", "int4-bdr32-kc-kh")
 
 
 def make_recipe(names=LAYERS, budget=None, seed=0) -> Recipe:
@@ -37,10 +37,15 @@ def test_default_budget_is_plain_int4_plus_quarter_bit():
 
 def test_bits_per_element_counts_codes_and_metadata_per_layer():
     r = make_recipe()
-    by_hand = [(4 * D + 32) / D, (8 * D + 32) / D, (4 * D + 32) / D, (4 * D + 32) / D]
-    assert r.bits_per_element() == pytest.approx(sum(by_hand) / 4)
-    assert r.counts() == {"int4-bdr64-kv-kc": 1, "int8-bdr32-kc": 1, "int4-bdr16": 1, "int4": 1}
-    assert r.summary() == "0 int4-bdr64-kv-kc; 1 int8-bdr32-kc; 2 int4-bdr16; 3 int4"
+    # -kh: keys carry two fp16 pairs (64 bits), values one
+    kh = (4 * D + 64 + 4 * D + 32) / (2 * D)
+    by_hand = [(4 * D + 32) / D, (8 * D + 32) / D, (4 * D + 32) / D, (4 * D + 32) / D, kh]
+    assert r.bits_per_element() == pytest.approx(sum(by_hand) / 5)
+    assert r.counts() == {"int4-bdr64-kv-kc": 1, "int8-bdr32-kc": 1, "int4-bdr16": 1, "int4": 1,
+                          "int4-bdr32-kc-kh": 1}  # fmt: skip
+    assert r.summary() == (
+        "0 int4-bdr64-kv-kc; 1 int8-bdr32-kc; 2 int4-bdr16; 3 int4; 4 int4-bdr32-kc-kh"
+    )
 
 
 def test_fake_quant_seq_uses_each_layers_format_and_its_own_means():
@@ -67,7 +72,7 @@ def test_validation_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="not servable"):
         make_recipe(("int4-g32-bdr64",) * 4)
     with pytest.raises(ValueError, match="over its budget"):
-        make_recipe(budget=4.75)  # one INT8 layer in four costs 4.5 + 1 = 5.5
+        make_recipe(budget=4.75)  # one INT8 layer in five (+ one -kh) costs ~5.35
     with pytest.raises(ValueError, match="no key means"):
         Recipe((parse_method("int4-kc", D),), D, H, None)
     with pytest.raises(ValueError, match="shape"):
@@ -166,10 +171,10 @@ def test_key_scales_round_trip_and_are_validated(tmp_path):
     back = Recipe.load(sm.save(tmp_path / "s.safetensors"))
     assert torch.equal(back.k_scale, k_scale) and torch.equal(back.k_means, sm.k_means)
     assert sm.to_json()["key_smoothing"] and not r.to_json()["key_smoothing"]
-    assert sm.summary() == r.summary() + "; key smoothing on 4/4 layers"
+    assert sm.summary() == r.summary() + "; key smoothing on 5/5 layers"
     one_off = k_scale.clone()
     one_off[2] = 1.0
-    assert _smoothed(r, one_off).summary().endswith("on 3/4 layers")
+    assert _smoothed(r, one_off).summary().endswith("on 4/5 layers")
     assert Recipe.load(r.save(tmp_path / "r.safetensors")).k_scale is None
     with pytest.raises(ValueError, match="key scales have shape"):
         Recipe(r.layers, D, H, r.k_means, k_scale=torch.ones(len(LAYERS), H + 1, D))
