@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from collections import defaultdict
@@ -49,6 +50,11 @@ def family(name: str) -> str:
 
 
 def profile_method(args, method: str) -> dict:
+    """One engine's decode steps; ``METHOD@triton`` runs METHOD with the CUDA decode off."""
+    method, _, impl = method.partition("@")
+    if impl not in ("", "triton"):
+        raise ValueError(f"unknown decode kernel suffix @{impl} (only @triton)")
+    os.environ["SAWKV_CUDA_DECODE"] = "0" if impl == "triton" else "1"
     engine = build_engine(
         args.model, method, load_format="dummy", max_model_len=args.max_model_len,
         max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched,
@@ -89,7 +95,7 @@ def profile_method(args, method: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {
-        "method": method,
+        "method": method + (f"@{impl}" if impl else ""),
         "batch": args.batch,
         "input_len": args.input_len,
         "wall_ms_per_step": wall_ms,

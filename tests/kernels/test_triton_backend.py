@@ -22,7 +22,9 @@ FORMATS = [
 ]
 
 
-def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats(plan_and_upload):
+def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats(
+    plan_and_upload, monkeypatch
+):
     torch.manual_seed(0)
     ours, ref = TritonBackend(), TorchBackend()
     layers = [LayerKV(f.empty_pages(NUM_BLOCKS), f, torch.randn(HKV, D)) for f in FORMATS]
@@ -35,7 +37,17 @@ def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats(plan
     old = [n - q for n, q in zip(seq_lens, q_lens)]
     steps = [plan_and_upload(planner, table, tables, [0, 0], old)]
     steps.append(plan_and_upload(planner, table, tables, old, q_lens))
+    steps.append(plan_and_upload(planner, table, tables, seq_lens, [1, 1]))  # decode only
     assert steps[1].decode_part is not None and steps[1].extend_part is not None
+    assert steps[2].is_decode and not steps[1].is_decode
+    group_paths = []
+    write = ours._k.cache_write
+
+    def spy(*args, group_path=True, **kwargs):
+        group_paths.append(group_path)
+        return write(*args, group_path=group_path, **kwargs)
+
+    monkeypatch.setattr(ours._k, "cache_write", spy)
     for ctx in steps:
         n = ctx.slot_mapping.shape[0]
         ours.plan(ctx)
@@ -49,3 +61,5 @@ def test_planned_backend_matches_torch_backend_over_layers_of_mixed_formats(plan
     # the mixed step planned decode and extend once per distinct format: 3 formats x 2 kernels
     plans = [p for c in steps[1].parts() for key, p in c.plans.items() if key[0] != "write"]
     assert len(plans) == 6
+    # decode steps write per token (no 16-token group can fill), prefill and mixed steps by group
+    assert group_paths == [True] * 4 + [True] * 4 + [False] * 4

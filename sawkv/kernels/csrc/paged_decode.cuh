@@ -53,6 +53,7 @@ namespace detail {
 
 constexpr int kWarps = 4;
 constexpr int kMinSplitTokens = 128;  // plan.py: _cuda_splits
+constexpr int kSingleSplitTokens = 512;
 constexpr int kThreads = 32 * kWarps;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -238,8 +239,12 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   // far above this sequence's length (a c=1 step of a 256-token chat under a 17K-wide table
   // planned 64 splits of one group each). Only the splits the real span needs (>= 128 tokens
   // each, the host's rule) do work: the others leave at once and the merge counts the rest.
+  // Up to kSingleSplitTokens one CTA takes the whole span: its few groups cost less than the
+  // merge's chain of global round trips (partial store, fence, ticket, partial loads).
   const int num_splits =
-      min(p.num_splits, max(1, (span + kMinSplitTokens - 1) / kMinSplitTokens));
+      span <= kSingleSplitTokens
+          ? 1
+          : min(p.num_splits, max(1, (span + kMinSplitTokens - 1) / kMinSplitTokens));
   if (split >= num_splits) return;
   const int per_split = (span + num_splits - 1) / num_splits;
   const int chunk = (per_split + 15) & ~15;
