@@ -93,11 +93,25 @@ def paired(res: dict, ref: dict) -> tuple[float, float] | None:
     return mu, sd / math.sqrt(n)
 
 
+def _other_size(res: dict, ref: dict) -> bool:
+    """Whether two results of a task were scored on different amounts of data (a --size or
+    --mc-items change between runs into one --out): their difference would mean nothing."""
+    for key in ("num_tokens", "num_items", "size"):
+        if key in res and key in ref and res[key] != ref[key]:
+            return True
+    return False
+
+
 def compare(res: dict, ref: dict | None, naive: dict | None) -> dict:
-    """Differences of one result vs the reference (and naive INT4, for the gap recovered)."""
+    """Differences of one result vs the reference (and naive INT4, for the gap recovered);
+    ``{"other_size": True}`` alone when the two were scored on different data."""
     out: dict = {}
     if ref is None:
         return out
+    if _other_size(res, ref):
+        return {"other_size": True}
+    if naive is not None and _other_size(naive, ref):
+        naive = None
     p = paired(res, ref)
     if res["primary"] == "ppl":
         out["ppl_ratio"] = res["ppl"] / ref["ppl"]
@@ -114,6 +128,11 @@ def _cell(res: dict | None, cmp: dict) -> str:
     if res is None:
         return "–"
     key = res["primary"]
+    if cmp.get("other_size"):
+        # no difference against a reference scored on other data
+        n = f"{res['num_tokens']} tok" if "num_tokens" in res else f"n={res.get('num_items')}"
+        value = res["ppl"] if key == "ppl" else 100 * res[key]
+        return f"{value:.2f} (other size: {n})"
     if key == "ppl":
         s = f"{res['ppl']:.2f}±{res['ppl_se']:.2f}"
         if "ppl_ratio" in cmp:

@@ -108,6 +108,19 @@ def test_paired_comparisons():
     assert cmp["ppl_ratio_se"] == pytest.approx(0.0, abs=1e-9)  # a constant shift: no noise
 
 
+def test_results_of_another_size_are_not_compared():
+    ref = _res("ppl", [3.0, 3.2], ppl=20.0, ppl_se=1.0, num_tokens=2046)
+    small = _res("ppl", [3.1], ppl=22.0, ppl_se=1.0, num_tokens=1023)
+    cmp = report.compare(small, ref, None)
+    assert cmp == {"other_size": True}
+    results = {"auto": {"ppl-austen": ref}, "int4": {"ppl-austen": small}}
+    table, _ = report.model_table("m", results, ["auto", "int4"], ["ppl-austen"])
+    row = next(line for line in table.splitlines() if line.startswith("| int4"))
+    assert "other size: 1023 tok" in row and "%" not in row
+    same = _res("ppl", [3.1, 3.3], ppl=22.0, ppl_se=1.0, num_tokens=2046)
+    assert "ppl_ratio" in report.compare(same, ref, None)
+
+
 def test_capacity_needs_the_models_shape():
     assert report.attention_shape_of("no-such-model-anywhere") is None
     assert report.concurrent_seqs(None, 4.25) is None
