@@ -49,6 +49,33 @@ def family(name: str) -> str:
     return "other"
 
 
+def idle_gaps(spans: list[tuple[float, float, str]], steps: int) -> dict:
+    """Where the GPU sits idle between kernels: ``spans`` ``(start_us, end_us, name)`` of
+    every kernel of ``steps`` steps -> idle microseconds per step, split into gaps under 20 us
+    (inside a step: launch latency between graph nodes) and longer ones (between steps, waiting
+    on the host), and the short-gap time per step by the family of the kernel that follows."""
+    spans = sorted(spans)
+    inner, outer = 0.0, 0.0
+    before: dict[str, float] = defaultdict(float)
+    last_end = None
+    for start, end, name in spans:
+        if last_end is not None and start > last_end:
+            gap = start - last_end
+            if gap < 20.0:
+                inner += gap
+                before[family(name)] += gap
+            else:
+                outer += gap
+        last_end = end if last_end is None else max(last_end, end)
+    return {
+        "inside_steps_us_per_step": inner / steps,
+        "between_steps_us_per_step": outer / steps,
+        "inside_by_next_family_us_per_step": {
+            k: v / steps for k, v in sorted(before.items(), key=lambda kv: -kv[1])
+        },
+    }
+
+
 def profile_method(args, method: str) -> dict:
     """One engine's decode steps; ``METHOD@triton`` runs METHOD with the CUDA decode off."""
     method, _, impl = method.partition("@")
@@ -81,11 +108,14 @@ def profile_method(args, method: str) -> dict:
             engine.step()
         _sync()
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    spans = []  # (start, end, name) of every kernel, microseconds
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
             k = kernels[ev.name]
             k[0] += ev.device_time  # microseconds
             k[1] += 1
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    gaps = idle_gaps(spans, args.steps)
     fams: dict[str, float] = defaultdict(float)
     for name, (us, _n) in kernels.items():
         fams[family(name)] += us / args.steps
@@ -101,6 +131,7 @@ def profile_method(args, method: str) -> dict:
         "wall_ms_per_step": wall_ms,
         "device_us_per_step": sum(fams.values()),
         "families_us_per_step": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+        "idle_gaps": gaps,
         "top_kernels": [
             {
                 "name": n[:160],
@@ -147,6 +178,9 @@ def main() -> None:
         print(f"{f:18s}" + "".join(f"{r['families_us_per_step'].get(f, 0):16.1f}" for r in rows))
     print(f"{'device total':18s}" + "".join(f"{r['device_us_per_step']:16.1f}" for r in rows))
     print(f"{'wall':18s}" + "".join(f"{r['wall_ms_per_step'] * 1e3:16.1f}" for r in rows))
+    for key, label in (("inside_steps_us_per_step", "idle in step"),
+                       ("between_steps_us_per_step", "idle between")):  # fmt: skip
+        print(f"{label:18s}" + "".join(f"{r['idle_gaps'][key]:16.1f}" for r in rows))
 
 
 if __name__ == "__main__":
