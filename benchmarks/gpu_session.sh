@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh engine     # ~6 min: GPU engine tests (CUDA decode on and
 #                                             #   off), decode-step device time per kernel (c=1)
 #   bash benchmarks/gpu_session.sh prefill    # ~6 min: 16K-token engine prefill vs bf16, ncu 1x32K
+#   bash benchmarks/gpu_session.sh c1         # ~5 min: c=1 decode-step kernels and idle gaps, ncu
+#   bash benchmarks/gpu_session.sh flush      # ~2 min: decode timed with do_bench's dirty flush
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
 #                                             #   short c=16,64,128 (needs `carry: [".whl"]`)
 #   bash benchmarks/gpu_session.sh ab .alt/paged_decode.cuh
@@ -66,6 +68,18 @@ case "$part" in
         --out "$work" > "$work/ab_$variant.txt" 2>&1
       echo "== $variant"; grep -E "^decode|Error|error" "$work/ab_$variant.txt" | tail -16
     done
+    ;;
+  c1)  # why c=1 decode steps are slower than BF16's: kernel time and GPU idle gaps per step, ncu
+    timeout 330 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 \
+      --out "$work" > "$work/profile_step_b1_log.txt" 2>&1
+    tail -16 "$work/profile_step_b1_log.txt"
+    ncu_decode int4-bdr128 1 512
+    ncu_decode int4-bdr128 1 32768
+    ;;
+  flush)  # decode timings with the old (zero-fill, dirty L2) flush, to compare with `kernels`
+    SAWKV_BENCH_FLUSH=zero timeout 200 python benchmarks/bench_kernels.py --only decode \
+      --name kernels_zeroflush --out "$work" > "$work/zeroflush_log.txt" 2>&1
+    grep -E "^decode" "$work/zeroflush_log.txt" | tail -42
     ;;
   engine)  # GPU engine tests (CUDA decode on, then off), then device time per decode step by kernel
     timeout 200 python -m pytest -q -x -p no:logging tests/engine/test_gpu.py 2>&1 | tail -3
