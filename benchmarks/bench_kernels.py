@@ -36,14 +36,21 @@ DECODE_SHAPES = [
     (1, 32768), (8, 32768), (32, 8192), (64, 8192), (128, 4096), (256, 2048), (1, 131072),
 ]  # fmt: skip
 L2_BYTES = 50 * 2**20
-# name -> (bits, had_block, rotate_v)
+# name -> (bits, had_block, rotate_v[, k_half_meta])
 FORMATS = {
     "int4": (4, 0, False),
     "int4-bdr128": (4, 128, False),
     "int4-bdr128-kv": (4, 128, True),
+    "int4-bdr128-kv-kh": (4, 128, True, True),  # per-half key metadata (saw-int4 recipes)
     "int8": (8, 0, False),
     "bf16": (16, 0, False),  # our kernel on BF16 pages
 }
+
+
+def fmt_args(name: str) -> tuple[int, int, bool, bool]:
+    """(bits, had_block, rotate_v, k_half_meta) of a FORMATS entry."""
+    bits, had, rot_v, *kh = FORMATS[name]
+    return bits, had, rot_v, bool(kh and kh[0])
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -118,8 +125,10 @@ def make_pages(
     num_kv_heads: int = NUM_KV_HEADS,
     block_size: int = BLOCK_SIZE,
     dtype=torch.bfloat16,
+    k_half: bool = False,
 ):
-    """Random but valid pages: codes anywhere, metadata small positive scales."""
+    """Random but valid pages: codes anywhere, metadata small positive scales (``k_half``: keys
+    with two (scale, min) pairs, the second half's scales 4x the first's)."""
     from sawkv.kernels import KVPages
 
     shape = (num_blocks, num_kv_heads, block_size)
@@ -132,7 +141,8 @@ def make_pages(
     meta = torch.empty(*shape, 2, dtype=torch.float16, device="cuda")
     meta[..., 0].uniform_(0.01, 0.1)
     meta[..., 1].uniform_(-1.0, 0.0)
-    return KVPages(k, v, meta, meta.clone())
+    k_meta = torch.cat([meta, meta * 4], -1) if k_half else meta.clone()
+    return KVPages(k, v, k_meta, meta)
 
 
 def page_format(
@@ -143,17 +153,18 @@ def page_format(
     num_kv_heads: int = NUM_KV_HEADS,
     block_size: int = BLOCK_SIZE,
     dtype=torch.bfloat16,
+    k_half: bool = False,
 ):
     """The :class:`PageFormat` of pages from :func:`make_pages` with the same arguments."""
     from sawkv.kernels import PageFormat
 
     return PageFormat(bits, head_dim, num_kv_heads, block_size, had, rot_v,
-                      dtype if bits == 16 else None)  # fmt: skip
+                      dtype if bits == 16 else None, k_half_meta=k_half)  # fmt: skip
 
 
-def decode_bytes(batch: int, ctx: int, bits: int) -> int:
+def decode_bytes(batch: int, ctx: int, bits: int, k_half: bool = False) -> int:
     per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
-    kv = 2 * batch * ctx * NUM_KV_HEADS * per_vec
+    kv = batch * ctx * NUM_KV_HEADS * (2 * per_vec + (4 if k_half else 0))
     tables = batch * math.ceil(ctx / BLOCK_SIZE) * 4
     q_out = 2 * batch * NUM_Q_HEADS * HEAD_DIM * 2
     return kv + tables + q_out
@@ -204,7 +215,7 @@ def check_correctness() -> list[dict]:
 
     rows = []
     cases = [
-        # d, Hkv, G, bs, bits, had, rot_v, mean, lens, window
+        # d, Hkv, G, bs, bits, had, rot_v, mean, lens, window[, k_half]
         (128, 8, 4, 16, 4, 128, False, True, [1, 37, 1000, 4099], 0),
         (128, 8, 4, 16, 4, 128, True, True, [300, 17], 0),
         (64, 2, 8, 32, 4, 16, False, False, [65, 129], 40),
@@ -216,8 +227,14 @@ def check_correctness() -> list[dict]:
         (128, 2, 12, 16, 4, 128, False, True, [700], 100),
         # short sequences under a wide table: CUDA decode uses fewer splits than planned
         (128, 8, 4, 16, 4, 128, True, True, [1, 300, 17000], 0),
+        # per-half key metadata: one and two query tiles, INT4 and INT8, a window
+        (128, 8, 4, 16, 4, 128, True, True, [1, 37, 1000, 4099], 0, True),
+        (128, 2, 12, 16, 8, 128, True, True, [700, 3], 100, True),
+        (64, 2, 8, 32, 4, 64, False, True, [65, 2000], 0, True),
+        (256, 1, 4, 16, 8, 128, True, True, [200, 5], 0, True),
     ]
-    for d, h, g, bs, bits, had, rot_v, mean, lens, window in cases:
+    for d, h, g, bs, bits, had, rot_v, mean, lens, window, *kh in cases:
+        k_half = bool(kh and kh[0])
         torch.manual_seed(len(rows))
         dev = "cuda"
         total = sum(lens)
@@ -238,10 +255,11 @@ def check_correctness() -> list[dict]:
                 + torch.arange(n, device=dev) % bs
             )
         slot_mapping = torch.cat(slots)
-        row = dict(case=f"d{d} h{h} g{g} bs{bs} bits{bits} had{had} rv{rot_v} kc{mean}")
-        first = make_pages(nb, bits, d, h, bs)
+        row = dict(case=f"d{d} h{h} g{g} bs{bs} bits{bits} had{had} rv{rot_v} kc{mean}"
+                        + (" kh" if k_half else ""))  # fmt: skip
+        first = make_pages(nb, bits, d, h, bs, k_half=k_half)
         pages = [first, type(first)(*(None if t is None else t.clone() for t in first))]
-        fmt = page_format(bits, had, rot_v, d, h, bs)
+        fmt = page_format(bits, had, rot_v, d, h, bs, k_half=k_half)
         cache_write(k, v, pages[0], slot_mapping, fmt, k_mean)
         cache_write_ref(k, v, pages[1], slot_mapping, fmt, k_mean)
         if had and bits != 16:  # the 16-bit rotation against the same reference
@@ -319,10 +337,10 @@ def check_long_context() -> list[dict]:
         pos = torch.arange(ctx, device="cuda")
         slots = tables[0, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
         seq_lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-        for name in ("int4-bdr128", "int4-bdr128-kv", "int8"):
-            bits, had, rot_v = FORMATS[name]
-            pages = make_pages(blocks, bits)
-            fmt = page_format(bits, had, rot_v)
+        for name in ("int4-bdr128", "int4-bdr128-kv", "int4-bdr128-kv-kh", "int8"):
+            bits, had, rot_v, kh = fmt_args(name)
+            pages = make_pages(blocks, bits, k_half=kh)
+            fmt = page_format(bits, had, rot_v, k_half=kh)
             cache_write(k.bfloat16(), v.bfloat16(), pages, slots, fmt)
             for dtype in (torch.bfloat16, torch.float16):
                 q = torch.randn(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", generator=gen).to(dtype)
@@ -372,6 +390,57 @@ def sweep_cuda_decode(copy_gbs: float) -> list[dict]:
     return rows
 
 
+# ---- decode latency: few sequences, short spans, the engine's wide block tables --------------
+LATENCY_SHAPES = [(1, 256), (1, 1024), (1, 4096), (1, 32768), (4, 1024), (16, 2048)]
+# the serving runs' max_model_len: CUDA graphs plan decode splits from this table width
+LATENCY_TABLE_TOKENS = 17920
+
+
+def time_decode_latency(batch: int, ctx: int, name: str, config=None) -> float:
+    """Median µs of one decode call as a c=1..16 serving step launches it: block tables
+    ``LATENCY_TABLE_TOKENS`` wide (the split count planned from that width), ``ctx`` tokens
+    used, graph replays over several page sets with L2 flushed."""
+    from sawkv.kernels import paged_attention_decode
+
+    bits, had, rot_v, kh = fmt_args(name)
+    sets = num_sets(decode_bytes(batch, ctx, bits, kh))
+    pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=ctx, k_half=kh)
+    fmt = page_format(bits, had, rot_v, k_half=kh)
+    width = max(math.ceil(LATENCY_TABLE_TOKENS / BLOCK_SIZE), math.ceil(ctx / BLOCK_SIZE))
+    fns = []
+    for q, tables in sets_in:
+        wide = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
+        wide[:, : tables.shape[1]] = tables  # entries past a sequence's length are never read
+        out = torch.empty_like(q)
+        fns.append(
+            lambda q=q, t=wide, o=out: paged_attention_decode(
+                q, pages, t, seq_lens, fmt, out=o, scale=HEAD_DIM**-0.5, config=config
+            )
+        )
+    return bench_graphs(fns)
+
+
+def run_latency() -> list[dict]:
+    """Small-batch decode: the Triton BF16 kernel (the engine's bf16 path) against the CUDA
+    INT4-BDR128 kernel at 1 or 2 groups per warp step and single-CTA span limits."""
+    from sawkv.kernels.launch import KernelConfig
+
+    variants = [("bf16", None, "bf16")]
+    for gps in (1, 2):
+        for single in (128, 512, 2048):
+            cfg = KernelConfig(groups_per_step=gps, single_split_tokens=single)
+            variants.append((f"int4-bdr128 u{gps} s{single}", cfg, "int4-bdr128"))
+    variants.append(("int4-bdr128-kv-kh", None, "int4-bdr128-kv-kh"))
+    rows = []
+    for batch, ctx in LATENCY_SHAPES:
+        for label, cfg, name in variants:
+            us = time_decode_latency(batch, ctx, name, cfg)
+            rows.append(dict(batch=batch, context=ctx, variant=label, us=us))
+            print(f"latency B={batch} L={ctx} {label}: {us:.1f} us", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 # ---- copy bandwidth ------------------------------------------------------------------------------
 def copy_bandwidth() -> float:
     n = 2**30
@@ -382,12 +451,12 @@ def copy_bandwidth() -> float:
 
 
 # ---- decode --------------------------------------------------------------------------------------
-def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int):
+def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int, k_half: bool = False):
     """``sets`` independent (q, pages, tables) whose pages are disjoint and shuffled."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     blocks = math.ceil(ctx / BLOCK_SIZE)
     nb = batch * blocks
-    pages = make_pages(nb * sets, bits)
+    pages = make_pages(nb * sets, bits, k_half=k_half)
     out = []
     for i in range(sets):
         ids = (torch.randperm(nb, device="cuda", generator=g) + i * nb).int()
@@ -404,10 +473,10 @@ def time_decode(batch, ctx, name, config=None, with_err=False):
     from sawkv.attention.reference import paged_attention_decode_ref
     from sawkv.kernels import paged_attention_decode
 
-    bits, had, rot_v = FORMATS[name]
-    sets = num_sets(decode_bytes(batch, ctx, bits))
-    pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=batch * ctx)
-    fmt = page_format(bits, had, rot_v)
+    bits, had, rot_v, kh = fmt_args(name)
+    sets = num_sets(decode_bytes(batch, ctx, bits, kh))
+    pages, sets_in, seq_lens = decode_inputs(batch, ctx, bits, sets, seed=batch * ctx, k_half=kh)
+    fmt = page_format(bits, had, rot_v, k_half=kh)
     flags = dict(scale=HEAD_DIM**-0.5)
     kw = dict(flags, config=config)
     fns = []
@@ -463,7 +532,7 @@ def run_decode(copy_gbs: float, config=None, formats=None) -> list[dict]:
         )
         for name in formats or FORMATS:
             us, err = time_decode(batch, ctx, name, config, with_err=True)
-            nbytes = decode_bytes(batch, ctx, FORMATS[name][0])
+            nbytes = decode_bytes(batch, ctx, fmt_args(name)[0], fmt_args(name)[3])
             gbs = nbytes / us / 1e3
             rows.append(
                 dict(
@@ -701,13 +770,13 @@ def time_extend(ctx: int, name: str, config=None) -> float:
 
     seq = ctx + EXTEND_CHUNK
     blocks = math.ceil(seq / BLOCK_SIZE)
-    bits, had, rot_v = FORMATS[name]
+    bits, had, rot_v, kh = fmt_args(name)
     q = torch.randn(EXTEND_CHUNK, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(blocks, device="cuda").int()[None]
     seq_lens = torch.tensor([seq], dtype=torch.int32, device="cuda")
     qsl = torch.tensor([0, EXTEND_CHUNK], dtype=torch.int32, device="cuda")
-    pages = make_pages(blocks, bits)
-    fmt = page_format(bits, had, rot_v)
+    pages = make_pages(blocks, bits, k_half=kh)
+    fmt = page_format(bits, had, rot_v, k_half=kh)
     out = torch.empty_like(q)
     kw = dict(scale=HEAD_DIM**-0.5, config=config)
 
@@ -813,6 +882,9 @@ def table(result: dict) -> str:
                 f"BDR overhead B={b} L={l}: "
                 f"{100 * (by[(b, l, 'int4-bdr128')] / by[(b, l, 'int4')] - 1):+.1f}%"
             )
+        if (b, l, "int4-bdr128-kv") in by and (b, l, "int4-bdr128-kv-kh") in by:
+            kh_pct = 100 * (by[(b, l, "int4-bdr128-kv-kh")] / by[(b, l, "int4-bdr128-kv")] - 1)
+            lines.append(f"-kh overhead B={b} L={l}: {kh_pct:+.1f}%")
     for r in result.get("write", []):
         lines.append(
             f"write n={r['num_tokens']:>5} {r['method']:>18} {r['us']:>8.1f} us "
@@ -905,6 +977,9 @@ def main() -> None:
         save()
     if "decode" in parts:
         result["decode"] = run_decode(result["copy_gb_s"], decode_cfg)
+        save()
+    if "latency" in parts:
+        result["latency"] = run_latency()
         save()
     if "write" in parts:
         if args.sweep_write:

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from benchmarks.bench_kernels import FORMATS, decode_inputs, page_format
+from benchmarks.bench_kernels import decode_inputs, fmt_args, page_format
 
 
 def main() -> None:
@@ -22,10 +22,10 @@ def main() -> None:
     args = ap.parse_args()
     from sawkv.kernels import paged_attention_decode
 
-    bits, had, rot_v = FORMATS[args.method]
-    pages, sets, seq_lens = decode_inputs(args.batch, args.context, bits, 1, seed=0)
+    bits, had, rot_v, kh = fmt_args(args.method)
+    pages, sets, seq_lens = decode_inputs(args.batch, args.context, bits, 1, seed=0, k_half=kh)
     q, tables = sets[0]
-    fmt = page_format(bits, had, rot_v)
+    fmt = page_format(bits, had, rot_v, k_half=kh)
     for _ in range(3):
         paged_attention_decode(q, pages, tables, seq_lens, fmt, scale=0.088)
     torch.cuda.synchronize()

@@ -10,6 +10,7 @@ spending device time. The CUDA 13 compiler, headers and disassembler come from P
 
     python scripts/decode_sass.py                    # default variants
     python scripts/decode_sass.py --variant 4,128,1,1 --dump loop.txt
+    python scripts/decode_sass.py --variant 4,128,1,1,1     # per-half key metadata (-kh)
 
 The counts are static: the loop's rarely taken paths (page-table refresh every 32 groups, the
 softmax rescale when the running maximum moves) are included; ``--dump`` shows them.
@@ -29,7 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "sawkv" / "kernels" / "csrc"
 WHEELS = ("nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-cuda-runtime", "nvidia-cuda-cccl",
           "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm", "nvidia-nvvm")  # fmt: skip
-DEFAULT = ("4,128,1,1", "4,128,1,2", "8,128,1,1", "4,64,1,2", "4,256,1,1", "4,128,2,1")
+DEFAULT = (
+    "4,128,1,1",
+    "4,128,1,2",
+    "8,128,1,1",
+    "4,64,1,2",
+    "4,256,1,1",
+    "4,128,2,1",
+    "4,128,1,1,1",
+    "8,128,1,1,1",
+    "8,128,2,1,1",
+)
 
 
 def toolkit(cache: Path) -> Path:
@@ -74,18 +85,19 @@ def main_loop(sass: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", action="append", help="BITS,D,NT,U (repeatable)")
+    ap.add_argument("--variant", action="append", help="BITS,D,NT,U[,KH] (repeatable)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sawkv" / "nvcc")
     ap.add_argument("--dump", type=Path, help="write the first variant's main loop here")
     args = ap.parse_args()
-    variants = [tuple(int(x) for x in v.split(",")) for v in (args.variant or DEFAULT)]
+    variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:5] for v in (args.variant or DEFAULT)]
     tk = toolkit(args.cache)
     env = dict(os.environ, PATH=f"{tk / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "variants.cu"
         src.write_text('#include "paged_decode.cuh"\n' + "".join(
-            f"template __global__ void sawkv::paged_decode_kernel<{b},{d},{nt},{u}>"
-            "(const sawkv::DecodeParams);\n" for b, d, nt, u in variants))  # fmt: skip
+            f"template __global__ void sawkv::paged_decode_kernel<{b},{d},{nt},{u},{bool(kh)}>"
+            "(const sawkv::DecodeParams);\n".replace("True", "true").replace("False", "false")
+            for b, d, nt, u, kh in variants))  # fmt: skip
         cubin = Path(tmp) / "variants.cubin"
         res = subprocess.run(
             ["nvcc", "-O3", "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v",
@@ -105,15 +117,16 @@ def main() -> None:
             m = re.search(r"(\d+) bytes spill stores", line)
             if m and name:
                 usage.setdefault(name, {})["spill"] = int(m.group(1))
-        print(f"{'BITS,D,NT,U':12} {'regs':>5} {'spill B':>8} {'loop instr':>11} {'HMMA':>5}")
-        for i, (b, d, nt, u) in enumerate(variants):
-            mangled = (f"_ZN5sawkv19paged_decode_kernelILi{b}ELi{d}ELi{nt}ELi{u}EEEv"
-                       "NS_12DecodeParamsE")  # fmt: skip
+        print(f"{'BITS,D,NT,U,KH':14} {'regs':>5} {'spill B':>8} {'loop instr':>11} {'HMMA':>5}")
+        for i, (b, d, nt, u, kh) in enumerate(variants):
+            mangled = (f"_ZN5sawkv19paged_decode_kernelILi{b}ELi{d}ELi{nt}ELi{u}ELb{int(bool(kh))}"
+                       "EEEvNS_12DecodeParamsE")  # fmt: skip
             sass = subprocess.run(["cuobjdump", "-sass", "-fun", mangled, str(cubin)], env=env,
                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
             loop = main_loop(sass)
             u_ = usage.get(mangled, {})
-            print(f"{b},{d},{nt},{u:<6} {u_.get('regs', '?'):>5} {u_.get('spill', '?'):>8} "
+            name = f"{b},{d},{nt},{u},{int(bool(kh))}"
+            print(f"{name:14} {u_.get('regs', '?'):>5} {u_.get('spill', '?'):>8} "
                   f"{len(loop):>11} {sum('HMMA' in x for x in loop):>5}")  # fmt: skip
             if args.dump and i == 0:
                 args.dump.write_text("\n".join(loop) + "\n")

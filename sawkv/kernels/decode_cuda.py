@@ -22,7 +22,8 @@ from sawkv.kernels.page_format import KVPages, PageFormat
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("paged_decode.cu", "paged_decode.cuh", "paged_decode_dispatch.cuh")
-_VARIANTS = [(bits, d) for bits in (4, 8) for d in (64, 128, 256)]
+# one translation unit per (bits, head_dim, per-half key metadata): the build runs them in parallel
+_VARIANTS = [(bits, d, kh) for bits in (4, 8) for d in (64, 128, 256) for kh in (False, True)]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 _TICKETS: dict[int, list[torch.Tensor]] = {}
@@ -46,9 +47,11 @@ def _build():
     build_dir = _ext_dir() / f"paged_decode_{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     units = []
-    for bits, d in _VARIANTS:
-        unit = build_dir / f"variant_b{bits}_d{d}.cu"
-        text = f'#include "paged_decode_dispatch.cuh"\nSAWKV_INSTANTIATE_DECODE({bits}, {d})\n'
+    for bits, d, kh in _VARIANTS:
+        unit = build_dir / f"variant_b{bits}_d{d}{'_kh' if kh else ''}.cu"
+        flag = "true" if kh else "false"
+        text = '#include "paged_decode_dispatch.cuh"\n'
+        text += f"SAWKV_INSTANTIATE_DECODE({bits}, {d}, {flag})\n"
         if not unit.exists() or unit.read_text() != text:
             unit.write_text(text)
         units.append(str(unit))
@@ -90,12 +93,10 @@ def build_error() -> str | None:
 
 def supports(q: torch.Tensor, fmt: PageFormat, num_q_heads: int) -> bool:
     """Formats, shapes and dtypes the CUDA kernel serves (others go to the Triton kernel):
-    INT4/INT8 pages with one (scale, min) per key (its ring stages a group's metadata as
-    ``(scale, min)`` pairs; ``k_half_meta`` pages are read by the Triton kernel), fp16/bf16 q,
+    INT4/INT8 pages (one (scale, min) per key or per half-key, ``k_half_meta``), fp16/bf16 q,
     head_dim 64/128/256, at most 16 query heads per KV head."""
     return (
         fmt.bits in (4, 8)
-        and not fmt.k_half_meta
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] in (64, 128, 256)
         and num_q_heads // fmt.num_kv_heads <= 16
@@ -124,6 +125,7 @@ def paged_decode_cuda(
     sliding_window: int,
     num_splits: int,
     groups_per_step: int = 0,
+    single_split_tokens: int = 0,
     part_o: torch.Tensor | None = None,
     part_ml: torch.Tensor | None = None,
     first: int = 0,
@@ -133,7 +135,9 @@ def paged_decode_cuda(
 
     Arguments as in :func:`sawkv.kernels.paged_attention_decode` (already checked there), plus
     ``num_splits`` (see :func:`sawkv.kernels.plan.pick_num_splits`), ``groups_per_step``
-    (16-token groups a warp loads per step; 0 = the kernel's default) and the planned
+    (16-token groups a warp loads per step; 0 = the kernel's default), ``single_split_tokens``
+    (a sequence whose span is at most this many tokens is decoded by one CTA, without the
+    split merge; 0 = the default, 512) and the planned
     workspaces ``part_o [num_seqs, Hq, num_splits, d]`` / ``part_ml [..., 2]`` fp32 (allocated
     here if None). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out`` the same shape and dtype.
     Positions below ``first`` are not attended; ``lse [num_seqs, Hq]`` fp32, if given, gets
@@ -160,7 +164,7 @@ def paged_decode_cuda(
     mod.paged_decode(
         q, out, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, part_o, part_ml,
         tickets, fmt.bits, num_splits, scale * 1.4426950408889634, fmt.had_block,
-        bool(fmt.rotate_v), sliding_window, groups_per_step, first,
-        lse if lse is not None else part_ml, lse is not None,
+        bool(fmt.rotate_v), sliding_window, groups_per_step, single_split_tokens or 512, first,
+        lse if lse is not None else part_ml, lse is not None, bool(fmt.k_half_meta),
     )  # fmt: skip
     return out

@@ -46,8 +46,7 @@ MAX_SPLITS = 64
 class DecodePlan:
     """Decisions for decode launches over pages of ``fmt`` with one query shape.
 
-    ``impl`` "cuda" (``decode_cuda.py``) or "triton" (``decode.py``; also every
-    ``k_half_meta`` format, which the CUDA kernel does not read); ``num_splits`` ranges
+    ``impl`` "cuda" (``decode_cuda.py``) or "triton" (``decode.py``); ``num_splits`` ranges
     per sequence; ``part_o [num_seqs, num_q_heads, num_splits, head_dim]`` and ``part_ml
     [num_seqs, num_q_heads, num_splits, 2]`` fp32 partial softmax states, None where the kernel
     writes ``out`` directly (one split; empty placeholders for the CUDA kernel). ``lse
@@ -137,8 +136,8 @@ def _use_cuda(q, fmt: PageFormat, num_q_heads: int, impl: str) -> bool:
     ok = decode_cuda.supports(q, fmt, num_q_heads)
     if impl == "cuda" and not ok:
         raise ValueError(
-            "the CUDA decode kernel serves INT4/INT8 pages with one (scale, min) per key (not "
-            "k_half_meta), fp16/bf16 q, G <= 16"
+            "the CUDA decode kernel serves INT4/INT8 pages, fp16/bf16 q, head_dim 64/128/256 "
+            "and G <= 16"
         )
     if ok and not decode_cuda.available(q.device):
         if impl == "cuda":

@@ -159,13 +159,13 @@ def test_varlen_extend_matches_reference(bits, had, rot_v, window):
     assert err < 5e-3, err
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_k_half_meta_decode_takes_the_triton_kernel(bits):
-    """Pages with per-half key metadata on the GPU: the decode plan takes the Triton kernel
-    (the CUDA kernel reads one (scale, min) per key) even where the CUDA kernel is available,
-    and matches the fp32 reference; the same pages' format without it still plans CUDA."""
+@pytest.mark.parametrize("bits,num_q_heads", [(4, 8), (8, 8), (4, 24), (8, 24)])
+def test_k_half_meta_decode_takes_the_cuda_kernel(bits, num_q_heads):
+    """Pages with per-half key metadata on the GPU: the decode plan takes the CUDA kernel where
+    it builds (one or two query tiles: G = 4 and 12), matches the fp32 reference, and agrees
+    with the Triton kernel on the same pages. The keys' halves get very different scales, so a
+    kernel that used one half's (scale, min) for the whole key would fail."""
     import sys
-    from dataclasses import replace
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
@@ -173,25 +173,31 @@ def test_k_half_meta_decode_takes_the_triton_kernel(bits):
 
     from sawkv.attention.reference import paged_attention_decode_ref
     from sawkv.kernels import decode_cuda, paged_attention_decode, plan_decode
+    from sawkv.kernels.launch import KernelConfig
 
     lens = [1000, 3, 4100, 17]
     pages, tables, seq_lens, fmt = paged_case(
         lens, head_dim=128, num_kv_heads=2, block_size=16, bits=bits, had_block=128,
         rotate_v=True, dtype=torch.bfloat16, seed=9, k_half=True,
     )  # fmt: skip
-    q = torch.randn(len(lens), 8, 128).bfloat16()
+    # second half of each key 8x the scale of the first: the two (scale, min) pairs differ
+    k_meta = pages.k_meta.clone()
+    k_meta[..., 2:] *= 8
+    pages = pages._replace(k_meta=k_meta)
+    q = torch.randn(len(lens), num_q_heads, 128).bfloat16()
     ref = paged_attention_decode_ref(q, pages, tables, seq_lens, fmt, scale=128**-0.5).float()
     dev = [t.cuda() for t in (q, tables, seq_lens)]
     cuda = type(pages)(*(None if t is None else t.cuda() for t in pages))
     plan = plan_decode(dev[0], dev[1], dev[2], fmt)
-    assert plan.impl == "triton"
-    # (under TRITON_INTERPRET=1, set by tests/kernels' conftest in a mixed run, plans are Triton)
     if decode_cuda.available(dev[0].device) and os.environ.get("TRITON_INTERPRET") != "1":
-        assert plan_decode(dev[0], dev[1], dev[2], replace(fmt, k_half_meta=False)).impl == "cuda"
-    out = paged_attention_decode(dev[0], cuda, dev[1], dev[2], fmt, scale=128**-0.5, plan=plan)
-    # fp16 products (q and p * scale_v rounded, ~5e-4 each) and a bf16 output
-    err = (out.float().cpu() - ref).norm() / ref.norm()
-    assert err < 1e-2, err
+        assert plan.impl == "cuda"
+    tri = plan_decode(dev[0], dev[1], dev[2], fmt, config=KernelConfig(impl="triton"))
+    assert tri.impl == "triton"
+    for p in (plan, tri):
+        out = paged_attention_decode(dev[0], cuda, dev[1], dev[2], fmt, scale=128**-0.5, plan=p)
+        # fp16 products (q and p * scale_v rounded, ~5e-4 each) and a bf16 output
+        err = (out.float().cpu() - ref).norm() / ref.norm()
+        assert err < 1e-2, (p.impl, err)
 
 
 @pytest.mark.parametrize("kv", ["bf16", "int4-bdr128"])

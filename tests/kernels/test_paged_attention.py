@@ -158,11 +158,11 @@ def test_decode_trans_qk_matches_reference(k_half):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
 
-def test_k_half_meta_decode_never_takes_the_cuda_kernel(monkeypatch):
-    """The CUDA decode kernel reads one (scale, min) per key: a plan for k_half_meta pages on a
-    GPU where that kernel builds picks the Triton kernel (asking for "cuda" is an error), while
-    the same format without it still takes the CUDA kernel. The GPU is faked: only the dispatch
-    decision runs (tests/engine/test_gpu.py runs it for real)."""
+def test_cuda_decode_dispatch_covers_k_half_meta_and_names_what_it_lacks(monkeypatch):
+    """Where the CUDA decode kernel builds, plans for INT4/INT8 pages take it with or without
+    per-half key metadata; what it does not serve (16-bit pages, fp32 q, head_dim 96, G > 16)
+    goes to Triton under "auto" and is a clear error under "cuda". The GPU is faked: only the
+    dispatch decision runs (tests/engine/test_gpu.py runs the kernels for real)."""
     from types import SimpleNamespace
 
     from sawkv.kernels import decode_cuda
@@ -170,14 +170,26 @@ def test_k_half_meta_decode_never_takes_the_cuda_kernel(monkeypatch):
 
     monkeypatch.setattr(plan_mod, "_interpreting", lambda: False)
     monkeypatch.setattr(decode_cuda, "available", lambda device=None: True)
-    q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(3, 8, 128))
+
+    def query(dtype=torch.bfloat16, d=128, hq=8):
+        return SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(3, hq, d))
+
     fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=2, block_size=16, had_block=128)
     kh = replace(fmt, k_half_meta=True)
-    assert plan_mod._use_cuda(q, fmt, 8, "auto") and plan_mod._use_cuda(q, fmt, 8, "cuda")
-    assert not plan_mod._use_cuda(q, kh, 8, "auto")
-    assert not decode_cuda.supports(q, replace(kh, bits=8), 8)
-    with pytest.raises(ValueError, match="not k_half_meta"):
-        plan_mod._use_cuda(q, kh, 8, "cuda")
+    for f in (fmt, kh, replace(kh, bits=8), replace(fmt, bits=8)):
+        assert plan_mod._use_cuda(query(), f, 8, "auto") and plan_mod._use_cuda(
+            query(), f, 8, "cuda"
+        )
+    unserved = [
+        (query(), replace(fmt, bits=16, had_block=0, dtype=torch.bfloat16), 8),
+        (query(torch.float32), kh, 8),
+        (query(d=96), replace(kh, head_dim=96, had_block=32), 8),
+        (query(hq=64), kh, 64),
+    ]
+    for q, f, hq in unserved:
+        assert not plan_mod._use_cuda(q, f, hq, "auto")
+        with pytest.raises(ValueError, match="CUDA decode kernel serves"):
+            plan_mod._use_cuda(q, f, hq, "cuda")
 
 
 def test_decode_split_count_does_not_change_result():

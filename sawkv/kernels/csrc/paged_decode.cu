@@ -9,7 +9,7 @@
 
 // One translation unit per (bits, head_dim) instantiates this (decode_cuda.py writes them), so
 // ninja compiles the 24 kernel variants in parallel.
-template <int BITS, int D>
+template <int BITS, int D, bool KH>
 void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u);
 
 void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -17,7 +17,7 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
                   torch::Tensor seq_lens, torch::Tensor part_o, torch::Tensor part_ml,
                   torch::Tensor tickets, int64_t bits, int64_t num_splits, double qscale,
                   int64_t had_block, bool rotate_v, int64_t window, int64_t groups_per_step,
-                  int64_t first, torch::Tensor lse, bool write_lse) {
+                  int64_t single_split_tokens, int64_t first, torch::Tensor lse, bool write_lse, bool k_half_meta) {
   const c10::cuda::CUDAGuard guard(q.device());
   sawkv::DecodeParams p;
   p.q = q.data_ptr();
@@ -38,8 +38,15 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   p.stride_oh = out.stride(1);
   p.stride_page_b = k_cache.stride(0);
   p.stride_page_h = k_cache.stride(1);
-  p.stride_meta_b = k_meta.stride(0);
-  p.stride_meta_h = k_meta.stride(1);
+  // the kernel addresses K metadata with V's strides (doubled with per-half key metadata)
+  const int64_t kmul = k_half_meta ? 2 : 1;
+  TORCH_CHECK(k_meta.size(-1) == 2 * kmul && v_meta.size(-1) == 2 &&
+                  k_meta.stride(0) == kmul * v_meta.stride(0) &&
+                  k_meta.stride(1) == kmul * v_meta.stride(1) && k_meta.stride(2) == 2 * kmul &&
+                  v_meta.stride(2) == 2 && k_meta.stride(3) == 1 && v_meta.stride(3) == 1,
+              "paged decode: k_meta / v_meta must be contiguous pools of the same blocks and heads");
+  p.stride_meta_b = v_meta.stride(0);
+  p.stride_meta_h = v_meta.stride(1);
   p.stride_bt = block_tables.stride(0);
   const int num_seqs = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
   const int num_kv_heads = k_cache.size(1);
@@ -50,6 +57,7 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   p.block_shift = __builtin_ctz(p.block_size);
   p.num_splits = num_splits;
   p.window = window;
+  p.single_split = single_split_tokens;
   p.first = first;
   p.qscale = qscale;
   p.had_block = had_block;
@@ -60,8 +68,11 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
   TORCH_CHECK(bits == 4 || bits == 8, "paged decode: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(head_dim == 64 || head_dim == 128 || head_dim == 256,
               "paged decode: head_dim must be 64, 128 or 256, got ", head_dim);
-#define SAWKV_CASE(B, DD) \
-  if (bits == B && head_dim == DD) dispatch_nt<B, DD>(p, grid, stream, groups_per_step);
+#define SAWKV_CASE(B, DD)                                                   \
+  if (bits == B && head_dim == DD) {                                        \
+    if (k_half_meta) dispatch_nt<B, DD, true>(p, grid, stream, groups_per_step); \
+    else dispatch_nt<B, DD, false>(p, grid, stream, groups_per_step);       \
+  }
   SAWKV_CASE(4, 64) SAWKV_CASE(4, 128) SAWKV_CASE(4, 256)
   SAWKV_CASE(8, 64) SAWKV_CASE(8, 128) SAWKV_CASE(8, 256)
 #undef SAWKV_CASE

@@ -15,6 +15,11 @@
 // p * scale_v * 2^-E (E: running exponent of the largest value scale), so fp16 weights stay in
 // [0, 1] and keep their relative precision at any context length.
 //
+// Keys with per-half metadata (KH, the `-kh` formats) carry (scale, min) for each half of the
+// rotated head dim. The two halves' products are already separate accumulators (INT4: low and
+// high nibbles; INT8: the k-steps of each half), so KH only changes how the score combines them:
+//   s = s_lo (q_lo . c_lo) + m_lo sum(q_lo) + s_hi (q_hi . c_hi) + m_hi sum(q_hi).
+//
 // Splits: with num_splits > 1 each CTA writes its unnormalized partial state and the last CTA of
 // a (sequence, KV head) to finish (atomic ticket) merges them, so no second launch is needed.
 #pragma once
@@ -29,8 +34,9 @@ struct DecodeParams {
   void* out;                 // [S, Hq, D] q's dtype
   const uint8_t* k_cache;    // [num_blocks, H, block_size, P] fragment-ordered codes
   const uint8_t* v_cache;
-  const __half* k_meta;      // [num_blocks, H, block_size, 2] fp16 (scale, min)
-  const __half* v_meta;
+  const __half* k_meta;      // [num_blocks, H, block_size, 2] fp16 (scale, min); 4 with KH:
+                             // (scale_lo, min_lo, scale_hi, min_hi) per half of d
+  const __half* v_meta;      // [num_blocks, H, block_size, 2]
   const int* block_tables;   // [S, max_blocks]
   const int* seq_lens;       // [S]
   float* part_o;             // [S, Hq, num_splits, D] (num_splits > 1)
@@ -39,10 +45,11 @@ struct DecodeParams {
   float* lse;                // [S, Hq] natural log-sum-exp of the scaled scores, or null
   int64_t stride_qs, stride_qh, stride_os, stride_oh;  // elements
   int64_t stride_page_b, stride_page_h;                // bytes
-  int64_t stride_meta_b, stride_meta_h;                // halves
+  int64_t stride_meta_b, stride_meta_h;                // halves, of v_meta (k_meta: x2 with KH)
   int64_t stride_bt;
   int num_q_heads, G, block_size, block_shift, num_splits, window;
   int first;  // positions below it are not attended (attention sinks are merged outside)
+  int single_split;  // spans up to this many tokens take one CTA (no split merge)
   float qscale;  // softmax scale * log2(e)
   int had_block;
   int rotate_v;
@@ -53,7 +60,6 @@ namespace detail {
 
 constexpr int kWarps = 4;
 constexpr int kMinSplitTokens = 128;  // plan.py: _cuda_splits
-constexpr int kSingleSplitTokens = 512;
 constexpr int kThreads = 32 * kWarps;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -188,12 +194,14 @@ struct Geometry {
 };
 
 // Dynamic shared memory: the per-warp ring of the main loop (STAGES steps of U groups, each
-// group K and V codes plus 128 bytes of metadata), aliased with the merge buffer after the loop.
+// group K and V codes plus 128 (KH: 192) bytes of metadata), aliased with the merge buffer after the loop.
 // The fp16 query lives in static shared memory, so the first loads fly during the prologue.
-template <int BITS, int D, int NT, int U>
+template <int BITS, int D, int NT, int U, bool KH>
 struct Smem {
   static constexpr int kCodeBytes = 16 * Geometry<BITS, D>::P;  // one group's K (or V) codes
-  static constexpr int kGroupBytes = 2 * kCodeBytes + 128;
+  // metadata of 16 tokens: K (scale, min) 64 bytes (KH: two pairs, 128), V 64 bytes
+  static constexpr int kKMetaBytes = KH ? 128 : 64;
+  static constexpr int kGroupBytes = 2 * kCodeBytes + kKMetaBytes + 64;
   static constexpr int kFit = 13056 / (U * kGroupBytes);
   static constexpr int kStages = kFit < 2 ? 2 : kFit > 4 ? 4 : kFit;
   static constexpr int kRing = kWarps * kStages * U * kGroupBytes;
@@ -204,7 +212,7 @@ struct Smem {
 
 }  // namespace detail
 
-template <int BITS, int D, int NT, int U>
+template <int BITS, int D, int NT, int U, bool KH>
 __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 3)
     paged_decode_kernel(const DecodeParams p) {
   using namespace detail;
@@ -213,14 +221,14 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   constexpr int STEPS = Geo::kSteps;
   constexpr int HALF_STEPS = D / 32;
 
-  using Mem = Smem<BITS, D, NT, U>;
+  using Mem = Smem<BITS, D, NT, U, KH>;
   constexpr int kCodeBytes = Mem::kCodeBytes;
   constexpr int kGroupBytes = Mem::kGroupBytes;
   constexpr int STAGES = Mem::kStages;
   extern __shared__ __align__(16) uint8_t smem[];
   float* sbuf = reinterpret_cast<float*>(smem);  // the merge buffer after the loop
   __shared__ __align__(16) __half sq[QROWS * D];  // scaled fp16 query rows
-  __shared__ float s_qsum[QROWS];
+  __shared__ float s_qsum[QROWS][KH ? 2 : 1];  // KH: sums of each half
   __shared__ float s_m[kWarps][QROWS], s_l[kWarps][QROWS], s_vm[kWarps][QROWS];
   __shared__ float s_red[kWarps];
   __shared__ int s_ticket;
@@ -239,10 +247,10 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   // far above this sequence's length (a c=1 step of a 256-token chat under a 17K-wide table
   // planned 64 splits of one group each). Only the splits the real span needs (>= 128 tokens
   // each, the host's rule) do work: the others leave at once and the merge counts the rest.
-  // Up to kSingleSplitTokens one CTA takes the whole span: its few groups cost less than the
-  // merge's chain of global round trips (partial store, fence, ticket, partial loads).
+  // Up to p.single_split tokens (default 512) one CTA takes the whole span: its few groups cost
+  // less than the merge's chain of global round trips (partial store, fence, ticket, loads).
   const int num_splits =
-      span <= kSingleSplitTokens
+      span <= p.single_split
           ? 1
           : min(p.num_splits, max(1, (span + kMinSplitTokens - 1) / kMinSplitTokens));
   if (split >= num_splits) return;
@@ -254,7 +262,8 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   // ---- this warp's 16-token groups, streamed through its own shared-memory ring ----------
   // cp.async keeps STAGES steps of U groups in flight per warp without holding them in
   // registers, so occupancy stays high; lanes copy and read back their own code bytes, the
-  // group's 128 metadata bytes are copied by lanes 0-7 and read by all after __syncwarp.
+  // group's metadata (K then V, 16 bytes a lane) is copied by lanes 0-7 (KH: 0-11) and read by
+  // all after __syncwarp.
   // Addresses that do not change per group are computed once here; with fewer registers (5
   // CTAs per SM) the compiler rematerialized them every group (~50 of ~330 instructions).
   const int nsub = hi > lo ? (hi - lo + 15) >> 4 : 0;
@@ -266,13 +275,18 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   // reads its kVec chunks at r * kLaneBytes
   const uint8_t* kbase = p.k_cache + (int64_t)h * p.stride_page_h + lane * 16;
   const uint8_t* vbase = p.v_cache + (int64_t)h * p.stride_page_h + lane * 16;
-  const __half* mbase = (lane < 4 ? p.k_meta : p.v_meta) + (int64_t)h * p.stride_meta_h +
-                        8 * (lane & 3);  // lanes 0-3: K metadata, 4-7: V, 16 bytes each
-  const bool meta_lane = lane < 8;
+  // lanes [0, KL): K metadata, [KL, KL + 4): V, 16 bytes each. K rows hold 2 (KH: 4) halves
+  // per token, V rows 2: a K lane's offsets are the V offsets shifted by kshift.
+  constexpr int KL = Mem::kKMetaBytes / 16;
+  const bool k_lane = lane < KL;
+  const int kshift = KH && k_lane ? 1 : 0;
+  const __half* mbase = k_lane ? p.k_meta + ((int64_t)h * p.stride_meta_h << kshift) + 8 * lane
+                               : p.v_meta + (int64_t)h * p.stride_meta_h + 8 * (lane - KL);
+  const bool meta_lane = lane < KL + 4;
   uint8_t* ring = smem + warp * (STAGES * U * kGroupBytes);
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t dst_code = ring_s + lane * 16;
-  const uint32_t dst_meta = ring_s + 2 * kCodeBytes + 16 * (lane & 7);
+  const uint32_t dst_meta = ring_s + 2 * kCodeBytes + 16 * (lane & (KH ? 15 : 7));
   const int64_t stride_page_b = p.stride_page_b, stride_meta_b = p.stride_meta_b;
   const int in_page_mask = p.block_size - 1, block_shift = p.block_shift;
 
@@ -303,7 +317,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       cp_async16_s(dst + 512 * i, kbase + code_off + 512 * i);
       cp_async16_s(dst + kCodeBytes + 512 * i, vbase + code_off + 512 * i);
     }
-    cp_async16_if(dst_meta + slot * kGroupBytes, mbase + meta_off, meta_lane);
+    cp_async16_if(dst_meta + slot * kGroupBytes, mbase + (meta_off << kshift), meta_lane);
   };
 
   // the first stages' loads go out before the query prologue, which hides their latency
@@ -389,8 +403,14 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       sq[r * D + lane * EL + e] = x;
       acc += __half2float(x);
     }
-    acc = warp_sum_all(acc);
-    if (lane == 0) s_qsum[r] = acc;
+    if constexpr (KH) {  // lanes 0-15 hold the first half of d
+      const float hi = warp_sum_all(lane < 16 ? 0.f : acc);
+      acc = warp_sum_all(lane < 16 ? acc : 0.f);
+      if (lane == 0) s_qsum[r][1] = hi;
+    } else {
+      acc = warp_sum_all(acc);
+    }
+    if (lane == 0) s_qsum[r][0] = acc;
   }
   __syncthreads();
 
@@ -409,11 +429,15 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       qf[w][nt][0] = *reinterpret_cast<uint32_t*>(&b0);
       qf[w][nt][1] = *reinterpret_cast<uint32_t*>(&b1);
     }
-  float qsum[NT][2];
+  // KH: [0] the first half's sum, [1] the second's; else [0] the whole row's
+  float qsum[NT][2][KH ? 2 : 1];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int c = 0; c < 2; ++c) qsum[nt][c] = s_qsum[nt * 8 + 2 * t + c] * finv;
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int hh = 0; hh < (KH ? 2 : 1); ++hh)
+        qsum[nt][c][hh] = s_qsum[nt * 8 + 2 * t + c][hh] * finv;
 
   float m_run[NT][2], l_run[NT][2], vm_run[NT][2];
   float acc[STEPS][NT][4];
@@ -457,8 +481,14 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
             *reinterpret_cast<const uint4*>(gb + kCodeBytes + lane * Geo::kLaneBytes + 16 * i);
       }
       const uint32_t* meta = reinterpret_cast<const uint32_t*>(gb + 2 * kCodeBytes);
-      const uint32_t kmeta[2] = {meta[g], meta[g + 8]};
-      const uint32_t vmeta[2] = {meta[16 + g], meta[24 + g]};
+      // per token row r: K (scale, min) [KH: lo pair, hi pair], V (scale, min), as half2 words
+      constexpr int KW = KH ? 2 : 1, VOFF = 16 * KW;
+      uint32_t kmeta[2][KW];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int hh = 0; hh < KW; ++hh) kmeta[r][hh] = meta[KW * (g + 8 * r) + hh];
+      const uint32_t vmeta[2] = {meta[VOFF + g], meta[VOFF + 8 + g]};
       // two accumulators per n-tile: the k-steps of the two halves of d are independent
       // chains, so the mma latency overlaps
       float sa[NT][4], sb[NT][4];
@@ -478,6 +508,21 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
             mma16816(sa[nt], x0[0], x0[2], x1[0], x1[2], qf[w][nt][0], qf[w][nt][1]);
             mma16816(sb[nt], x0[1], x0[3], x1[1], x1[3], qf[w + HALF_STEPS][nt][0],
                      qf[w + HALF_STEPS][nt][1]);
+          }
+        }
+      } else if constexpr (KH) {  // sa: the first half's k-steps, sb: the second's
+#pragma unroll
+        for (int w = 0; w < STEPS / 2; ++w) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int ww = w + hh * (STEPS / 2);
+            uint32_t x0[2], x1[2];
+            unpack_int8(kw[2 * ww], x0);
+            unpack_int8(kw[2 * ww + 1], x1);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+              mma16816(hh ? sb[nt] : sa[nt], x0[0], x0[1], x1[0], x1[1], qf[ww][nt][0],
+                       qf[ww][nt][1]);
           }
         }
       } else {
@@ -500,11 +545,15 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       for (int r = 0; r < 2; ++r) {
         const int tok = lo + 16 * j + g + 8 * r;
         const bool ok = j < sub_end && tok >= start && tok < hi;
-        const float2 km = half2_bits_to_float2(kmeta[r]);
         const float2 vm = half2_bits_to_float2(vmeta[r]);
         // selects, not products: masked rows may hold NaN metadata from another sequence
-        const float ks = ok ? km.x * (finv * 16777216.f) : 0.f;  // codes carry 2^-24
-        const float kmin = ok ? km.y : 0.f;
+        float ks[KW], kmin[KW];
+#pragma unroll
+        for (int hh = 0; hh < KW; ++hh) {
+          const float2 km = half2_bits_to_float2(kmeta[r][hh]);
+          ks[hh] = ok ? km.x * (finv * 16777216.f) : 0.f;  // codes carry 2^-24
+          kmin[hh] = ok ? km.y : 0.f;
+        }
         vsc[k][r] = ok ? vm.x : 0.f;
         vmn[k][r] = ok ? vm.y : 0.f;
         vmax = fmaxf(vmax, vsc[k][r]);
@@ -513,7 +562,12 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             const int i = 2 * r + c;
-            const float x = (sa[nt][i] + sb[nt][i]) * ks + kmin * qsum[nt][c];
+            float x;
+            if constexpr (KH)
+              x = sa[nt][i] * ks[0] + sb[nt][i] * ks[1] + kmin[0] * qsum[nt][c][0] +
+                  kmin[1] * qsum[nt][c][1];
+            else
+              x = (sa[nt][i] + sb[nt][i]) * ks[0] + kmin[0] * qsum[nt][c][0];
             sc[k][nt][i] = ok ? x : -INFINITY;
           }
       }

@@ -1,5 +1,5 @@
-// Launch of one (bits, head_dim) family of the paged decode kernel; included by the per-variant
-// translation units that decode_cuda.py generates (one per bits x head_dim).
+// Launch of one (bits, head_dim, per-half key metadata) family of the paged decode kernel;
+// included by the per-variant translation units that decode_cuda.py generates.
 #pragma once
 #include <c10/util/Exception.h>
 #include <cuda_runtime.h>
@@ -8,10 +8,10 @@
 
 namespace {
 
-template <int BITS, int D, int NT, int U>
+template <int BITS, int D, int NT, int U, bool KH>
 void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int bytes = sawkv::detail::Smem<BITS, D, NT, U>::kBytes;
-  auto* kernel = sawkv::paged_decode_kernel<BITS, D, NT, U>;
+  constexpr int bytes = sawkv::detail::Smem<BITS, D, NT, U, KH>::kBytes;
+  auto* kernel = sawkv::paged_decode_kernel<BITS, D, NT, U, KH>;
   static const bool ready = [&] {  // > 48 KB of dynamic shared memory needs an opt-in, once
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) ==
            cudaSuccess;
@@ -23,27 +23,27 @@ void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
 // U (16-token groups per warp step): 1 at d >= 128 keeps 5 CTAs (20 warps) per SM within 96
 // registers; 2 at d = 64. Larger U adds independent work per warp but costs occupancy.
 // `u` = 0 takes the default; only these combinations are compiled.
-template <int BITS, int D, int NT>
+template <int BITS, int D, int NT, bool KH>
 void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
   if (u == 0) u = D >= 128 ? 1 : 2;
-  if (u == 1) return launch<BITS, D, NT, 1>(p, grid, stream);
+  if (u == 1) return launch<BITS, D, NT, 1, KH>(p, grid, stream);
   if constexpr (D <= 128) {
-    if (u == 2) return launch<BITS, D, NT, 2>(p, grid, stream);
+    if (u == 2) return launch<BITS, D, NT, 2, KH>(p, grid, stream);
   }
   if constexpr (D <= 64) {
-    if (u == 4) return launch<BITS, D, NT, 4>(p, grid, stream);
+    if (u == 4) return launch<BITS, D, NT, 4, KH>(p, grid, stream);
   }
   TORCH_CHECK(false, "paged decode: unsupported groups per step ", u, " at head_dim ", D);
 }
 
 }  // namespace
 
-template <int BITS, int D>
+template <int BITS, int D, bool KH>
 void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
   // query heads per KV head: one n8 tile up to 8, two up to 16
-  if (p.G > 8) return dispatch_u<BITS, D, 2>(p, grid, stream, u);
-  return dispatch_u<BITS, D, 1>(p, grid, stream, u);
+  if (p.G > 8) return dispatch_u<BITS, D, 2, KH>(p, grid, stream, u);
+  return dispatch_u<BITS, D, 1, KH>(p, grid, stream, u);
 }
 
-#define SAWKV_INSTANTIATE_DECODE(B, DD)                                                  \
-  template void dispatch_nt<B, DD>(const sawkv::DecodeParams&, dim3, cudaStream_t, int64_t);
+#define SAWKV_INSTANTIATE_DECODE(B, DD, KH)                                                   \
+  template void dispatch_nt<B, DD, KH>(const sawkv::DecodeParams&, dim3, cudaStream_t, int64_t);
