@@ -36,9 +36,13 @@ from sawkv.kernels.page_format import PageFormat
 if TYPE_CHECKING:  # dequant.py imports triton; plans must not
     from sawkv.kernels.dequant import SdpaPlan
 
-# Resident CTAs per SM of the CUDA decode kernel by head dim (registers per thread of the
-# default variant, 128 threads).
-_CTAS_PER_SM = {64: 4, 128: 4, 256: 3}
+# CTAs per SM the CUDA decode kernel's split count aims for. Up to 4 fit (3 at d=256), but
+# every CTA pays a prologue (query rotation) and, with splits, a merge: on an H100 the split
+# counts that fill ~2 CTAs per SM were the fastest of a forced-split sweep at every measured
+# shape (benchmarks/results/kernels_latency_h100.json, cuda_sweep): 1 x 32K 32 splits 32.2 us
+# against 36.4 at the 64 that 4 per SM picks; 8 x 32K 4 splits 122.3 against 124.4 at 8;
+# 32 x 8K 1 split 119.1 against 123.3 at 2; 256 x 2K 1 split at both.
+_TARGET_CTAS_PER_SM = 2
 MAX_SPLITS = 64
 
 
@@ -109,10 +113,10 @@ def _triton_splits(config, num_seqs, num_kv_heads, max_tokens, sms) -> int:
 
 
 def _cuda_splits(num_seqs, num_kv_heads, max_tokens, head_dim, sms) -> int:
-    """CUDA kernel: the fewest splits that fill whole waves of resident CTAs best, with at
-    least 128 tokens (two 16-token groups per warp) per split."""
+    """CUDA kernel: the fewest splits that fill whole waves of ``_TARGET_CTAS_PER_SM`` CTAs per
+    SM best, with at least 128 tokens (two 16-token groups per warp) per split."""
     programs = max(1, num_seqs * num_kv_heads)
-    slots = sms * _CTAS_PER_SM.get(head_dim, 2)
+    slots = sms * _TARGET_CTAS_PER_SM
     most = max(1, min(MAX_SPLITS, max_tokens // 128))
     best, best_eff = 1, 0.0
     for splits in range(1, most + 1):

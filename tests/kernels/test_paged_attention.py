@@ -268,3 +268,16 @@ def test_triton_split_count(num_seqs, width, sms, want):
     fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=2, block_size=16)
     cfg = KernelConfig(block_n=16)
     assert pick_num_splits("triton", cfg, num_seqs, fmt, width * 16, sms) == want
+
+
+@pytest.mark.parametrize(
+    "num_seqs, tokens, want",
+    [(1, 32768, 32), (8, 32768, 4), (32, 8192, 1), (256, 2048, 1), (1, 256, 2), (1, 100, 1)],
+)
+def test_cuda_split_count(num_seqs, tokens, want):
+    """The CUDA kernel's splits fill whole waves of ~2 CTAs per SM (132 SMs, 8 KV heads), each
+    split >= 128 tokens: the counts a forced-split sweep on an H100 found fastest at the first
+    four shapes (kernels_latency_h100.json); a configured count wins."""
+    fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=8, block_size=16)
+    assert pick_num_splits("cuda", KernelConfig(), num_seqs, fmt, tokens, 132) == want
+    assert pick_num_splits("cuda", KernelConfig(num_splits=5), num_seqs, fmt, tokens, 132) == 5
