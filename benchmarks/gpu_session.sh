@@ -70,8 +70,8 @@ case "$part" in
     done
     ;;
   c1)  # why c=1 decode steps are slower than BF16's: kernel time and GPU idle gaps per step, ncu
-    timeout 330 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 \
-      --out "$work" > "$work/profile_step_b1_log.txt" 2>&1
+    timeout 330 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 --trace \
+      --max-model-len 17920 --out "$work" > "$work/profile_step_b1_log.txt" 2>&1
     tail -16 "$work/profile_step_b1_log.txt"
     ncu_decode int4-bdr128 1 512
     ncu_decode int4-bdr128 1 32768

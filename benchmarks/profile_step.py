@@ -7,14 +7,17 @@ time and device time per kernel family (GEMMs, attention decode, cache write, no
 step, and writes everything as JSON:
 
     python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 --out $OUT
+    python benchmarks/profile_step.py ... --trace   # + each method's timeline (trace_*.json.gz)
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -107,6 +110,12 @@ def profile_method(args, method: str) -> dict:
         for _ in range(args.steps):
             engine.step()
         _sync()
+    if args.trace:  # the host and device timeline (chrome://tracing, Perfetto), gzipped
+        raw = Path(args.out) / f"trace_b{args.batch}_{method}{'_' + impl if impl else ''}.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as f_in, gzip.open(f"{raw}.gz", "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
+        raw.unlink()
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     spans = []  # (start, end, name) of every kernel, microseconds
     for ev in prof.events():
@@ -154,6 +163,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-batched", type=int, default=4096)
     p.add_argument("--out", default=".")
+    p.add_argument("--trace", action="store_true", help="also write each method's timeline")
     args = p.parse_args()
     rows = []
     for m in args.methods.split(","):
