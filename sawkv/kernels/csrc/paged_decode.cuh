@@ -194,7 +194,8 @@ struct Geometry {
 };
 
 // Dynamic shared memory: the per-warp ring of the main loop (STAGES steps of U groups, each
-// group K and V codes plus 128 (KH: 192) bytes of metadata), aliased with the merge buffer after the loop.
+// group K and V codes plus 128 (KH: 192) bytes of metadata), aliased with the merge buffer
+// after the loop.
 // The fp16 query lives in static shared memory, so the first loads fly during the prologue.
 template <int BITS, int D, int NT, int U, bool KH>
 struct Smem {
