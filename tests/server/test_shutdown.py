@@ -82,9 +82,12 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_sigterm_drains_then_exits(smollm2_dir):
     port = _free_port()
+    # a fixed method: the default (saw-int4) would first calibrate SmolLM2's recipe on a machine
+    # that has none, minutes of CPU before the server is healthy; this test is about the drain
     cmd = [
         sys.executable, "-m", "sawkv.cli", "serve", "smollm2-135m", "--port", str(port),
-        "--max-model-len", "1024", "--drain-timeout", "2", "--log-level", "warning",
+        "--kv-cache-dtype", "int4-bdr64", "--max-model-len", "1024", "--drain-timeout", "2",
+        "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
