@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh engine     # ~6 min: GPU engine tests (CUDA decode on and
 #                                             #   off), decode-step device time per kernel (c=1)
 #   bash benchmarks/gpu_session.sh prefill    # ~6 min: 16K-token engine prefill vs bf16, ncu 1x32K
+#   bash benchmarks/gpu_session.sh alt .alt/paged_decode.cuh
+#                                             # ~4 min: the alternative's checks + decode only
 #   bash benchmarks/gpu_session.sh c1         # ~5 min: c=1 decode-step kernels and idle gaps, ncu
 #   bash benchmarks/gpu_session.sh flush      # ~2 min: decode timed with do_bench's dirty flush
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
@@ -29,6 +31,7 @@ work=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$work/gpu.txt"
 
 ncu_decode() {  # $1 method, $2 batch, $3 context: counters and stall reasons of one launch
+  [ "${NO_NCU:-0}" = 1 ] && return  # NO_NCU=1: skip the profiles (~1 min each)
   timeout 60 ncu --clock-control none -k regex:paged_decode -c 1 --print-details all \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section SchedulerStats --section Occupancy --section LaunchStats \
@@ -68,6 +71,15 @@ case "$part" in
         --out "$work" > "$work/ab_$variant.txt" 2>&1
       echo "== $variant"; grep -E "^decode|Error|error" "$work/ab_$variant.txt" | tail -16
     done
+    ;;
+  alt)  # checks + decode timings of an alternative source only (its baseline: `kernels` on the
+        # same warm machine, just before)
+    alt=${2:?alt needs the alternative paged_decode.cuh}
+    cp "$alt" "$work/alt_paged_decode.cuh"
+    cp "$alt" sawkv/kernels/csrc/paged_decode.cuh
+    timeout 280 python benchmarks/bench_kernels.py --only check,decode --name kernels_alt \
+      --out "$work" > "$work/alt.txt" 2>&1
+    grep -E "^decode|failed|Error|error" "$work/alt.txt" | tail -30
     ;;
   c1)  # why c=1 decode steps are slower than BF16's: kernel time and GPU idle gaps per step, ncu
     timeout 330 python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 --trace \
