@@ -56,6 +56,7 @@ def run_method(args, method: str) -> list[dict]:
         args.model, kv_cache_dtype=method, load_format=args.load_format,
         max_model_len=args.prompt_len + 512, gpu_memory_utilization=args.gpu_util,
         enable_prefix_caching=False,
+        async_scheduling=False,  # a first token is then read back in the step that samples it
     )  # fmt: skip
     _time_prefill(
         engine, min(2048, args.prompt_len), "warm", seed=0

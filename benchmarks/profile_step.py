@@ -88,6 +88,7 @@ def profile_method(args, method: str) -> dict:
     engine = build_engine(
         args.model, method, load_format="dummy", max_model_len=args.max_model_len,
         max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched,
+        async_scheduling=False,  # steps are timed one by one, with the host's gaps between them
     )  # fmt: skip
     prompt = [int(x) for x in torch.randint(100, 20000, (args.input_len,))]
     warm_up(engine, prompt[:16])

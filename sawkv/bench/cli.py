@@ -216,8 +216,9 @@ def throughput_cmd(
     gpu_memory_utilization: Annotated[float | None, typer.Option()] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
     async_scheduling: Annotated[
-        bool, typer.Option(help="plan the next step while the GPU runs this one")
-    ] = False,
+        bool | None,
+        typer.Option(help="plan the next step while the GPU runs this one (default: on for one GPU)"),
+    ] = None,
     detokenize: Annotated[
         bool, typer.Option(help="turn each output token into text, as a server must")
     ] = True,

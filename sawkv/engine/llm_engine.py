@@ -165,7 +165,7 @@ class LLMEngine:
 
         With ``async_scheduling`` the outputs are those of the previous step: see
         :meth:`_step_async`."""
-        if self.config.async_scheduling:
+        if self.config.is_async_scheduling:
             return self._step_async()
         prof = self.profiler
         if prof is not None:

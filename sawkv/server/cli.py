@@ -47,8 +47,9 @@ def serve_cmd(
     load_format: Annotated[str | None, typer.Option(help="auto or dummy (random weights)")] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
     async_scheduling: Annotated[
-        bool, typer.Option(help="plan the next step while the GPU runs this one")
-    ] = False,
+        bool | None,
+        typer.Option(help="plan the next step while the GPU runs this one (default: on for one GPU)"),
+    ] = None,
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", help="GPUs sharing the model")
     ] = 1,
@@ -82,8 +83,8 @@ def serve_cmd(
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
     if enforce_eager:
         engine_kwargs["enforce_eager"] = True
-    if async_scheduling:
-        engine_kwargs["async_scheduling"] = True
+    if async_scheduling is not None:
+        engine_kwargs["async_scheduling"] = async_scheduling
     if tensor_parallel_size != 1:
         engine_kwargs["tensor_parallel_size"] = tensor_parallel_size
     if not enable_prefix_caching:

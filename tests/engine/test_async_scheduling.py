@@ -93,6 +93,21 @@ def test_async_scheduling_refuses_tensor_parallelism():
         EngineConfig.from_args("qwen3-8b", async_scheduling=True, tensor_parallel_size=2)
 
 
+def test_async_scheduling_default_is_on_for_one_gpu_only():
+    """Unset, async scheduling is on for a CUDA engine of one rank and off on the CPU (nothing
+    to overlap) and with tensor parallelism (unsupported); an explicit value always wins."""
+    from sawkv.config import EngineConfig
+
+    def resolved(**kw):
+        return EngineConfig.from_args("qwen3-8b", **kw).is_async_scheduling
+
+    assert resolved(device="cuda") is True
+    assert resolved(device="cpu") is False
+    assert resolved(device="cuda", tensor_parallel_size=2) is False
+    assert resolved(device="cuda", async_scheduling=False) is False
+    assert resolved(device="cpu", async_scheduling=True) is True
+
+
 def test_offline_benchmark_with_async_scheduling(model_dir):
     """``sawkv bench throughput --async-scheduling``'s loop: every request gets its tokens and
     the step breakdown still covers every step kind that ran."""
