@@ -50,7 +50,9 @@ def test_triton_backend_matches_torch(model_dir, kv):
 
 @pytest.mark.parametrize("kv", ["bf16", "int4-bdr128"])
 def test_cuda_graph_decode_matches_eager(model_dir, kv):
-    llm = make(model_dir, kv, max_num_seqs=8)
+    # synchronous: the test schedules and plans a step by hand after eng.step(), which async
+    # scheduling would leave with a step in flight
+    llm = make(model_dir, kv, max_num_seqs=8, async_scheduling=False)
     eng = llm.engine
     assert eng.runner.graphs is not None
     g = torch.Generator().manual_seed(1)
@@ -86,7 +88,8 @@ def test_mixed_step_triton_matches_torch(model_dir, kv):
     sub-contexts, against the torch reference backend."""
     logits = []
     for backend in ("torch", "triton"):
-        eng = make(model_dir, kv, attention_backend=backend, enforce_eager=True).engine
+        eng = make(model_dir, kv, attention_backend=backend, enforce_eager=True,
+                   async_scheduling=False).engine  # a step is scheduled by hand below
         params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
         eng.add_request("a", list(range(1, 40)), params)
         eng.add_request("b", list(range(5, 300)), params)
@@ -278,7 +281,7 @@ def test_engine_with_sinks_matches_torch_backend(model_dir, monkeypatch):
     got = [o.token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
     assert got == [o.token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     del fast, ref
-    eng = make(model_dir, "saw-int4", max_num_seqs=8).engine
+    eng = make(model_dir, "saw-int4", max_num_seqs=8, async_scheduling=False).engine
     assert eng.runner.graphs is not None
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))

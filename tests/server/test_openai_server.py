@@ -32,12 +32,15 @@ GREEDY = {"temperature": 0.0}
 IDS = {"return_token_ids": True}
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def server(smollm2_dir, request):
+    """The real engine behind the HTTP app, synchronous and with async scheduling (the GPU
+    default: outputs arrive one step late, stops apply one step late)."""
     from sawkv.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_args(
-        MODEL, kv_cache_dtype="int4-bdr64", max_model_len=MAX_MODEL_LEN, num_gpu_blocks=NUM_BLOCKS
+        MODEL, kv_cache_dtype="int4-bdr64", max_model_len=MAX_MODEL_LEN, num_gpu_blocks=NUM_BLOCKS,
+        async_scheduling=request.param,
     )
     app = build_app(AsyncEngine(engine, max_queue=256), api_key=API_KEY)
     with ServerThread(app) as s:
