@@ -217,7 +217,7 @@ def throughput_cmd(
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
     async_scheduling: Annotated[
         bool | None,
-        typer.Option(help="plan the next step while the GPU runs this one (default: on for one GPU)"),
+        typer.Option(help="plan the next step while the GPU runs this one [default: on, one GPU]"),
     ] = None,
     detokenize: Annotated[
         bool, typer.Option(help="turn each output token into text, as a server must")

@@ -48,7 +48,7 @@ def serve_cmd(
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
     async_scheduling: Annotated[
         bool | None,
-        typer.Option(help="plan the next step while the GPU runs this one (default: on for one GPU)"),
+        typer.Option(help="plan the next step while the GPU runs this one [default: on, one GPU]"),
     ] = None,
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", help="GPUs sharing the model")

@@ -88,8 +88,9 @@ def test_mixed_step_triton_matches_torch(model_dir, kv):
     sub-contexts, against the torch reference backend."""
     logits = []
     for backend in ("torch", "triton"):
-        eng = make(model_dir, kv, attention_backend=backend, enforce_eager=True,
-                   async_scheduling=False).engine  # a step is scheduled by hand below
+        eng = make(
+            model_dir, kv, attention_backend=backend, enforce_eager=True, async_scheduling=False
+        ).engine  # a step is scheduled by hand below
         params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
         eng.add_request("a", list(range(1, 40)), params)
         eng.add_request("b", list(range(5, 300)), params)

@@ -39,7 +39,10 @@ def server(smollm2_dir, request):
     from sawkv.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_args(
-        MODEL, kv_cache_dtype="int4-bdr64", max_model_len=MAX_MODEL_LEN, num_gpu_blocks=NUM_BLOCKS,
+        MODEL,
+        kv_cache_dtype="int4-bdr64",
+        max_model_len=MAX_MODEL_LEN,
+        num_gpu_blocks=NUM_BLOCKS,
         async_scheduling=request.param,
     )
     app = build_app(AsyncEngine(engine, max_queue=256), api_key=API_KEY)
