@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_session.sh prefill    # ~6 min: 16K-token engine prefill vs bf16, ncu 1x32K
 #   bash benchmarks/gpu_session.sh alt .alt/paged_decode.cuh
 #                                             # ~4 min: the alternative's checks + decode only
-#   bash benchmarks/gpu_session.sh c1async    # ~5 min: c=1 offline, sync vs async scheduling
+#   bash benchmarks/gpu_session.sh c1async [C]  # ~5 min: concurrency C (1) offline, sync vs async
 #   bash benchmarks/gpu_session.sh c1         # ~5 min: c=1 decode-step kernels and idle gaps, ncu
 #   bash benchmarks/gpu_session.sh flush      # ~2 min: decode timed with do_bench's dirty flush
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
@@ -82,14 +82,16 @@ case "$part" in
       --out "$work" > "$work/alt.txt" 2>&1
     grep -E "^decode|failed|Error|error" "$work/alt.txt" | tail -30
     ;;
-  c1async)  # c=1 D(256,1024) through the engine, synchronous vs async scheduling: host share per step
+  c1async)  # D(256,1024) through the engine at concurrency ${2:-1}, sync vs async scheduling:
+            # the host's share of a step (async_scheduling_h100.json: c=1 and c=64)
+    c=${2:-1}
     for m in bf16 int4-bdr128; do
       for a in --no-async-scheduling --async-scheduling; do
         timeout 140 python3 -c "from sawkv.cli import main; main()" bench throughput --model qwen3-8b --load-format dummy --kv-cache-dtype $m \
-          --input-len 256 --output-len 1024 --concurrency 1 --num-requests 2 --max-model-len 17920 \
-          --max-num-seqs 16 $a --method "$m$a" --json "$work/c1_${m}${a}.json" \
-          > "$work/c1_${m}${a}.txt" 2>&1
-        grep -E "decode|offline" "$work/c1_${m}${a}.txt" | tail -2
+          --input-len 256 --output-len 1024 --concurrency $c --num-requests $((c > 1 ? c : 2)) \
+          --max-model-len 17920 --max-num-seqs $((c > 16 ? c : 16)) $a --method "$m$a" \
+          --json "$work/c${c}_${m}${a}.json" > "$work/c${c}_${m}${a}.txt" 2>&1
+        grep -E "decode|offline" "$work/c${c}_${m}${a}.txt" | tail -2
       done
     done
     ;;

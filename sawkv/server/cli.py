@@ -79,18 +79,16 @@ def serve_cmd(
         "dtype": dtype,
         "device": device,
         "load_format": load_format,
+        "async_scheduling": async_scheduling,
+        "batch_invariant": batch_invariant,
     }
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
     if enforce_eager:
         engine_kwargs["enforce_eager"] = True
-    if async_scheduling is not None:
-        engine_kwargs["async_scheduling"] = async_scheduling
     if tensor_parallel_size != 1:
         engine_kwargs["tensor_parallel_size"] = tensor_parallel_size
     if not enable_prefix_caching:
         engine_kwargs["enable_prefix_caching"] = False
-    if batch_invariant is not None:
-        engine_kwargs["batch_invariant"] = batch_invariant
     if drain_timeout < 0:
         raise typer.BadParameter(f"must be >= 0, got {drain_timeout}", param_hint="--drain-timeout")
     serve(
