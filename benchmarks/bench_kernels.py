@@ -118,6 +118,44 @@ def bench_graphs(fns, reps_ms: int = 200) -> float:
     return bench(replay, reps_ms)
 
 
+def bench_stream(fns, evict: bool = False, min_calls: int = 16, reps_ms: int = 200) -> float:
+    """Median µs per call when the calls run back to back inside one CUDA graph, cycling over
+    the input sets, as a decode step's layers do. ``bench_graphs`` launches each call as its own
+    graph, which adds a fixed ~13-15 µs of graph launch and ramp (a 256-token decode measures
+    15-19 µs there) that a step pays once, not per layer.
+
+    Sets that together exceed 4x L2 (``num_sets``) evict each other. Smaller ones would stay in
+    L2, so with ``evict`` a 128 MB read runs before each call (as a step's weight reads do
+    between layers) and the same graph of reads alone is subtracted."""
+    reps = -(-min_calls // len(fns))
+    flush = None
+    if evict:
+        buf = torch.ones(2**25, dtype=torch.float32, device="cuda")
+        acc = torch.empty((), dtype=torch.float32, device="cuda")
+
+        def flush():
+            torch.sum(buf, dim=0, out=acc)
+
+    def capture(with_calls: bool):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                for fn in fns:
+                    if flush is not None:
+                        flush()
+                    if with_calls:
+                        fn()
+        return g
+
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    total = bench(capture(True).replay, reps_ms)
+    if flush is not None:
+        total -= bench(capture(False).replay, reps_ms)
+    return total / (reps * len(fns))
+
+
 def make_pages(
     num_blocks: int,
     bits: int,
@@ -396,10 +434,10 @@ LATENCY_SHAPES = [(1, 256), (1, 1024), (1, 4096), (1, 32768), (4, 1024), (16, 20
 LATENCY_TABLE_TOKENS = 17920
 
 
-def time_decode_latency(batch: int, ctx: int, name: str, config=None) -> float:
-    """Median µs of one decode call as a c=1..16 serving step launches it: block tables
-    ``LATENCY_TABLE_TOKENS`` wide (the split count planned from that width), ``ctx`` tokens
-    used, graph replays over several page sets with L2 flushed."""
+def time_decode_latency(batch: int, ctx: int, name: str, config=None) -> tuple[float, float]:
+    """(isolated, back-to-back) median µs of one decode call as a c=1..16 serving step launches
+    it: block tables ``LATENCY_TABLE_TOKENS`` wide (the split count planned from that width),
+    ``ctx`` tokens used, over several page sets (``bench_graphs`` / ``bench_stream``)."""
     from sawkv.kernels import paged_attention_decode
 
     bits, had, rot_v, kh = fmt_args(name)
@@ -417,7 +455,7 @@ def time_decode_latency(batch: int, ctx: int, name: str, config=None) -> float:
                 q, pages, t, seq_lens, fmt, out=o, scale=HEAD_DIM**-0.5, config=config
             )
         )
-    return bench_graphs(fns)
+    return bench_graphs(fns), bench_stream(fns, evict=True)
 
 
 def run_latency() -> list[dict]:
@@ -434,9 +472,10 @@ def run_latency() -> list[dict]:
     rows = []
     for batch, ctx in LATENCY_SHAPES:
         for label, cfg, name in variants:
-            us = time_decode_latency(batch, ctx, name, cfg)
-            rows.append(dict(batch=batch, context=ctx, variant=label, us=us))
-            print(f"latency B={batch} L={ctx} {label}: {us:.1f} us", flush=True)
+            us, us_stream = time_decode_latency(batch, ctx, name, cfg)
+            rows.append(dict(batch=batch, context=ctx, variant=label, us=us, us_stream=us_stream))
+            print(f"latency B={batch} L={ctx} {label}: {us:.1f} us, back to back "
+                  f"{us_stream:.1f} us", flush=True)  # fmt: skip
         torch.cuda.empty_cache()
     return rows
 
@@ -469,7 +508,8 @@ def decode_inputs(batch: int, ctx: int, bits: int, sets: int, seed: int, k_half:
 
 def time_decode(batch, ctx, name, config=None, with_err=False):
     """Median µs of one decode call (graph replays over several page sets); with ``with_err``
-    also the relative error of the first set against the fp32 torch reference."""
+    ``(us, us_stream, err)``: also the back-to-back time (``bench_stream``) and the relative
+    error of the first set against the fp32 torch reference."""
     from sawkv.attention.reference import paged_attention_decode_ref
     from sawkv.kernels import paged_attention_decode
 
@@ -490,6 +530,7 @@ def time_decode(batch, ctx, name, config=None, with_err=False):
     us = bench_graphs(fns)
     if not with_err:
         return us
+    us_stream = bench_stream(fns, evict=sets * decode_bytes(batch, ctx, bits, kh) < 4 * L2_BYTES)
     q, tables = sets_in[0]
     out = torch.full_like(q, float("nan"))
     paged_attention_decode(q, pages, tables, seq_lens, fmt, out=out, **kw)
@@ -497,26 +538,28 @@ def time_decode(batch, ctx, name, config=None, with_err=False):
     err = float((out.float() - ref).norm() / ref.norm())
     del ref
     torch.cuda.empty_cache()
-    return us, err
+    return us, us_stream, err
 
 
-def time_sdpa_decode(batch, ctx) -> float:
+def time_sdpa_decode(batch, ctx) -> tuple[float, float]:
+    """(isolated graph µs, back-to-back µs) of torch SDPA over contiguous BF16 K/V."""
     import torch.nn.functional as F
 
     per_set = 2 * batch * ctx * NUM_KV_HEADS * HEAD_DIM * 2
     fns = []
-    for _ in range(num_sets(per_set)):
+    sets = num_sets(per_set)
+    for _ in range(sets):
         q = torch.randn(batch, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(batch, NUM_KV_HEADS, ctx, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         fns.append(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    return bench_graphs(fns)
+    return bench_graphs(fns), bench_stream(fns, evict=sets * per_set < 4 * L2_BYTES)
 
 
 def run_decode(copy_gbs: float, config=None, formats=None) -> list[dict]:
     rows = []
     for batch, ctx in DECODE_SHAPES:
-        sdpa_us = time_sdpa_decode(batch, ctx)
+        sdpa_us, sdpa_stream = time_sdpa_decode(batch, ctx)
         sdpa_bytes = decode_bytes(batch, ctx, 16) - batch * math.ceil(ctx / BLOCK_SIZE) * 4
         base = dict(batch=batch, context=ctx, tokens=batch * ctx)
         rows.append(
@@ -528,10 +571,12 @@ def run_decode(copy_gbs: float, config=None, formats=None) -> list[dict]:
                 gb_s=sdpa_bytes / sdpa_us / 1e3,
                 pct_copy=100 * sdpa_bytes / sdpa_us / 1e3 / copy_gbs,
                 speedup_vs_sdpa=1.0,
+                us_stream=sdpa_stream,
+                pct_copy_stream=100 * sdpa_bytes / sdpa_stream / 1e3 / copy_gbs,
             )
         )
         for name in formats or FORMATS:
-            us, err = time_decode(batch, ctx, name, config, with_err=True)
+            us, us_stream, err = time_decode(batch, ctx, name, config, with_err=True)
             nbytes = decode_bytes(batch, ctx, fmt_args(name)[0], fmt_args(name)[3])
             gbs = nbytes / us / 1e3
             rows.append(
@@ -544,11 +589,16 @@ def run_decode(copy_gbs: float, config=None, formats=None) -> list[dict]:
                     pct_copy=100 * gbs / copy_gbs,
                     speedup_vs_sdpa=sdpa_us / us,
                     rel_err=err,
+                    us_stream=us_stream,
+                    pct_copy_stream=100 * nbytes / us_stream / 1e3 / copy_gbs,
+                    speedup_vs_sdpa_stream=sdpa_stream / us_stream,
                 )
             )
             print(
                 f"decode B={batch} L={ctx} {name}: {us:.1f} us {gbs:.0f} GB/s "
-                f"({100 * gbs / copy_gbs:.0f}% copy) {sdpa_us / us:.2f}x SDPA err {err:.1e}",
+                f"({100 * gbs / copy_gbs:.0f}% copy) {sdpa_us / us:.2f}x SDPA err {err:.1e}; "
+                f"back to back {us_stream:.1f} us ({100 * nbytes / us_stream / 1e3 / copy_gbs:.0f}%"
+                f" copy) {sdpa_stream / us_stream:.2f}x SDPA",
                 flush=True,
             )
         torch.cuda.empty_cache()
@@ -867,13 +917,18 @@ def plot(result: dict, path: str) -> None:
 def table(result: dict) -> str:
     lines = [
         f"copy bandwidth {result['copy_gb_s']:.0f} GB/s on {result['device']}",
-        f"{'B':>4} {'L':>6} {'method':>15} {'us':>8} {'GB/s':>6} {'%copy':>6} {'xSDPA':>6} err",
+        f"{'B':>4} {'L':>6} {'method':>15} {'us':>8} {'GB/s':>6} {'%copy':>6} {'xSDPA':>6} err"
+        "      | back to back: us  %copy xSDPA",
     ]
     for r in result.get("decode", []):
+        stream = ""
+        if "us_stream" in r:
+            stream = (f" | {r['us_stream']:>8.1f} {r['pct_copy_stream']:>6.1f} "
+                      f"{r.get('speedup_vs_sdpa_stream', 1.0):>5.2f}")  # fmt: skip
         lines.append(
             f"{r['batch']:>4} {r['context']:>6} {r['method']:>15} {r['us']:>8.1f} "
             f"{r['gb_s']:>6.0f} {r['pct_copy']:>6.1f} {r['speedup_vs_sdpa']:>6.2f} "
-            f"{r.get('rel_err', 0):.1e}"
+            f"{r.get('rel_err', 0):.1e}{stream}"
         )
     by = {(r["batch"], r["context"], r["method"]): r["us"] for r in result.get("decode", [])}
     for b, l in DECODE_SHAPES:

@@ -2,8 +2,10 @@
 # One device call's worth of kernel measurements, in priority order, each step under its own
 # time limit, results packed into one file (the device tool returns only a few files per call):
 #
-#   bash benchmarks/gpu_session.sh kernels    # ~9 min: GPU tests, kernel checks + timings,
-#                                             #   CUDA knob sweep, ncu of the decode kernel
+#   bash benchmarks/gpu_session.sh kernels    # ~8 min: GPU tests, kernel checks + timings
+#                                             #   (isolated and back to back), small-batch
+#                                             #   latency, ncu of the decode kernel (NO_NCU=1:
+#                                             #   none, ~6 min)
 #   bash benchmarks/gpu_session.sh write      # ~3 min: kernel checks + write timings
 #   bash benchmarks/gpu_session.sh engine     # ~6 min: GPU engine tests (CUDA decode on and
 #                                             #   off), decode-step device time per kernel (c=1)
@@ -46,9 +48,10 @@ ncu_decode() {  # $1 method, $2 batch, $3 context: counters and stall reasons of
 case "$part" in
   kernels)
     timeout 200 python -m pytest -q -x tests/engine/test_gpu.py 2>&1 | tail -5
-    timeout 240 python benchmarks/bench_kernels.py --only check,long,decode,write \
+    timeout 420 python benchmarks/bench_kernels.py --only check,long,decode,latency,write \
       --out "$work" > "$work/bench_kernels_log.txt" 2>&1
-    tail -25 "$work/bench_kernels_log.txt"
+    grep -E "^latency" "$work/bench_kernels_log.txt" | tail -48
+    tail -60 "$work/bench_kernels_log.txt"
     ncu_decode int4-bdr128 256 2048
     ncu_decode int8 256 2048
     ncu_decode int4-bdr128 1 32768

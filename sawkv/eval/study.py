@@ -98,15 +98,18 @@ def git_commit() -> str:
         return ""
 
 
-def run_task(task: str, model, tokenizer, method, k_means, size: StudySize) -> dict:
-    """Score one task; returns its result dict (see :mod:`sawkv.eval.tasks`)."""
+def run_task(task: str, model, tokenizer, method, k_means, size: StudySize,
+             checkpoint: Path | None = None, fingerprint: str = "") -> dict:  # fmt: skip
+    """Score one task; returns its result dict (see :mod:`sawkv.eval.tasks`). Multiple-choice
+    tasks resume from ``checkpoint`` (see :func:`sawkv.eval.tasks.run_mc`)."""
     from sawkv.eval import needle, tasks
 
     if task.startswith("ppl-"):
         return tasks.run_perplexity(model, tokenizer, task[4:], method, k_means,
                                     size.ppl_tokens, size.ppl_window)  # fmt: skip
     if task in MC_TASKS:
-        return tasks.run_mc(model, tokenizer, task, method, k_means, size.mc_items)
+        return tasks.run_mc(model, tokenizer, task, method, k_means, size.mc_items,
+                            checkpoint=checkpoint, fingerprint=fingerprint)  # fmt: skip
     if task == "gsm8k":
         return tasks.run_gsm8k(model, tokenizer, method, k_means, size.gsm8k_items,
                                size.gsm8k_shots)  # fmt: skip
@@ -208,10 +211,15 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                 if path.is_file():
                     continue
                 t0 = time.perf_counter()
+                # a stopped multiple-choice run resumes from here (long ones take hours on CPU)
+                partial = path.with_suffix(".partial.jsonl")
                 try:  # one failing method/task must not stop a long background study
                     method = m.method(method_name)
                     torch.manual_seed(0)
-                    res = run_task(task, m.model, m.tokenizer, method, m.k_means, msize)
+                    recipe = _recipe_fields(method).get("recipe", "")
+                    fingerprint = json.dumps([model_name, canon, str(m.model.dtype), recipe])
+                    res = run_task(task, m.model, m.tokenizer, method, m.k_means, msize,
+                                   checkpoint=partial, fingerprint=fingerprint)  # fmt: skip
                 except Exception as e:  # noqa: BLE001
                     log(f"[study] FAILED {model_name} {canon} {task}: {type(e).__name__}: {e}")
                     if strict:
@@ -233,6 +241,7 @@ def run_study(models, methods, tasks, out_dir="benchmarks/results", size: StudyS
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(res, indent=1))
                 tmp.replace(path)
+                partial.unlink(missing_ok=True)
                 log(f"[study] {model_name} {canon} {task}: {_fmt(res)} "
                     f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     return paths

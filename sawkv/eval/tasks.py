@@ -191,30 +191,96 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def run_mc(model, tokenizer, task: str, method, k_means=None, num_items: int = 100) -> dict:
+def _item_key(item: MCItem) -> str:
+    """A short digest of one item's text and label: checkpoint lines must match the item."""
+    import hashlib
+
+    return hashlib.sha1(repr((item.pairs, item.label)).encode()).hexdigest()[:12]
+
+
+def _read_checkpoint(path: Path, fingerprint: str) -> dict[str, dict]:
+    """Finished items of an interrupted run: ``{item digest: line}``. A checkpoint written for
+    another model / method / recipe (its first line's fingerprint differs) is ignored; a line
+    cut short by a kill, and everything after it, is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+            return {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+            done[row["key"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    return done
+
+
+def run_mc(model, tokenizer, task: str, method, k_means=None, num_items: int = 100,
+           checkpoint: str | Path | None = None, fingerprint: str = "") -> dict:  # fmt: skip
     """Multiple-choice accuracy with K/V read through ``method``'s cache.
+
+    ``checkpoint``: a JSONL file that gets one line per finished item, so a long run that is
+    stopped resumes where it stopped. Items are matched by a digest of their text, so a run of
+    more items reuses a smaller run's (``load_mc``'s subsets are nested); ``fingerprint`` names
+    the model, method and recipe the lines belong to.
 
     Returns:
         dict: ``acc``, ``acc_se``, ``acc_norm``, ``acc_norm_se``, ``primary`` (the metric name
         reported for this task), ``num_items``, ``correct`` / ``correct_norm`` (per-item 0/1),
-        ``seconds``.
+        ``seconds`` (summed over resumed runs), ``resumed_items``.
     """
     t0 = time.perf_counter()
     items = load_mc(task, num_items)
+    done: dict[str, dict] = {}
+    sink = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        done = _read_checkpoint(checkpoint, fingerprint)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        # rewrite what is kept, so appended lines never follow a half-written one
+        lines = [json.dumps({"fingerprint": fingerprint})] + [json.dumps(r) for r in done.values()]
+        checkpoint.write_text("\n".join(lines) + "\n")
+        sink = checkpoint.open("a")
     correct, correct_norm = [], []
-    for item in items:
-        seqs = [encode_pair(tokenizer, c, x) for c, x in item.pairs]
-        ll = loglik_batch(model, seqs, method, k_means)
-        norm = [v / max(len(x), 1) for v, (_, x) in zip(ll, item.pairs)]
-        correct.append(int(max(range(len(ll)), key=ll.__getitem__) == item.label))
-        correct_norm.append(int(max(range(len(norm)), key=norm.__getitem__) == item.label))
+    resumed, seconds = 0, 0.0
+    try:
+        for i, item in enumerate(items):
+            key = _item_key(item)
+            row = done.get(key)
+            if row is None:
+                t_item = time.perf_counter()
+                seqs = [encode_pair(tokenizer, c, x) for c, x in item.pairs]
+                ll = loglik_batch(model, seqs, method, k_means)
+                norm = [v / max(len(x), 1) for v, (_, x) in zip(ll, item.pairs)]
+                best = max(range(len(ll)), key=ll.__getitem__)
+                best_norm = max(range(len(norm)), key=norm.__getitem__)
+                row = {"i": i, "key": key, "correct": int(best == item.label),
+                       "correct_norm": int(best_norm == item.label),
+                       "seconds": time.perf_counter() - t_item}  # fmt: skip
+                if sink is not None:
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+            else:
+                resumed += 1
+            correct.append(row["correct"])
+            correct_norm.append(row["correct_norm"])
+            seconds += row["seconds"]
+    finally:
+        if sink is not None:
+            sink.close()
     n = len(items)
     acc, acc_n = sum(correct) / n, sum(correct_norm) / n
     return {
         "task": task, "primary": PRIMARY[task], "num_items": n,
         "acc": acc, "acc_se": binomial_se(acc, n), "acc_norm": acc_n,
         "acc_norm_se": binomial_se(acc_n, n), "correct": correct, "correct_norm": correct_norm,
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds if checkpoint is not None else time.perf_counter() - t0,
+        "resumed_items": resumed,
     }  # fmt: skip
 
 

@@ -106,3 +106,51 @@ def test_needle_prompt(tokenizer):
     assert needle.needle_score(" go to the beach") == 0.0
     with pytest.raises(ValueError):
         needle.build_prompt(tokenizer, hay, 512, 1.5)
+
+
+def test_run_mc_checkpoint_resumes_and_matches_a_full_run(model, monkeypatch, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    words = ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (6,), generator=g))
+             for _ in range(40)]  # fmt: skip
+    pool = [tasks.MCItem(pairs=tuple((f"ctx {words[i]}", f" {words[i + k]}") for k in range(1, 4)),
+                         label=i % 3) for i in range(12)]  # fmt: skip
+    monkeypatch.setattr(tasks, "load_mc", lambda task, n: pool[:n])
+    monkeypatch.setattr(
+        tasks, "encode_pair", lambda tok, c, x: ([ord(ch) % 256 for ch in c + x], len(x))
+    )
+    real = tasks.loglik_batch
+    calls = {"n": 0, "fail_at": None}
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise KeyboardInterrupt  # the run is stopped mid-way
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "loglik_batch", counting)
+    full = tasks.run_mc(model, None, "piqa", "int4-bdr32", num_items=12)
+    ck = tmp_path / "mc.partial.jsonl"
+    calls.update(n=0, fail_at=6)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.run_mc(
+            model, None, "piqa", "int4-bdr32", num_items=12, checkpoint=ck, fingerprint="a"
+        )
+    assert len(ck.read_text().splitlines()) == 1 + 5  # header + the 5 finished items
+    with ck.open("a") as f:
+        f.write('{"i": 5, "key": "trunc')  # a line cut short by the kill
+    calls.update(n=0, fail_at=None)
+    got = tasks.run_mc(
+        model, None, "piqa", "int4-bdr32", num_items=12, checkpoint=ck, fingerprint="a"
+    )
+    assert calls["n"] == 7 and got["resumed_items"] == 5
+    assert got["correct"] == full["correct"] and got["correct_norm"] == full["correct_norm"]
+    # nested subsets: a smaller finished run is reused by a larger one, by item text
+    small = tmp_path / "small.jsonl"
+    tasks.run_mc(model, None, "piqa", "int4-bdr32", num_items=4, checkpoint=small, fingerprint="a")
+    calls.update(n=0)
+    tasks.run_mc(model, None, "piqa", "int4-bdr32", num_items=6, checkpoint=small, fingerprint="a")
+    assert calls["n"] == 2
+    # another method's (or recipe's) checkpoint is not reused
+    calls.update(n=0)
+    tasks.run_mc(model, None, "piqa", "int4-bdr32", num_items=6, checkpoint=small, fingerprint="b")
+    assert calls["n"] == 6
