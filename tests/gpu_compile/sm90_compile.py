@@ -4,6 +4,9 @@ exits non-zero on the first compile error."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import os
 import sys
 
 import torch
@@ -38,7 +41,9 @@ def compile_one(fn, types: dict[str, str], consts: dict, num_warps: int = 4):
     return triton.compile(src, target=TARGET, options={"num_warps": num_warps})
 
 
-def main() -> None:
+def jobs() -> list[tuple[str, object, dict, dict, int]]:
+    """Every variant as (label, kernel, pointer types, constexprs, num_warps)."""
+    out = []
     for bits in (4, 8):
         for d in (64, 128, 256):
             # the 16-bit rotation for bf16 rows, tf32x3 for fp32 rows, none
@@ -50,14 +55,14 @@ def main() -> None:
                     base = dict(BLOCK_SIZE=16, D=d, BITS=bits, HAD=had, ROT_V=rot_v,
                                 HAS_MEAN=True, PREC=prec, K_HALF=k_half)  # fmt: skip
                     tag = f"bits={bits} d={d} had={had} {prec} k_half={k_half}"
-                    k = compile_one(_cache_write_groups_kernel, ptrs, {**base, "NONE": _NONE})
-                    print(f"write_groups {tag}: smem {k.metadata.shared}")
-                    k = compile_one(_cache_write_kernel, ptrs, {**base, "BLOCK_T": 32})
-                    print(f"cache_write {tag}: smem {k.metadata.shared}")
+                    out.append((f"write_groups {tag}", _cache_write_groups_kernel, ptrs,
+                                {**base, "NONE": _NONE}, 4))  # fmt: skip
+                    out.append((f"cache_write {tag}", _cache_write_kernel, ptrs,
+                                {**base, "BLOCK_T": 32}, 4))  # fmt: skip
             for half in (False, True) if d == 128 else (False,):
-                k = compile_one(_dequant_kernel, DEQUANT_PTRS,
-                                dict(BLOCK_SIZE=16, D=d, BITS=bits, HALF=half))  # fmt: skip
-                print(f"dequant bits={bits} d={d} half={half}: smem {k.metadata.shared}")
+                consts = dict(BLOCK_SIZE=16, D=d, BITS=bits, HALF=half)
+                out.append((f"dequant bits={bits} d={d} half={half}", _dequant_kernel,
+                            DEQUANT_PTRS, consts, 4))  # fmt: skip
     for bits, d, had, rot_v, k_half in ATTN_CASES:
         page = "*bf16" if bits == 16 else "*u8"
         ptrs = {"q_ptr": "*bf16", "k_page_ptr": page, "v_page_ptr": page, "k_meta_ptr": "*fp16",
@@ -75,20 +80,37 @@ def main() -> None:
                           NUM_SPLITS=1 if single else 4, SINGLE=single, DOT=dot,
                           INTERPRET=False, TRANS_QK=False, WRITE_LSE=write_lse,
                           K_HALF=k_half)  # fmt: skip
-            k = compile_one(_decode_kernel, ptrs, consts, num_warps=cfg.num_warps)
-            print(f"decode bits={bits} d={d} k_half={k_half} single={single} lse={write_lse}: "
-                  f"smem {k.metadata.shared}")  # fmt: skip
+            tag = f"bits={bits} d={d} k_half={k_half} single={single} lse={write_lse}"
+            out.append((f"decode {tag}", _decode_kernel, ptrs, consts, cfg.num_warps))
         if not k_half:  # the reduce kernel never reads pages
             for write_lse in (False, True):
                 consts = dict(common, G_PAD=16, NUM_SPLITS=4, SPLITS_PAD=4, WRITE_LSE=write_lse)
-                k = compile_one(_decode_reduce_kernel, ptrs, consts)
-                print(f"decode_reduce bits={bits} d={d} lse={write_lse}: "
-                      f"smem {k.metadata.shared}")  # fmt: skip
+                out.append((f"decode_reduce bits={bits} d={d} lse={write_lse}",
+                            _decode_reduce_kernel, ptrs, consts, 4))  # fmt: skip
         consts = dict(common, G_PAD=4, BLOCK_SIZE=16, BITS=bits, BLOCK_N=EXTEND_CONFIG.block_n,
                       BLOCK_R=EXTEND_CONFIG.block_r, DOT=dot, INTERPRET=False,
                       TRANS_QK=False, K_HALF=k_half)  # fmt: skip
-        k = compile_one(_extend_kernel, ptrs, consts, num_warps=EXTEND_CONFIG.num_warps)
-        print(f"extend bits={bits} d={d} k_half={k_half}: smem {k.metadata.shared}")
+        out.append((f"extend bits={bits} d={d} k_half={k_half}", _extend_kernel, ptrs, consts,
+                     EXTEND_CONFIG.num_warps))  # fmt: skip
+    return out
+
+
+JOBS = jobs()
+
+
+def run(i: int) -> str:
+    label, fn, types, consts, num_warps = JOBS[i]
+    return f"{label}: smem {compile_one(fn, types, consts, num_warps).metadata.shared}"
+
+
+def main() -> None:
+    # one process per core (forked after the imports): the compiles are independent, and the
+    # whole set takes ~4 min on one core of a CI machine
+    workers = max(1, min(len(JOBS), len(os.sched_getaffinity(0))))
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        for line in pool.map(run, range(len(JOBS))):  # in order; raises on the first error
+            print(line)
     sys.stdout.flush()
 
 

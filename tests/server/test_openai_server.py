@@ -32,10 +32,10 @@ GREEDY = {"temperature": 0.0}
 IDS = {"return_token_ids": True}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+@pytest.fixture(scope="module")
 def server(smollm2_dir, request):
-    """The real engine behind the HTTP app, synchronous and with async scheduling (the GPU
-    default: outputs arrive one step late, stops apply one step late)."""
+    """The real engine behind the HTTP app, synchronous (``request.param`` False) or with async
+    scheduling (the GPU default: outputs arrive one step late, stops apply one step late)."""
     from sawkv.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_args(
@@ -43,12 +43,18 @@ def server(smollm2_dir, request):
         kv_cache_dtype="int4-bdr64",
         max_model_len=MAX_MODEL_LEN,
         num_gpu_blocks=NUM_BLOCKS,
-        async_scheduling=request.param,
+        async_scheduling=request.param,  # every test names its engines (SYNC / BOTH)
     )
     app = build_app(AsyncEngine(engine, max_queue=256), api_key=API_KEY)
     with ServerThread(app) as s:
         s.tokenizer = engine.tokenizer
         yield s
+
+
+# Tests of what the scheduling mode changes (token delivery, streaming, stops, aborts, load)
+# run against both engines; validation and routing run once, against the synchronous one.
+BOTH = pytest.mark.parametrize("server", [False, True], ids=["sync", "async"], indirect=True)
+SYNC = pytest.mark.parametrize("server", [False], ids=["sync"], indirect=True)
 
 
 @pytest.fixture
@@ -70,11 +76,13 @@ def wait_idle(server, timeout_s: float = 10.0) -> dict[str, float]:
     return m
 
 
+@SYNC
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
+@BOTH
 def test_completion(client, server):
     prompt = "The capital of France is"
     r = client.completions.create(
@@ -87,6 +95,7 @@ def test_completion(client, server):
     assert r.usage.completion_tokens == 8
 
 
+@SYNC
 def test_chat_uses_chat_template(client, server):
     messages = [{"role": "user", "content": "Name a color."}]
     r = client.chat.completions.create(
@@ -104,6 +113,7 @@ def test_chat_uses_chat_template(client, server):
     assert choice.finish_reason in ("stop", "length")
 
 
+@BOTH
 def test_streaming_equals_non_streaming(client):
     kwargs = dict(model=MODEL, prompt="Once upon a time", max_tokens=10, **GREEDY)
     full = client.completions.create(**kwargs)
@@ -119,6 +129,7 @@ def test_streaming_equals_non_streaming(client):
     assert full.usage.completion_tokens == len(ids)
 
 
+@SYNC
 def test_chat_streaming(client):
     messages = [{"role": "user", "content": "Say hello."}]
     kwargs = dict(model=MODEL, messages=messages, max_tokens=8, **GREEDY)
@@ -130,6 +141,7 @@ def test_chat_streaming(client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+@BOTH
 def test_64_concurrent_streams(server):
     async def one(client, i):
         stream = await client.completions.create(
@@ -168,6 +180,7 @@ def test_64_concurrent_streams(server):
     assert generated == sum(4 + i % 4 for i in range(64))
 
 
+@SYNC
 def test_prompt_too_long_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=[42] * 300, max_tokens=4)
@@ -175,6 +188,7 @@ def test_prompt_too_long_400(client):
     assert str(MAX_MODEL_LEN) in e.value.body["message"] and "300" in e.value.body["message"]
 
 
+@SYNC
 @pytest.mark.parametrize(
     "kwargs", [{"temperature": -1.0}, {"top_p": 1.5}, {"max_tokens": 0}, {"n": 2}]
 )
@@ -185,12 +199,14 @@ def test_bad_params_400(client, kwargs):
     assert e.value.body["param"] == next(iter(kwargs.keys() - {"model", "messages"}))
 
 
+@SYNC
 def test_wrong_api_key_401(server):
     bad = openai.OpenAI(base_url=server.base_url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model=MODEL, prompt="hi", max_tokens=1)
 
 
+@BOTH
 def test_disconnect_aborts_and_frees_pages(server):
     before = wait_idle(server)
     body = {
@@ -212,6 +228,7 @@ def test_disconnect_aborts_and_frees_pages(server):
     assert generated < 200  # aborted, not run to completion
 
 
+@BOTH
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_cut_and_reported(client, stream):
     kwargs = dict(model=MODEL, prompt="My favourite food is", extra_body={"ignore_eos": True})
