@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from sawkv.server.cli import AsyncScheduling
+
 bench_app = typer.Typer(
     help="Serving benchmarks: an OpenAI-compatible load generator and an offline engine run.",
     no_args_is_help=True,
@@ -215,10 +217,7 @@ def throughput_cmd(
     num_gpu_blocks: Annotated[int | None, typer.Option()] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option()] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
-    async_scheduling: Annotated[
-        bool | None,
-        typer.Option(help="plan the next step while the GPU runs this one [default: on, one GPU]"),
-    ] = None,
+    async_scheduling: AsyncScheduling = None,
     detokenize: Annotated[
         bool, typer.Option(help="turn each output token into text, as a server must")
     ] = True,

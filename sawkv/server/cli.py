@@ -12,6 +12,12 @@ import typer
 
 from sawkv.defaults import DEFAULT_KV_METHOD
 
+# shared with `sawkv bench throughput`, which builds the same engine in process
+AsyncScheduling = Annotated[
+    bool | None,
+    typer.Option(help="plan the next step while the GPU runs this one [default: on, one GPU]"),
+]
+
 
 def serve_cmd(
     model: Annotated[
@@ -46,10 +52,7 @@ def serve_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cuda or cpu")] = None,
     load_format: Annotated[str | None, typer.Option(help="auto or dummy (random weights)")] = None,
     enforce_eager: Annotated[bool, typer.Option(help="no CUDA graphs")] = False,
-    async_scheduling: Annotated[
-        bool | None,
-        typer.Option(help="plan the next step while the GPU runs this one [default: on, one GPU]"),
-    ] = None,
+    async_scheduling: AsyncScheduling = None,
     tensor_parallel_size: Annotated[
         int, typer.Option("--tensor-parallel-size", "-tp", help="GPUs sharing the model")
     ] = 1,
