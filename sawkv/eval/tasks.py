@@ -191,6 +191,13 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
+def _progress(items: list, desc: str):
+    """Items with a tqdm bar on a terminal (none in logs): a 400-item task runs for an hour."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="item", leave=False, disable=None)
+
+
 def _item_key(item: MCItem) -> str:
     """A short digest of one item's text and label: checkpoint lines must match the item."""
     import hashlib
@@ -249,7 +256,7 @@ def run_mc(model, tokenizer, task: str, method, k_means=None, num_items: int = 1
     correct, correct_norm = [], []
     resumed, seconds = 0, 0.0
     try:
-        for i, item in enumerate(items):
+        for i, item in enumerate(_progress(items, task)):
             key = _item_key(item)
             row = done.get(key)
             if row is None:
@@ -355,7 +362,7 @@ def run_gsm8k(model, tokenizer, method, k_means=None, num_items: int = 20, num_s
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     correct, outputs = [], []
-    for prompt, gold in load_gsm8k(num_items, num_shots):
+    for prompt, gold in _progress(load_gsm8k(num_items, num_shots), "gsm8k"):
         ids = torch.tensor([prefix_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)[
             "input_ids"]], device=device)  # fmt: skip
         gen = model.generate(
