@@ -56,6 +56,7 @@ def fmt_args(name: str) -> tuple[int, int, bool, bool]:
 # ---- helpers -------------------------------------------------------------------------------------
 FLUSH = os.environ.get("SAWKV_BENCH_FLUSH", "read")  # "read" (clean L2) or "zero" (do_bench)
 _FLUSH_BUF: list[torch.Tensor] = []
+_STREAM_BUF: list[torch.Tensor] = []
 
 
 def _flush_l2() -> None:
@@ -130,8 +131,10 @@ def bench_stream(fns, evict: bool = False, min_calls: int = 16, reps_ms: int = 2
     reps = -(-min_calls // len(fns))
     flush = None
     if evict:
-        buf = torch.ones(2**25, dtype=torch.float32, device="cuda")
-        acc = torch.empty((), dtype=torch.float32, device="cuda")
+        if not _STREAM_BUF:  # one 128 MB buffer for every call, not one per call
+            _STREAM_BUF.append(torch.ones(2**25, dtype=torch.float32, device="cuda"))
+            _STREAM_BUF.append(torch.empty((), dtype=torch.float32, device="cuda"))
+        buf, acc = _STREAM_BUF
 
         def flush():
             torch.sum(buf, dim=0, out=acc)
