@@ -128,7 +128,13 @@ def serve_cmd(
     wait_health: Annotated[float, typer.Option(help="seconds to wait for /health first")] = 0.0,
     request_timeout: Annotated[float, typer.Option(help="seconds without a byte = error")] = 3600,
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="prompt seed; a server's prefix cache keeps earlier runs' prompts, so give "
+            "each run against the same server its own seed"
+        ),
+    ] = 0,
     json_path: JsonPath = None,
     append: Append = False,
     plot: PlotPath = None,
