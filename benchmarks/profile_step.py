@@ -1,4 +1,4 @@
-"""Where a decode step's device time goes, kernel by kernel, for each KV method (GPU).
+"""Where a decode step's (or a first token's) device time goes, kernel by kernel, per KV method.
 
 Answers "why is INT4 slower than BF16 at c=1": one engine per method (dummy weights), ``batch``
 requests decoding together, ``steps`` decode steps under ``torch.profiler`` (CUDA graphs on, as
@@ -8,6 +8,11 @@ step, and writes everything as JSON:
 
     python benchmarks/profile_step.py --methods bf16,int4-bdr128 --batch 1 --out $OUT
     python benchmarks/profile_step.py ... --trace   # + each method's timeline (trace_*.json.gz)
+
+``--prefill`` times the other end, what TTFT pays: ``batch`` fresh prompts of ``input_len``
+tokens submitted together, each asking for one token, run to completion (their prefill steps;
+by default one chunk budget fits them all, ``--max-batched`` sets the server's); wall and device time per burst and the kernels by
+family (``profile_prefill_b{batch}.json``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from sawkv.engine.sampling_params import SamplingParams
 # kernel name -> family, first match wins (names differ across torch/cuBLAS/Triton versions)
 FAMILIES = [
     ("decode_attention", r"paged_decode|decode_kernel|_decode|flash_fwd_splitkv|flash_decod"),
+    ("dequant", r"dequant"),
+    ("prefill_attention", r"flash_fwd|fmha|_extend_kernel|attention"),
     ("split_reduce", r"reduce|combine"),
     ("cache_write", r"cache_write|write_kv|index_copy|scatter|reshape_and_cache|_write"),
     ("gemm", r"gemm|gemv|sm90_xmma|cutlass|nvjet|ampere_|sm80_|matmul|splitK"),
@@ -87,7 +94,7 @@ def profile_method(args, method: str) -> dict:
     os.environ["SAWKV_CUDA_DECODE"] = "0" if impl == "triton" else "1"
     engine = build_engine(
         args.model, method, load_format="dummy", max_model_len=args.max_model_len,
-        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched,
+        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched or 4096,
         async_scheduling=False,  # steps are timed one by one, with the host's gaps between them
     )  # fmt: skip
     prompt = [int(x) for x in torch.randint(100, 20000, (args.input_len,))]
@@ -117,19 +124,8 @@ def profile_method(args, method: str) -> dict:
         with open(raw, "rb") as f_in, gzip.open(f"{raw}.gz", "wb") as f_out:
             shutil.copyfileobj(f_in, f_out)
         raw.unlink()
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    spans = []  # (start, end, name) of every kernel, microseconds
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            k = kernels[ev.name]
-            k[0] += ev.device_time  # microseconds
-            k[1] += 1
-            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    fams, top_rows, spans = _kernel_table(prof, args.steps)
     gaps = idle_gaps(spans, args.steps)
-    fams: dict[str, float] = defaultdict(float)
-    for name, (us, _n) in kernels.items():
-        fams[family(name)] += us / args.steps
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
     engine.shutdown()
     del engine
     if torch.cuda.is_available():
@@ -140,17 +136,91 @@ def profile_method(args, method: str) -> dict:
         "input_len": args.input_len,
         "wall_ms_per_step": wall_ms,
         "device_us_per_step": sum(fams.values()),
-        "families_us_per_step": dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+        "families_us_per_step": fams,
         "idle_gaps": gaps,
-        "top_kernels": [
-            {
-                "name": n[:160],
-                "us_per_step": us / args.steps,
-                "calls_per_step": c / args.steps,
-                "family": family(n),
-            }  # fmt: skip
-            for n, (us, c) in top
-        ],
+        "top_kernels": top_rows,
+    }
+
+
+def _kernel_table(prof, per: int) -> tuple[dict, list, list]:
+    """(families -> us per unit, top kernels, spans) of a profile covering ``per`` units."""
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    spans = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            k = kernels[ev.name]
+            k[0] += ev.device_time  # microseconds
+            k[1] += 1
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    fams: dict[str, float] = defaultdict(float)
+    for name, (us, _n) in kernels.items():
+        fams[family(name)] += us / per
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    top_rows = [
+        {"name": n[:160], "us_per_step": us / per, "calls_per_step": c / per, "family": family(n)}
+        for n, (us, c) in top
+    ]
+    return dict(sorted(fams.items(), key=lambda kv: -kv[1])), top_rows, spans
+
+
+def profile_prefill(args, method: str) -> dict:
+    """``args.batch`` fresh prompts of ``args.input_len`` tokens at once, one output token each,
+    run to completion: what the engine spends before their first tokens (TTFT minus HTTP)."""
+    method, _, impl = method.partition("@")
+    os.environ["SAWKV_CUDA_DECODE"] = "0" if impl == "triton" else "1"
+    tokens = args.batch * args.input_len
+    engine = build_engine(
+        args.model, method, load_format="dummy", max_model_len=args.max_model_len,
+        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched or tokens,
+        async_scheduling=False,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
+    warm_up(engine, [int(x) for x in torch.randint(100, 20000, (16,), generator=gen)])
+    count = [0]
+
+    def burst(engine) -> int:
+        steps = 0
+        for _ in range(args.batch):  # fresh prompts: nothing for a prefix cache to find
+            count[0] += 1
+            prompt = [int(x) for x in torch.randint(100, 20000, (args.input_len,), generator=gen)]
+            engine.add_request(f"b{count[0]}", prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return steps
+
+    for _ in range(3):  # compiles and allocations of this shape happen here, untimed
+        burst(engine)
+    reps = max(3, args.steps // 10)
+    walls = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        steps = burst(engine)
+        _sync()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(reps):
+            burst(engine)
+        _sync()
+    fams, top, _spans = _kernel_table(prof, reps)
+    engine.shutdown()
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    walls.sort()
+    return {
+        "method": method + (f"@{impl}" if impl else ""),
+        "batch": args.batch,
+        "input_len": args.input_len,
+        "steps_per_burst": steps,
+        "wall_ms_per_burst": walls[len(walls) // 2],
+        "wall_ms_min": walls[0],
+        "device_us_per_step": sum(fams.values()),  # per burst here
+        "families_us_per_step": fams,
+        "top_kernels": top,
     }
 
 
@@ -162,10 +232,18 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-batched", type=int, default=4096)
+    p.add_argument(
+        "--max-batched",
+        type=int,
+        default=None,
+        help="chunk budget (decode: 4096; --prefill: every prompt in one step)",
+    )
     p.add_argument("--out", default=".")
     p.add_argument("--trace", action="store_true", help="also write each method's timeline")
+    p.add_argument("--prefill", action="store_true", help="time first tokens, not decode steps")
     args = p.parse_args()
+    if args.prefill:
+        return main_prefill(args)
     rows = []
     for m in args.methods.split(","):
         rows.append(profile_method(args, m))
@@ -192,6 +270,33 @@ def main() -> None:
     for key, label in (("inside_steps_us_per_step", "idle in step"),
                        ("between_steps_us_per_step", "idle between")):  # fmt: skip
         print(f"{label:18s}" + "".join(f"{r['idle_gaps'][key]:16.1f}" for r in rows))
+
+
+def main_prefill(args) -> None:
+    rows = []
+    for m in args.methods.split(","):
+        rows.append(profile_prefill(args, m))
+        r = rows[-1]
+        print(f"== {m}: {r['steps_per_burst']} step(s), wall {r['wall_ms_per_burst']:.2f} ms "
+              f"(min {r['wall_ms_min']:.2f}), device {r['device_us_per_step'] / 1e3:.2f} ms",
+              flush=True)  # fmt: skip
+        for k in r["top_kernels"][:12]:
+            print(f"   {k['us_per_step']:8.1f} us x{k['calls_per_step']:.0f}  {k['family']:16s} "
+                  f"{k['name'][:90]}")  # fmt: skip
+    out = Path(args.out) / f"profile_prefill_b{args.batch}.json"
+    out.write_text(json.dumps({
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch": torch.__version__, "command": "python benchmarks/profile_step.py --prefill "
+        f"--methods {args.methods} --batch {args.batch} --input-len {args.input_len}",
+        "rows": rows}, indent=1))  # fmt: skip
+    fams = sorted({f for r in rows for f in r["families_us_per_step"]})
+    print(f"\nus per burst of {args.batch} x {args.input_len}-token prompts by kernel family")
+    print(f"{'family':18s}" + "".join(f"{r['method']:>16s}" for r in rows))
+    for f in fams:
+        print(f"{f:18s}" + "".join(f"{r['families_us_per_step'].get(f, 0):16.1f}" for r in rows))
+    print(f"{'device total':18s}" + "".join(f"{r['device_us_per_step']:16.1f}" for r in rows))
+    print(f"{'wall':18s}" + "".join(f"{r['wall_ms_per_burst'] * 1e3:16.1f}" for r in rows))
 
 
 if __name__ == "__main__":
