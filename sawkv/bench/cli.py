@@ -144,7 +144,13 @@ def serve_cmd(
     import math
 
     from sawkv.bench.metrics import summarize
-    from sawkv.bench.serve import run_load, server_info, wait_healthy
+    from sawkv.bench.serve import (
+        run_load,
+        server_histograms,
+        server_info,
+        server_means,
+        wait_healthy,
+    )
 
     _check_lens(input_len, output_len)
     levels = parse_concurrency(concurrency)
@@ -175,6 +181,7 @@ def serve_cmd(
                 prompts = _prompts(dataset, n, input_len, seed + 1000 * i, token_range, text,
                                    tokenizer)  # fmt: skip
                 task = progress.add_task(f"{label} D({input_len},{output_len}) c={c}", total=n)
+                hist0 = await server_histograms(base_url)
                 results, duration = await run_load(
                     base_url, served, prompts, output_len, c, request_rate=request_rate,
                     ignore_eos=ignore_eos,
@@ -187,6 +194,9 @@ def serve_cmd(
                     request_rate=None if math.isinf(request_rate) else request_rate,
                     dataset=dataset, base_url=base_url,
                 ))  # fmt: skip
+                # the server's own view, where it exports latency histograms (sawkv, vLLM):
+                # TTFT split into queueing and prefill, without HTTP and tokenization
+                rows[-1].update(server_means(hist0, await server_histograms(base_url)))
                 if "kv_capacity_tokens" in info:  # sawkv: how many such requests fit at once
                     cap = info["kv_capacity_tokens"]
                     seqs = cap // (input_len + output_len)

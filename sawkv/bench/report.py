@@ -50,13 +50,15 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def print_table(rows: list[dict], title: str = "sawkv bench") -> None:
-    """One line per row: throughput, TTFT / TPOT / ITL percentiles, errors."""
+    """One line per row: throughput, TTFT / TPOT / ITL percentiles, the server's own mean TTFT
+    (where it exports latency histograms), errors."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     cols = ("mode", "method", "in", "out", "conc", "reqs", "req/s", "out tok/s", "tot tok/s",
-            "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "ITL p99 ms", "err")  # fmt: skip
+            "TTFT p50 s", "TTFT p99 s", "srv TTFT s", "TPOT p50 ms", "ITL p99 ms",
+            "err")  # fmt: skip
     for c in cols:
         table.add_column(c, justify="left" if c in ("mode", "method") else "right")
     for r in rows:
@@ -65,7 +67,8 @@ def print_table(rows: list[dict], title: str = "sawkv bench") -> None:
             str(r["concurrency"]), str(r["num_requests"]), _fmt(r["request_s"], ".2f"),
             _fmt(r["output_tok_s"], ".1f"), _fmt(r["total_tok_s"], ".1f"),
             _fmt(r["ttft_s"]["p50"], ".3f"), _fmt(r["ttft_s"]["p99"], ".3f"),
-            _fmt(r["tpot_ms"]["p50"], ".2f"), _fmt(r["itl_ms"]["p99"], ".2f"), str(r["errors"]),
+            _fmt(r.get("server_ttft_mean_s"), ".3f"), _fmt(r["tpot_ms"]["p50"], ".2f"),
+            _fmt(r["itl_ms"]["p99"], ".2f"), str(r["errors"]),
         )  # fmt: skip
     Console(width=max(Console().width, 160)).print(table)
 

@@ -12,11 +12,13 @@ import torch
 from sawkv.cache.block_manager import BlockManager
 from sawkv.cache.kv_cache import KVCacheSpec
 from sawkv.config import EngineConfig
+from sawkv.engine import request_metrics
 from sawkv.engine.detokenizer import IncrementalDetokenizer
 from sawkv.engine.kv_method import load_key_means, resolve_kv_method
 from sawkv.engine.model_runner import ModelRunner
 from sawkv.engine.outputs import RequestOutput
 from sawkv.engine.profiler import StepProfiler
+from sawkv.engine.request_metrics import RequestMetrics
 from sawkv.engine.sampler import Sampler
 from sawkv.engine.sampling_params import SamplingParams
 from sawkv.engine.scheduler import Scheduler
@@ -96,6 +98,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.request_metrics = RequestMetrics()
         self.profiler: StepProfiler | None = None
         self.scheduler.max_model_len = self.max_model_len
         self._pending: _Pending | None = None
@@ -302,8 +305,12 @@ class LLMEngine:
             seq.token_ids[slot] = token
         seq.output_ids.append(token)
         self.num_generation_tokens_total += 1
+        now = request_metrics.now()
+        if len(seq.output_ids) == 1:
+            self.request_metrics.first_token(seq, now)
         reason = self._check_stop(seq, token, num_tokens=slot + 1)
         if reason is not None:
+            self.request_metrics.finished(seq, now)
             del seq.token_ids[slot + 1 :]  # async: the placeholder of a step whose sample drops
             if seq in self.scheduler.waiting:  # async: preempted while its token was pending
                 self.scheduler.waiting.remove(seq)
@@ -366,6 +373,7 @@ class LLMEngine:
             "num_generation_tokens_total": self.num_generation_tokens_total,
             "prefix_cache_hit_tokens": bm.num_hit_tokens,
             "num_preemptions": self.scheduler.num_preemptions,
+            "histograms": self.request_metrics.snapshot(),
         }
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from sawkv.cache.block_manager import BlockManager
 from sawkv.config import SchedulerConfig
+from sawkv.engine import request_metrics
 from sawkv.engine.sequence import Sequence, SequenceStatus
 
 
@@ -112,6 +113,8 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:  # a preempted request keeps its first
+                seq.first_scheduled_time = request_metrics.now()
             bm.num_hit_tokens += hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

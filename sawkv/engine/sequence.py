@@ -7,6 +7,7 @@ import itertools
 
 import torch
 
+from sawkv.engine import request_metrics
 from sawkv.engine.sampling_params import SamplingParams
 
 _arrival = itertools.count()
@@ -35,6 +36,11 @@ class Sequence:
         self.output_ids: list[int] = []  # appended by the engine with token_ids
         self.params = params
         self.arrival = next(_arrival)
+        # monotonic seconds: admitted by the engine, first scheduled, first token handed out
+        # (request_metrics.py)
+        self.arrival_time = request_metrics.now()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []

@@ -191,8 +191,9 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
-                    self._step()
-                self._refresh_stats()
+                    self._step()  # refreshes the stats itself
+                else:
+                    self._refresh_stats()
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; tell everyone
             logger.exception("engine thread failed")
             self._error = e
@@ -238,7 +239,11 @@ class AsyncEngine:
         except Exception as e:  # noqa: BLE001 - fail the requests in this batch, keep serving
             logger.exception("engine.step() failed; aborting all requests")
             self._fail_all(RuntimeError(f"engine step failed: {e!r}"))
+            self._refresh_stats()
             return
+        # before any client hears of this step, so /metrics read after a response already
+        # counts it (its tokens, its finished request's latency)
+        self._refresh_stats()
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sawkv.engine.request_metrics import HISTOGRAM_HELP
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # (series name, type, help, function of the stats snapshot)
@@ -84,6 +86,13 @@ def render_metrics(stats: dict[str, Any], model_name: str) -> str:
     if info:  # string stats (model, kv_cache_dtype) as labels of a constant-1 series
         info_labels = ",".join(f'{k}="{_escape_label(v)}"' for k, v in info.items())
         lines += ["# TYPE sawkv_engine_info gauge", f"sawkv_engine_info{{{info_labels}}} 1"]
+    for key, hist in sorted((stats.get("histograms") or {}).items()):
+        name = "sawkv_" + key
+        lines += [f"# HELP {name} {HISTOGRAM_HELP.get(key, key)}", f"# TYPE {name} histogram"]
+        for le, count in hist["buckets"]:
+            bucket_labels = f'{{model_name="{_escape_label(model_name)}",le="{le}"}}'
+            lines.append(f"{name}_bucket{bucket_labels} {count}")
+        lines += [f"{name}_sum{labels} {hist['sum']}", f"{name}_count{labels} {hist['count']}"]
     for key in sorted(stats):
         value = stats[key]
         if key in _COVERED_KEYS or not _is_number(value):
@@ -97,7 +106,8 @@ def render_metrics(stats: dict[str, Any], model_name: str) -> str:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Inverse for tests and scripts: ``{series name: value}`` (labels dropped)."""
+    """Inverse for tests and scripts: ``{series name: value}`` (labels dropped: of a
+    histogram's ``_bucket`` samples the last, ``le="+Inf"``, is kept)."""
     values: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from sawkv.cli import app
@@ -48,6 +49,14 @@ def test_bench_serve_row_matches_server_counters(smollm2_server, tmp_path):
             assert 0 < p["p50"] <= p["p90"] <= p["p99"], (name, p)
         # a request's first token comes before its last; its latency fits in the run
         assert r["ttft_s"]["p99"] * 1e3 < r["e2el_ms"]["p99"] <= r["duration_s"] * 1e3
+        # the server's histograms (/metrics) saw exactly this level's requests: each one's
+        # engine-side times lie inside the client's, and TTFT = queue + prefill
+        assert 0 < r["server_ttft_mean_s"] < r["ttft_s"]["mean"]
+        assert 0 < r["server_e2e_mean_s"] < r["e2el_ms"]["mean"] / 1e3
+        assert r["server_queue_mean_s"] >= 0 and r["server_prefill_mean_s"] > 0
+        assert r["server_queue_mean_s"] + r["server_prefill_mean_s"] == pytest.approx(
+            r["server_ttft_mean_s"], rel=1e-9
+        )
     # one at a time, requests do not wait for each other: lower latency than 4 at a time
     assert runs[0]["e2el_ms"]["p50"] < runs[1]["e2el_ms"]["p50"]
     assert out_png.stat().st_size > 0
