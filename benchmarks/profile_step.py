@@ -10,9 +10,9 @@ step, and writes everything as JSON:
     python benchmarks/profile_step.py ... --trace   # + each method's timeline (trace_*.json.gz)
 
 ``--prefill`` times the other end, what TTFT pays: ``batch`` fresh prompts of ``input_len``
-tokens submitted together, each asking for one token, run to completion (their prefill steps;
-by default one chunk budget fits them all, ``--max-batched`` sets the server's); wall and device time per burst and the kernels by
-family (``profile_prefill_b{batch}.json``).
+tokens submitted together, each asking for one token, run to completion (their prefill
+steps; by default one chunk budget fits them all, ``--max-batched`` sets the server's); wall
+and device time per burst and the kernels by family (``profile_prefill_b{batch}.json``).
 """
 
 from __future__ import annotations
