@@ -338,6 +338,12 @@ def check_correctness() -> list[dict]:
         cfg_t = KernelConfig(block_n=128, impl="triton")
         paged_attention_decode(qd, ref_pages, tables, seq_lens, fmt, out=out_t, config=cfg_t, **kw)
         row["decode_triton_rel_err"] = float((out_t.float() - ref).norm() / ref.norm())
+        if d == 128 and bits in (4, 8):  # the CUDA kernel at 8 warps per CTA
+            out_w = torch.full_like(qd, float("nan"))
+            cfg_w = KernelConfig(cta_warps=8)
+            paged_attention_decode(qd, ref_pages, tables, seq_lens, fmt, out=out_w, config=cfg_w,
+                                   **kw)  # fmt: skip
+            row["decode_w8_rel_err"] = float((out_w.float() - ref).norm() / ref.norm())
         oute = torch.full_like(q, float("nan"))
         paged_attention_extend(q, ref_pages, tables, seq_lens, qsl, fmt, out=oute, **kw)
         refe = paged_attention_extend_ref(q, ref_pages, tables, seq_lens, qsl, fmt, **kw).float()
@@ -350,6 +356,7 @@ def check_correctness() -> list[dict]:
             and row.get("exact16_frac_diff", 0) < 1e-3
             and row["decode_rel_err"] < 5e-3
             and row["decode_triton_rel_err"] < 5e-3
+            and row.get("decode_w8_rel_err", 0) < 5e-3
             and row["extend_rel_err"] < 5e-3
         )
         row["ok"] = bool(ok)
@@ -463,7 +470,8 @@ def time_decode_latency(batch: int, ctx: int, name: str, config=None) -> tuple[f
 
 def run_latency() -> list[dict]:
     """Small-batch decode: the Triton BF16 kernel (the engine's bf16 path) against the CUDA
-    INT4-BDR128 kernel at 1 or 2 groups per warp step and single-CTA span limits."""
+    INT4-BDR128 kernel at 1 or 2 groups per warp step and single-CTA span limits, and at 8
+    warps per CTA (``w8``)."""
     from sawkv.kernels.launch import KernelConfig
 
     variants = [("bf16", None, "bf16")]
@@ -471,6 +479,7 @@ def run_latency() -> list[dict]:
         for single in (128, 512, 2048):
             cfg = KernelConfig(groups_per_step=gps, single_split_tokens=single)
             variants.append((f"int4-bdr128 u{gps} s{single}", cfg, "int4-bdr128"))
+    variants.append(("int4-bdr128 w8", KernelConfig(cta_warps=8), "int4-bdr128"))
     variants.append(("int4-bdr128-kv-kh", None, "int4-bdr128-kv-kh"))
     rows = []
     for batch, ctx in LATENCY_SHAPES:
@@ -966,6 +975,8 @@ def main() -> None:
     ap.add_argument("--sweep-occupancy", action="store_true", help="register-cap sweep only")
     ap.add_argument("--only", default="check,long,decode,write,extend")
     ap.add_argument("--cuda-sweep", action="store_true", help="CUDA decode knob sweep")
+    ap.add_argument("--cta-warps", type=int, default=0,
+                    help="decode: warps per CTA of the CUDA kernel (4, or 8 at d=128)")  # fmt: skip
     ap.add_argument("--name", default=None, help="results file stem (default kernels_<gpu>)")
     ap.add_argument("--plot", help="only plot an existing results JSON (next to it)")
     args = ap.parse_args()
@@ -1023,6 +1034,13 @@ def main() -> None:
         result["cuda_sweep"] = sweep_cuda_decode(result["copy_gb_s"])
         save()
     decode_cfg = extend_cfg = None
+    if args.cta_warps:
+        import dataclasses
+
+        from sawkv.kernels.launch import DECODE_CONFIG
+
+        decode_cfg = dataclasses.replace(DECODE_CONFIG, cta_warps=args.cta_warps)
+        result["decode_config"] = repr(decode_cfg)
     if args.sweep_occupancy:
         result["occupancy_sweep"] = sweep_occupancy(result["copy_gb_s"])
         save()

@@ -283,7 +283,8 @@ def paged_attention_decode(
             q, pages, block_tables, seq_lens, out, fmt, scale=scale,
             sliding_window=sliding_window, num_splits=plan.num_splits,
             groups_per_step=plan.config.groups_per_step,
-            single_split_tokens=plan.config.single_split_tokens, part_o=plan.part_o,
+            single_split_tokens=plan.config.single_split_tokens,
+            cta_warps=plan.config.cta_warps, part_o=plan.part_o,
             part_ml=plan.part_ml, first=first, lse=lse,
         )  # fmt: skip
     else:

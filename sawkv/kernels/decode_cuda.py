@@ -126,6 +126,7 @@ def paged_decode_cuda(
     num_splits: int,
     groups_per_step: int = 0,
     single_split_tokens: int = 0,
+    cta_warps: int = 0,
     part_o: torch.Tensor | None = None,
     part_ml: torch.Tensor | None = None,
     first: int = 0,
@@ -137,7 +138,8 @@ def paged_decode_cuda(
     ``num_splits`` (see :func:`sawkv.kernels.plan.pick_num_splits`), ``groups_per_step``
     (16-token groups a warp loads per step; 0 = the kernel's default), ``single_split_tokens``
     (a sequence whose span is at most this many tokens is decoded by one CTA, without the
-    split merge; 0 = the default, 512) and the planned
+    split merge; 0 = the default, 512), ``cta_warps`` (warps per CTA: 0 or 4, or 8 at
+    head_dim 128 with one group per step) and the planned
     workspaces ``part_o [num_seqs, Hq, num_splits, d]`` / ``part_ml [..., 2]`` fp32 (allocated
     here if None). ``q`` fp16/bf16 ``[num_seqs, Hq, d]``; ``out`` the same shape and dtype.
     Positions below ``first`` are not attended; ``lse [num_seqs, Hq]`` fp32, if given, gets
@@ -165,6 +167,6 @@ def paged_decode_cuda(
         q, out, k_cache, v_cache, k_meta, v_meta, block_tables, seq_lens, part_o, part_ml,
         tickets, fmt.bits, num_splits, scale * 1.4426950408889634, fmt.had_block,
         bool(fmt.rotate_v), sliding_window, groups_per_step, single_split_tokens or 512, first,
-        lse if lse is not None else part_ml, lse is not None, bool(fmt.k_half_meta),
+        lse if lse is not None else part_ml, lse is not None, bool(fmt.k_half_meta), cta_warps,
     )  # fmt: skip
     return out

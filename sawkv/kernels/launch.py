@@ -30,11 +30,13 @@ class KernelConfig:
     trans_qk: bool = False
     maxnreg: int | None = None
     # decode only: "auto" takes the CUDA kernel for INT4/INT8 pages when it builds, "triton"
-    # forces this module's kernel; groups_per_step and single_split_tokens (spans up to this
-    # many tokens take one CTA) tune the CUDA kernel (0 = its defaults)
+    # forces this module's kernel; groups_per_step, single_split_tokens (spans up to this
+    # many tokens take one CTA) and cta_warps (4, or 8 at head_dim 128) tune the CUDA kernel
+    # (0 = its defaults)
     impl: str = "auto"
     groups_per_step: int = 0
     single_split_tokens: int = 0
+    cta_warps: int = 0
 
 
 # Measured on the H100 (benchmarks/bench_kernels.py --sweep / --sweep-occupancy, Qwen3-8B shape):

@@ -178,6 +178,13 @@ def plan_decode(
         raise ValueError(f"q has {q.shape[0]} tokens but there are {num_seqs} sequences (decode)")
     if config.impl not in ("auto", "triton", "cuda"):
         raise ValueError(f"config.impl must be auto, triton or cuda, got {config.impl!r}")
+    if config.cta_warps not in (0, 4, 8):
+        raise ValueError(f"config.cta_warps must be 0 (default), 4 or 8, got {config.cta_warps}")
+    if config.cta_warps == 8 and (fmt.head_dim != 128 or config.groups_per_step not in (0, 1)):
+        raise ValueError(
+            "config.cta_warps=8 is compiled for head_dim 128 with groups_per_step 0 or 1 only, "
+            f"got head_dim {fmt.head_dim}, groups_per_step {config.groups_per_step}"
+        )
     num_q_heads = q.shape[1]
     impl = "triton"
     if config.impl != "triton" and num_seqs and _use_cuda(q, fmt, num_q_heads, config.impl):

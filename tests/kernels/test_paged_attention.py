@@ -234,6 +234,12 @@ def test_launcher_validation():
     with pytest.raises(ValueError, match="float pages"):
         fp16 = replace(fmt, bits=16, dtype=torch.float16)
         paged_attention_decode(q, fp16.empty_pages(3), tables, seq_lens, fp16, scale=0.1)
+    # warps per CTA of the CUDA kernel: 4 or 8, and 8 only where it is compiled (checked in the
+    # plan, on any device, before anything launches)
+    with pytest.raises(ValueError, match="cta_warps must be 0"):
+        plan_decode(q, tables, seq_lens, fmt, config=KernelConfig(cta_warps=6))
+    with pytest.raises(ValueError, match="head_dim 128 with groups_per_step"):
+        plan_decode(q, tables, seq_lens, fmt, config=KernelConfig(cta_warps=8))  # d=64
 
 
 def test_planned_launch_matches_unplanned_and_rejects_other_shapes():

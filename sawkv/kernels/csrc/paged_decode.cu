@@ -10,14 +10,16 @@
 // One translation unit per (bits, head_dim) instantiates this (decode_cuda.py writes them), so
 // ninja compiles the 24 kernel variants in parallel.
 template <int BITS, int D, bool KH>
-void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u);
+void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u,
+                 int64_t warps);
 
 void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, torch::Tensor v_cache,
                   torch::Tensor k_meta, torch::Tensor v_meta, torch::Tensor block_tables,
                   torch::Tensor seq_lens, torch::Tensor part_o, torch::Tensor part_ml,
                   torch::Tensor tickets, int64_t bits, int64_t num_splits, double qscale,
                   int64_t had_block, bool rotate_v, int64_t window, int64_t groups_per_step,
-                  int64_t single_split_tokens, int64_t first, torch::Tensor lse, bool write_lse, bool k_half_meta) {
+                  int64_t single_split_tokens, int64_t first, torch::Tensor lse, bool write_lse, bool k_half_meta,
+                  int64_t cta_warps) {
   const c10::cuda::CUDAGuard guard(q.device());
   sawkv::DecodeParams p;
   p.q = q.data_ptr();
@@ -70,8 +72,8 @@ void paged_decode(torch::Tensor q, torch::Tensor out, torch::Tensor k_cache, tor
               "paged decode: head_dim must be 64, 128 or 256, got ", head_dim);
 #define SAWKV_CASE(B, DD)                                                   \
   if (bits == B && head_dim == DD) {                                        \
-    if (k_half_meta) dispatch_nt<B, DD, true>(p, grid, stream, groups_per_step); \
-    else dispatch_nt<B, DD, false>(p, grid, stream, groups_per_step);       \
+    if (k_half_meta) dispatch_nt<B, DD, true>(p, grid, stream, groups_per_step, cta_warps); \
+    else dispatch_nt<B, DD, false>(p, grid, stream, groups_per_step, cta_warps);       \
   }
   SAWKV_CASE(4, 64) SAWKV_CASE(4, 128) SAWKV_CASE(4, 256)
   SAWKV_CASE(8, 64) SAWKV_CASE(8, 128) SAWKV_CASE(8, 256)

@@ -167,10 +167,10 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
 
 // In-place Walsh-Hadamard transform of `rows` rows of length D in shared memory, blocks of
 // `had` (a power of two dividing D), normalized by 1/sqrt(had): x -> x H (H symmetric).
-template <int D>
+template <int D, int T>  // T: threads in the CTA
 __device__ void fwht_rows(float* x, int rows, int had) {
   for (int len = 1; len < had; len <<= 1) {
-    for (int i = threadIdx.x; i < rows * (D / 2); i += kThreads) {
+    for (int i = threadIdx.x; i < rows * (D / 2); i += T) {
       int r = i / (D / 2), j = i % (D / 2);
       int a = r * D + (j / len) * 2 * len + (j % len);
       float u = x[a], v = x[a + len];
@@ -180,8 +180,22 @@ __device__ void fwht_rows(float* x, int rows, int had) {
     __syncthreads();
   }
   float norm = rsqrtf((float)had);
-  for (int i = threadIdx.x; i < rows * D; i += kThreads) x[i] *= norm;
+  for (int i = threadIdx.x; i < rows * D; i += T) x[i] *= norm;
   __syncthreads();
+}
+
+// max of one value per warp (x[w], or x[w][q]) in shared memory
+template <int W>
+__device__ __forceinline__ float max_over_warps(const float* x, int stride = 1, int q = 0) {
+  float m = fmaxf(fmaxf(x[q], x[stride + q]), fmaxf(x[2 * stride + q], x[3 * stride + q]));
+  if constexpr (W == 8)
+    m = fmaxf(m, fmaxf(fmaxf(x[4 * stride + q], x[5 * stride + q]),
+                       fmaxf(x[6 * stride + q], x[7 * stride + q])));
+  return m;
+}
+template <int W, int N>
+__device__ __forceinline__ float max_over_warps(const float (&x)[W][N], int q) {
+  return max_over_warps<W>(&x[0][0], N, q);
 }
 
 template <int BITS, int D>
@@ -197,7 +211,7 @@ struct Geometry {
 // group K and V codes plus 128 (KH: 192) bytes of metadata), aliased with the merge buffer
 // after the loop.
 // The fp16 query lives in static shared memory, so the first loads fly during the prologue.
-template <int BITS, int D, int NT, int U, bool KH>
+template <int BITS, int D, int NT, int U, bool KH, int W = kWarps>
 struct Smem {
   static constexpr int kCodeBytes = 16 * Geometry<BITS, D>::P;  // one group's K (or V) codes
   // metadata of 16 tokens: K (scale, min) 64 bytes (KH: two pairs, 128), V 64 bytes
@@ -205,7 +219,7 @@ struct Smem {
   static constexpr int kGroupBytes = 2 * kCodeBytes + kKMetaBytes + 64;
   static constexpr int kFit = 13056 / (U * kGroupBytes);
   static constexpr int kStages = kFit < 2 ? 2 : kFit > 4 ? 4 : kFit;
-  static constexpr int kRing = kWarps * kStages * U * kGroupBytes;
+  static constexpr int kRing = W * kStages * U * kGroupBytes;
   static constexpr int kStaging = 8 * NT * D * 4;  // fp32 merge rows
   // + [G][num_splits <= 64] merge weights after the staging area
   static constexpr int kBytes = kRing > kStaging + 4096 ? kRing : kStaging + 4096;
@@ -213,16 +227,21 @@ struct Smem {
 
 }  // namespace detail
 
-template <int BITS, int D, int NT, int U, bool KH>
-__global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 3)
+// W: warps per CTA. 4 by default; 8 gives the few CTAs of a small grid (c=1, or a long single
+// sequence at ~2 CTAs per SM) twice the warps per scheduler to hide the group loop's latency,
+// without the extra splits (merges, query prologues) that more CTAs would cost.
+template <int BITS, int D, int NT, int U, bool KH, int W = detail::kWarps>
+__global__ void __launch_bounds__(32 * W, W == 8 ? (NT == 1 ? 2 : 1) : ((D <= 128 && NT == 1) ? 4 : 3))
     paged_decode_kernel(const DecodeParams p) {
   using namespace detail;
+  constexpr int kWarps = W;  // shadows detail::kWarps / kThreads in this kernel
+  constexpr int kThreads = 32 * W;
   using Geo = Geometry<BITS, D>;
   constexpr int QROWS = 8 * NT;
   constexpr int STEPS = Geo::kSteps;
   constexpr int HALF_STEPS = D / 32;
 
-  using Mem = Smem<BITS, D, NT, U, KH>;
+  using Mem = Smem<BITS, D, NT, U, KH, W>;
   constexpr int kCodeBytes = Mem::kCodeBytes;
   constexpr int kGroupBytes = Mem::kGroupBytes;
   constexpr int STAGES = Mem::kStages;
@@ -389,7 +408,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   amax = warp_max_all(amax);
   if (lane == 0) s_red[warp] = amax;
   __syncthreads();
-  amax = fmaxf(fmaxf(s_red[0], s_red[1]), fmaxf(s_red[2], s_red[3]));
+  amax = max_over_warps<kWarps>(s_red);
   int e2 = 0;
   if (amax > 0.f && amax <= 3.0e38f) frexpf(amax, &e2);
   e2 = min(max(e2, -100), 100);
@@ -699,7 +718,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int q = nt * 8 + 2 * t + c;
-      float M = fmaxf(fmaxf(s_m[0][q], s_m[1][q]), fmaxf(s_m[2][q], s_m[3][q]));
+      float M = max_over_warps<kWarps>(s_m, q);
       const float wgt = M == -INFINITY ? 0.f : fast_exp2(m_run[nt][c] - M) * e_scale;
 #pragma unroll
       for (int w = 0; w < STEPS; ++w) {
@@ -714,7 +733,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
   // per query row: the CTA's max, sum of weights and min-term, then U = sbuf + vm
   const int Hq = p.num_q_heads;
   for (int q = tid; q < QROWS; q += kThreads) {
-    float M = fmaxf(fmaxf(s_m[0][q], s_m[1][q]), fmaxf(s_m[2][q], s_m[3][q]));
+    float M = max_over_warps<kWarps>(s_m, q);
     float L = 0.f, VM = 0.f;
     for (int w = 0; w < kWarps; ++w) {
       const float wt = M == -INFINITY ? 0.f : fast_exp2(s_m[w][q] - M);
@@ -800,7 +819,7 @@ __global__ void __launch_bounds__(detail::kThreads, (D <= 128 && NT == 1) ? 4 : 
       p.lse[head0 + q] = L > 0.f ? (M + log2f(L)) * 0.6931471805599453f : -INFINITY;
     }
   __syncthreads();
-  if (p.rotate_v && p.had_block > 0) fwht_rows<D>(sbuf, G, p.had_block);
+  if (p.rotate_v && p.had_block > 0) fwht_rows<D, kThreads>(sbuf, G, p.had_block);
   for (int i = tid; i < G * D; i += kThreads) {
     const int q = i / D, d = i % D;
     const int64_t off = (int64_t)s * p.stride_os + (int64_t)(h * G + q) * p.stride_oh + d;
