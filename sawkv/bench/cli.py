@@ -143,14 +143,8 @@ def serve_cmd(
     import asyncio
     import math
 
-    from sawkv.bench.metrics import summarize
-    from sawkv.bench.serve import (
-        run_load,
-        server_histograms,
-        server_info,
-        server_means,
-        wait_healthy,
-    )
+    from sawkv.bench.metrics import server_means, summarize
+    from sawkv.bench.serve import run_load, server_histograms, server_info, wait_healthy
 
     _check_lens(input_len, output_len)
     levels = parse_concurrency(concurrency)

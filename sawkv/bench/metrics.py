@@ -79,3 +79,35 @@ def summarize(results: list[RequestResult], duration_s: float, **labels) -> dict
         "itl_ms": percentiles([g for r in ok for g in r.itl_s], 1e3),
         "e2el_ms": percentiles([r.latency_s for r in ok], 1e3),
     }
+
+
+# request latency histograms (sawkv_, vllm: and sglang: prefixes in /metrics; the engine's
+# own in process) -> short row keys
+SERVER_HISTOGRAMS = {
+    "time_to_first_token_seconds": "ttft",
+    "request_queue_time_seconds": "queue",
+    "request_prefill_time_seconds": "prefill",
+    "e2e_request_latency_seconds": "e2e",
+}
+
+
+def server_means(before: dict, after: dict) -> dict[str, float]:
+    """Mean seconds per request between two reads of ``{short name: (sum, count)}``
+    (:func:`sawkv.bench.serve.server_histograms`, :func:`engine_histograms`):
+    ``{"server_ttft_mean_s": ..., "server_queue_mean_s": ..., ...}`` for the series present in
+    both with new observations."""
+    out = {}
+    for short, (s1, c1) in after.items():
+        s0, c0 = before.get(short, (0.0, 0.0))
+        if c1 > c0:
+            out[f"server_{short}_mean_s"] = (s1 - s0) / (c1 - c0)
+    return out
+
+
+def engine_histograms(stats: dict) -> dict[str, tuple[float, float]]:
+    """``{short name: (sum, count)}`` of an in-process engine's ``stats()["histograms"]``."""
+    return {
+        SERVER_HISTOGRAMS[name]: (h["sum"], h["count"])
+        for name, h in (stats.get("histograms") or {}).items()
+        if name in SERVER_HISTOGRAMS
+    }

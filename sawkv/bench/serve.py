@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from sawkv.bench.metrics import RequestResult
+from sawkv.bench.metrics import SERVER_HISTOGRAMS, RequestResult
 
 _INFO_RE = re.compile(r"^sawkv_engine_info\{(?P<labels>[^}]*)\}", re.MULTILINE)
 
@@ -210,13 +210,6 @@ async def server_info(base_url: str, api_key: str | None = None) -> dict:
     return info
 
 
-# server-side latency histograms (sawkv_, vllm: and sglang: prefixes) -> short row keys
-SERVER_HISTOGRAMS = {
-    "time_to_first_token_seconds": "ttft",
-    "request_queue_time_seconds": "queue",
-    "request_prefill_time_seconds": "prefill",
-    "e2e_request_latency_seconds": "e2e",
-}
 _HIST_RE = re.compile(
     r"^[A-Za-z_:][\w:]*?[_:](?P<name>[a-z0-9_]+)_(?P<stat>sum|count)(?:\{[^}]*\})? (?P<v>\S+)$",
     re.MULTILINE,
@@ -240,18 +233,6 @@ async def server_histograms(base_url: str) -> dict[str, tuple[float, float]]:
             acc = out.setdefault(short, [0.0, 0.0])
             acc[m.group("stat") == "count"] += float(m.group("v"))
     return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def server_means(before: dict, after: dict) -> dict[str, float]:
-    """Mean seconds per request between two :func:`server_histograms` reads:
-    ``{"server_ttft_mean_s": ..., "server_queue_mean_s": ..., ...}`` for the series present in
-    both with new observations."""
-    out = {}
-    for short, (s1, c1) in after.items():
-        s0, c0 = before.get(short, (0.0, 0.0))
-        if c1 > c0:
-            out[f"server_{short}_mean_s"] = (s1 - s0) / (c1 - c0)
-    return out
 
 
 def _gauge(text: str, name: str) -> float | None:

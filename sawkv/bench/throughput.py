@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from sawkv.bench.metrics import RequestResult, summarize
+from sawkv.bench.metrics import RequestResult, engine_histograms, server_means, summarize
 from sawkv.engine.llm_engine import LLMEngine
 from sawkv.engine.sampling_params import SamplingParams
 
@@ -64,7 +64,8 @@ def run_offline(
     pending = deque(enumerate(prompts))
     results = [RequestResult(len(p)) for p in prompts]
     sent: dict[str, tuple[int, float, float]] = {}  # request id -> (index, sent at, last token)
-    preemptions0 = engine.stats()["num_preemptions"]
+    stats0 = engine.stats()
+    preemptions0, hist0 = stats0["num_preemptions"], engine_histograms(stats0)
     engine.start_profile()
     start = time.perf_counter()
     while pending or sent:
@@ -106,5 +107,8 @@ def run_offline(
         num_preemptions=stats["num_preemptions"] - preemptions0,
         detokenize=detokenize,
         step_breakdown=breakdown,
+        # the engine's own request times (as a server's /metrics has them): TTFT split into
+        # queueing and prefill
+        **server_means(hist0, engine_histograms(stats)),
     )
     return row

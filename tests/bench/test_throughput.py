@@ -40,6 +40,13 @@ def test_offline_row_and_step_breakdown(tiny_dir, concurrency):
     for b in steps.values():
         assert b["wall_ms"] == pytest.approx(b["device_ms"] + b["host_ms"])
         assert b["device_ms"] > 0 and 0 <= b["host_frac"] < 1
+    # the engine's own request times sit inside the bench's (it stamps after step() returns;
+    # 1 ms for the stamps around add_request, which come in the other order)
+    assert 0 < row["server_ttft_mean_s"] <= row["ttft_s"]["mean"] + 1e-3
+    assert 0 < row["server_e2e_mean_s"] <= row["e2el_ms"]["mean"] / 1e3 + 1e-3
+    assert row["server_queue_mean_s"] + row["server_prefill_mean_s"] == pytest.approx(
+        row["server_ttft_mean_s"], rel=1e-9
+    )
     if concurrency == 1:  # one at a time: the requests' latencies tile the run
         assert set(steps) == {"prefill", "decode"}
         assert steps["prefill"]["steps"] == n  # a 40-token prompt fits the 64-token budget
