@@ -8,7 +8,7 @@
 #include "paged_decode.cuh"
 
 // One translation unit per (bits, head_dim) instantiates this (decode_cuda.py writes them), so
-// ninja compiles the 24 kernel variants in parallel.
+// ninja compiles the kernel variants in parallel.
 template <int BITS, int D, bool KH>
 void dispatch_nt(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u,
                  int64_t warps);

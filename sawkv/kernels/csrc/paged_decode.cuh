@@ -1,7 +1,8 @@
 // Paged decode attention over INT4 / INT8 pages in fragment order (sawkv/kernels/page_layout.py).
 //
-// One CTA (4 warps) owns one (sequence, KV head, split). Its G <= 16 query heads are the N side
-// of mma.m16n8k16 (padded to 8 or 16); tokens and head dim are the M/K sides:
+// One CTA (4 warps; 8 as an option at d=128, see the kernel's W) owns one (sequence, KV head,
+// split). Its G <= 16 query heads are the N side of mma.m16n8k16 (padded to 8 or 16); tokens
+// and head dim are the M/K sides:
 //   scores  S^T [16 tok x 8 q]  = K   [16 tok x 16 d]  . q^T [16 d x 8 q]   (K is operand A)
 //   output  O^T [16 d x 8 q]   += V^T [16 d x 16 tok]  . P^T [16 tok x 8 q] (V^T is operand A)
 // so the padding falls on the small side and every code feeds exactly one mma lane. The page
@@ -187,6 +188,7 @@ __device__ void fwht_rows(float* x, int rows, int had) {
 // max of one value per warp (x[w], or x[w][q]) in shared memory
 template <int W>
 __device__ __forceinline__ float max_over_warps(const float* x, int stride = 1, int q = 0) {
+  static_assert(W == 4 || W == 8, "4 or 8 warps per CTA");
   float m = fmaxf(fmaxf(x[q], x[stride + q]), fmaxf(x[2 * stride + q], x[3 * stride + q]));
   if constexpr (W == 8)
     m = fmaxf(m, fmaxf(fmaxf(x[4 * stride + q], x[5 * stride + q]),
@@ -231,7 +233,8 @@ struct Smem {
 // sequence at ~2 CTAs per SM) twice the warps per scheduler to hide the group loop's latency,
 // without the extra splits (merges, query prologues) that more CTAs would cost.
 template <int BITS, int D, int NT, int U, bool KH, int W = detail::kWarps>
-__global__ void __launch_bounds__(32 * W, W == 8 ? (NT == 1 ? 2 : 1) : ((D <= 128 && NT == 1) ? 4 : 3))
+__global__ void __launch_bounds__(32 * W,
+                                  W == 8 ? (NT == 1 ? 2 : 1) : ((D <= 128 && NT == 1) ? 4 : 3))
     paged_decode_kernel(const DecodeParams p) {
   using namespace detail;
   constexpr int kWarps = W;  // shadows detail::kWarps / kThreads in this kernel
