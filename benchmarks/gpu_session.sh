@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu_session.sh alt .alt/paged_decode.cuh
 #                                             # ~4 min: the alternative's checks + decode only
 #   bash benchmarks/gpu_session.sh c1async [C]  # ~5 min: concurrency C (1) offline, sync vs async
-#   bash benchmarks/gpu_session.sh ttft       # ~8 min: engine time to first tokens, per kernel
+#   bash benchmarks/gpu_session.sh ttft       # ~7 min: engine time to first tokens, per kernel
 #   bash benchmarks/gpu_session.sh c1         # ~5 min: c=1 decode-step kernels and idle gaps, ncu
 #   bash benchmarks/gpu_session.sh flush      # ~2 min: decode timed with do_bench's dirty flush
 #   bash benchmarks/gpu_session.sh serving M  # ~9 min: HTTP serving of method M, long c=64 and
@@ -109,10 +109,10 @@ case "$part" in
     ;;
   ttft)  # what a first token costs in the engine, bf16 vs int4-bdr128: short prompts alone
          # and 16 at once, and the reasoning burst (256 x 1K under the server's 8K chunk budget)
-    for spec in "1 256" "16 256" "256 1024 --max-batched 8192"; do
+    for spec in "1 256 --steps 50" "16 256 --steps 50" "256 1024 --steps 20 --max-batched 8192"; do
       set -- $spec
-      timeout 170 python benchmarks/profile_step.py --prefill --methods bf16,int4-bdr128 \
-        --batch "$1" --input-len "$2" ${3:-} ${4:-} --max-model-len 17920 --out "$work" \
+      timeout 220 python benchmarks/profile_step.py --prefill --methods bf16,int4-bdr128 \
+        --batch "$1" --input-len "$2" "${@:3}" --max-model-len 17920 --out "$work" \
         > "$work/profile_prefill_b$1_log.txt" 2>&1
       tail -12 "$work/profile_prefill_b$1_log.txt"
     done
