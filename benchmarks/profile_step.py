@@ -86,17 +86,31 @@ def idle_gaps(spans: list[tuple[float, float, str]], steps: int) -> dict:
     }
 
 
-def profile_method(args, method: str) -> dict:
-    """One engine's decode steps; ``METHOD@triton`` runs METHOD with the CUDA decode off."""
-    method, _, impl = method.partition("@")
+def _engine(args, method: str, max_batched: int):
+    """(engine with dummy weights, row label) for ``METHOD`` or ``METHOD@triton`` (the CUDA
+    decode off); synchronous scheduling, so steps are timed one by one."""
+    name, _, impl = method.partition("@")
     if impl not in ("", "triton"):
         raise ValueError(f"unknown decode kernel suffix @{impl} (only @triton)")
     os.environ["SAWKV_CUDA_DECODE"] = "0" if impl == "triton" else "1"
     engine = build_engine(
-        args.model, method, load_format="dummy", max_model_len=args.max_model_len,
-        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched or 4096,
-        async_scheduling=False,  # steps are timed one by one, with the host's gaps between them
+        args.model, name, load_format="dummy", max_model_len=args.max_model_len,
+        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=max_batched,
+        async_scheduling=False,
     )  # fmt: skip
+    return engine, method
+
+
+def _close(engine) -> None:
+    engine.shutdown()
+    del engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def profile_method(args, method: str) -> dict:
+    """One engine's decode steps; ``METHOD@triton`` runs METHOD with the CUDA decode off."""
+    engine, label = _engine(args, method, args.max_batched or 4096)
     prompt = [int(x) for x in torch.randint(100, 20000, (args.input_len,))]
     warm_up(engine, prompt[:16])
     params = SamplingParams(temperature=0, max_tokens=args.steps * 3 + 16, ignore_eos=True,
@@ -119,19 +133,16 @@ def profile_method(args, method: str) -> dict:
             engine.step()
         _sync()
     if args.trace:  # the host and device timeline (chrome://tracing, Perfetto), gzipped
-        raw = Path(args.out) / f"trace_b{args.batch}_{method}{'_' + impl if impl else ''}.json"
+        raw = Path(args.out) / f"trace_b{args.batch}_{label.replace('@', '_')}.json"
         prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as f_in, gzip.open(f"{raw}.gz", "wb") as f_out:
             shutil.copyfileobj(f_in, f_out)
         raw.unlink()
     fams, top_rows, spans = _kernel_table(prof, args.steps)
     gaps = idle_gaps(spans, args.steps)
-    engine.shutdown()
-    del engine
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _close(engine)
     return {
-        "method": method + (f"@{impl}" if impl else ""),
+        "method": label,
         "batch": args.batch,
         "input_len": args.input_len,
         "wall_ms_per_step": wall_ms,
@@ -166,14 +177,7 @@ def _kernel_table(prof, per: int) -> tuple[dict, list, list]:
 def profile_prefill(args, method: str) -> dict:
     """``args.batch`` fresh prompts of ``args.input_len`` tokens at once, one output token each,
     run to completion: what the engine spends before their first tokens (TTFT minus HTTP)."""
-    method, _, impl = method.partition("@")
-    os.environ["SAWKV_CUDA_DECODE"] = "0" if impl == "triton" else "1"
-    tokens = args.batch * args.input_len
-    engine = build_engine(
-        args.model, method, load_format="dummy", max_model_len=args.max_model_len,
-        max_num_seqs=max(args.batch, 8), max_num_batched_tokens=args.max_batched or tokens,
-        async_scheduling=False,
-    )  # fmt: skip
+    engine, label = _engine(args, method, args.max_batched or args.batch * args.input_len)
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False)
     warm_up(engine, [int(x) for x in torch.randint(100, 20000, (16,), generator=gen)])
@@ -205,21 +209,18 @@ def profile_prefill(args, method: str) -> dict:
             burst(engine)
         _sync()
     fams, top, _spans = _kernel_table(prof, reps)
-    engine.shutdown()
-    del engine
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _close(engine)
     walls.sort()
     return {
-        "method": method + (f"@{impl}" if impl else ""),
+        "method": label,
         "batch": args.batch,
         "input_len": args.input_len,
         "steps_per_burst": steps,
         "wall_ms_per_burst": walls[len(walls) // 2],
         "wall_ms_min": walls[0],
-        "device_us_per_step": sum(fams.values()),  # per burst here
-        "families_us_per_step": fams,
-        "top_kernels": top,
+        "device_us_per_burst": sum(fams.values()),
+        "families_us_per_burst": fams,
+        "top_kernels": top,  # their us_per_step / calls_per_step are per burst here
     }
 
 
@@ -246,61 +247,43 @@ def main() -> None:
     p.add_argument("--trace", action="store_true", help="also write each method's timeline")
     p.add_argument("--prefill", action="store_true", help="time first tokens, not decode steps")
     args = p.parse_args()
-    if args.prefill:
-        return main_prefill(args)
+    unit = "burst" if args.prefill else "step"
     rows = []
     for m in args.methods.split(","):
-        rows.append(profile_method(args, m))
-        r = rows[-1]
-        print(f"== {m}: wall {r['wall_ms_per_step']:.3f} ms/step, device "
-              f"{r['device_us_per_step'] / 1e3:.3f} ms/step", flush=True)  # fmt: skip
+        r = profile_prefill(args, m) if args.prefill else profile_method(args, m)
+        rows.append(r)
+        if args.prefill:
+            print(f"== {m}: {r['steps_per_burst']} step(s), wall {r['wall_ms_per_burst']:.2f} ms "
+                  f"(min {r['wall_ms_min']:.2f}), device {r['device_us_per_burst'] / 1e3:.2f} ms",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"== {m}: wall {r['wall_ms_per_step']:.3f} ms/step, device "
+                  f"{r['device_us_per_step'] / 1e3:.3f} ms/step", flush=True)  # fmt: skip
         for k in r["top_kernels"][:12]:
             print(f"   {k['us_per_step']:8.1f} us x{k['calls_per_step']:.0f}  {k['family']:16s} "
                   f"{k['name'][:90]}")  # fmt: skip
-    out = Path(args.out) / f"profile_step_b{args.batch}.json"
+    stem = "profile_prefill" if args.prefill else "profile_step"
+    flag = "--prefill " if args.prefill else ""
+    out = Path(args.out) / f"{stem}_b{args.batch}.json"
     out.write_text(json.dumps({
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "torch": torch.__version__, "command": "python benchmarks/profile_step.py "
+        "torch": torch.__version__, "command": f"python benchmarks/profile_step.py {flag}"
         f"--methods {args.methods} --batch {args.batch} --input-len {args.input_len}",
         "rows": rows}, indent=1))  # fmt: skip
-    fams = sorted({f for r in rows for f in r["families_us_per_step"]})
-    print(f"\nus per decode step by kernel family (batch {args.batch})")
+    fams = sorted({f for r in rows for f in r[f"families_us_per_{unit}"]})
+    what = (f"burst of {args.batch} x {args.input_len}-token prompts" if args.prefill
+            else f"decode step (batch {args.batch})")  # fmt: skip
+    print(f"\nus per {what} by kernel family")
     print(f"{'family':18s}" + "".join(f"{r['method']:>16s}" for r in rows))
     for f in fams:
-        print(f"{f:18s}" + "".join(f"{r['families_us_per_step'].get(f, 0):16.1f}" for r in rows))
-    print(f"{'device total':18s}" + "".join(f"{r['device_us_per_step']:16.1f}" for r in rows))
-    print(f"{'wall':18s}" + "".join(f"{r['wall_ms_per_step'] * 1e3:16.1f}" for r in rows))
-    for key, label in (("inside_steps_us_per_step", "idle in step"),
-                       ("between_steps_us_per_step", "idle between")):  # fmt: skip
-        print(f"{label:18s}" + "".join(f"{r['idle_gaps'][key]:16.1f}" for r in rows))
-
-
-def main_prefill(args) -> None:
-    rows = []
-    for m in args.methods.split(","):
-        rows.append(profile_prefill(args, m))
-        r = rows[-1]
-        print(f"== {m}: {r['steps_per_burst']} step(s), wall {r['wall_ms_per_burst']:.2f} ms "
-              f"(min {r['wall_ms_min']:.2f}), device {r['device_us_per_step'] / 1e3:.2f} ms",
-              flush=True)  # fmt: skip
-        for k in r["top_kernels"][:12]:
-            print(f"   {k['us_per_step']:8.1f} us x{k['calls_per_step']:.0f}  {k['family']:16s} "
-                  f"{k['name'][:90]}")  # fmt: skip
-    out = Path(args.out) / f"profile_prefill_b{args.batch}.json"
-    out.write_text(json.dumps({
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "torch": torch.__version__, "command": "python benchmarks/profile_step.py --prefill "
-        f"--methods {args.methods} --batch {args.batch} --input-len {args.input_len}",
-        "rows": rows}, indent=1))  # fmt: skip
-    fams = sorted({f for r in rows for f in r["families_us_per_step"]})
-    print(f"\nus per burst of {args.batch} x {args.input_len}-token prompts by kernel family")
-    print(f"{'family':18s}" + "".join(f"{r['method']:>16s}" for r in rows))
-    for f in fams:
-        print(f"{f:18s}" + "".join(f"{r['families_us_per_step'].get(f, 0):16.1f}" for r in rows))
-    print(f"{'device total':18s}" + "".join(f"{r['device_us_per_step']:16.1f}" for r in rows))
-    print(f"{'wall':18s}" + "".join(f"{r['wall_ms_per_burst'] * 1e3:16.1f}" for r in rows))
+        print(f"{f:18s}" + "".join(f"{r[f'families_us_per_{unit}'].get(f, 0):16.1f}" for r in rows))
+    print(f"{'device total':18s}" + "".join(f"{r[f'device_us_per_{unit}']:16.1f}" for r in rows))
+    print(f"{'wall':18s}" + "".join(f"{r[f'wall_ms_per_{unit}'] * 1e3:16.1f}" for r in rows))
+    if not args.prefill:
+        for key, label in (("inside_steps_us_per_step", "idle in step"),
+                           ("between_steps_us_per_step", "idle between")):  # fmt: skip
+            print(f"{label:18s}" + "".join(f"{r['idle_gaps'][key]:16.1f}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import torch
 from sawkv.cache.block_manager import BlockManager
 from sawkv.cache.kv_cache import KVCacheSpec
 from sawkv.config import EngineConfig
-from sawkv.engine import request_metrics
 from sawkv.engine.detokenizer import IncrementalDetokenizer
 from sawkv.engine.kv_method import load_key_means, resolve_kv_method
 from sawkv.engine.model_runner import ModelRunner
@@ -305,12 +304,11 @@ class LLMEngine:
             seq.token_ids[slot] = token
         seq.output_ids.append(token)
         self.num_generation_tokens_total += 1
-        now = request_metrics.now()
         if len(seq.output_ids) == 1:
-            self.request_metrics.first_token(seq, now)
+            self.request_metrics.first_token(seq)
         reason = self._check_stop(seq, token, num_tokens=slot + 1)
         if reason is not None:
-            self.request_metrics.finished(seq, now)
+            self.request_metrics.finished(seq)
             del seq.token_ids[slot + 1 :]  # async: the placeholder of a step whose sample drops
             if seq in self.scheduler.waiting:  # async: preempted while its token was pending
                 self.scheduler.waiting.remove(seq)

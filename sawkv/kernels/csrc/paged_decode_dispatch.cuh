@@ -23,15 +23,15 @@ void launch(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream) {
 // U (16-token groups per warp step): 1 at d >= 128 keeps 5 CTAs (20 warps) per SM within 96
 // registers; 2 at d = 64. Larger U adds independent work per warp but costs occupancy.
 // `u` = 0 takes the default; only these combinations are compiled.
-template <int BITS, int D, int NT, bool KH, int W>
+template <int BITS, int D, int NT, bool KH>
 void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u) {
   if (u == 0) u = D >= 128 ? 1 : 2;
-  if (u == 1) return launch<BITS, D, NT, 1, KH, W>(p, grid, stream);
+  if (u == 1) return launch<BITS, D, NT, 1, KH, 4>(p, grid, stream);
   if constexpr (D <= 128) {
-    if (u == 2) return launch<BITS, D, NT, 2, KH, W>(p, grid, stream);
+    if (u == 2) return launch<BITS, D, NT, 2, KH, 4>(p, grid, stream);
   }
   if constexpr (D <= 64) {
-    if (u == 4) return launch<BITS, D, NT, 4, KH, W>(p, grid, stream);
+    if (u == 4) return launch<BITS, D, NT, 4, KH, 4>(p, grid, stream);
   }
   TORCH_CHECK(false, "paged decode: unsupported groups per step ", u, " at head_dim ", D);
 }
@@ -41,7 +41,7 @@ void dispatch_u(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, in
 template <int BITS, int D, int NT, bool KH>
 void dispatch_w(const sawkv::DecodeParams& p, dim3 grid, cudaStream_t stream, int64_t u,
                 int64_t warps) {
-  if (warps == 0 || warps == 4) return dispatch_u<BITS, D, NT, KH, 4>(p, grid, stream, u);
+  if (warps == 0 || warps == 4) return dispatch_u<BITS, D, NT, KH>(p, grid, stream, u);
   if constexpr (D == 128) {
     if (warps == 8 && (u == 0 || u == 1)) return launch<BITS, D, NT, 1, KH, 8>(p, grid, stream);
   }
