@@ -89,37 +89,53 @@ def _store_meta(meta_ptr, meta_row, s_lo, m_lo, s_hi, m_hi, mask, HALF: tl.const
 
 
 @triton.jit
+def _dest_offsets(perm_ptr, in_group, row_mask, BITS: tl.constexpr, DH: tl.constexpr):
+    """Byte (element, for BITS=16) offsets ``(lo, hi)`` ``[R, DH]`` int32 of each row's two
+    halves from the start of its page row (BITS=16) or 16-token group (INT4/INT8: the group's
+    byte table ``perm_ptr [16, P]``, ``page_layout.py``; INT4 stores one byte per pair, so
+    ``hi`` is ``lo``). Loaded before any store of the program: loads issued after a store
+    cannot be hoisted above it (the pointers may alias), so they would wait for it."""
+    cols = tl.arange(0, DH)[None, :]
+    if BITS == 16:
+        zero = tl.zeros_like(in_group)[:, None].to(tl.int32)
+        return zero + cols, zero + cols + DH
+    m2 = row_mask[:, None]
+    perm_row = perm_ptr + in_group[:, None] * (DH if BITS == 4 else 2 * DH) + cols
+    lo = tl.load(perm_row, mask=m2, other=0)
+    if BITS == 4:
+        return lo, lo
+    return lo, tl.load(perm_row + DH, mask=m2, other=0)
+
+
+@triton.jit
 def _quantize_store(
     lo,  # [BLOCK_T, DH] fp32, first half of each row
     hi,  # [BLOCK_T, DH] fp32, second half
     page_ptr,  # [num_blocks, H, block_size, P] uint8 or float
     meta_ptr,  # [num_blocks, H, block_size, 2 | 4] fp16
-    perm_ptr,  # [16, P] int32 byte order of a 16-token group (INT4/INT8; page_layout.py)
+    d_lo,  # [BLOCK_T, DH] int32 offsets of the halves from page_row (_dest_offsets)
+    d_hi,
     page_row,  # [BLOCK_T] int64 element offset of each token's row (float) or group (INT)
-    in_group,  # [BLOCK_T] token offset within its 16-token group
     meta_row,  # [BLOCK_T] int64 element offset of each token's metadata in meta_ptr
     row_mask,  # [BLOCK_T] bool
     BITS: tl.constexpr,
     DH: tl.constexpr,
     HALF: tl.constexpr,  # one (scale, min) per half-row (k_half_meta keys)
 ):
-    cols = tl.arange(0, DH)[None, :]
     m2 = row_mask[:, None]
+    base = page_ptr + page_row[:, None]
     if BITS == 16:
         ty = page_ptr.dtype.element_ty
-        tl.store(page_ptr + page_row[:, None] + cols, lo.to(ty), mask=m2)
-        tl.store(page_ptr + page_row[:, None] + DH + cols, hi.to(ty), mask=m2)
+        tl.store(base + d_lo, lo.to(ty), mask=m2)
+        tl.store(base + d_hi, hi.to(ty), mask=m2)
     else:
         c_lo, c_hi, s_lo, m_lo, s_hi, m_hi = _quantize(lo, hi, BITS, HALF)
         # canonical byte j of the row goes where the group's byte table puts it
-        perm_row = perm_ptr + in_group[:, None] * (DH if BITS == 4 else 2 * DH) + cols
-        dest = page_ptr + page_row[:, None] + tl.load(perm_row, mask=m2, other=0)
         if BITS == 4:
-            tl.store(dest, c_lo | (c_hi << 4), mask=m2)
+            tl.store(base + d_lo, c_lo | (c_hi << 4), mask=m2)
         else:
-            tl.store(dest, c_lo, mask=m2)
-            dest_hi = page_ptr + page_row[:, None] + tl.load(perm_row + DH, mask=m2, other=0)
-            tl.store(dest_hi, c_hi, mask=m2)
+            tl.store(base + d_lo, c_lo, mask=m2)
+            tl.store(base + d_hi, c_hi, mask=m2)
         _store_meta(meta_ptr, meta_row, s_lo, m_lo, s_hi, m_hi, row_mask, HALF)
 
 
@@ -173,20 +189,22 @@ def _cache_write_kernel(
         page_row = blk * stride_page_b + h * stride_page_h + (off - in_group) * stride_page_t
     meta_row = blk * stride_meta_b + h * stride_meta_h + off * stride_meta_t
 
+    # every load before the first store (stores would serialize the loads behind them)
     k_lo, k_hi = load_rotated_rows(k_ptr, tok, stride_kt, h, stride_kh, row_mask, mean_ptr,
                                    stride_mean_h, norm, BLOCK_T, HAS_MEAN, HAD > 0, HAD, DH,
                                    PREC)  # fmt: skip
-    _quantize_store(
-        k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group,
-        _k_meta_rows(meta_row, K_HALF), row_mask, BITS, DH, K_HALF,
-    )  # fmt: skip
-
     v_lo, v_hi = load_rotated_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
                                    stride_mean_h, norm, BLOCK_T, False, ROT_V, HAD, DH,
                                    PREC)  # fmt: skip
+    kd_lo, kd_hi = _dest_offsets(k_perm_ptr, in_group, row_mask, BITS, DH)
+    vd_lo, vd_hi = _dest_offsets(v_perm_ptr, in_group, row_mask, BITS, DH)
     _quantize_store(
-        v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group, meta_row, row_mask,
-        BITS, DH, False,
+        k_lo, k_hi, k_page_ptr, k_meta_ptr, kd_lo, kd_hi, page_row, _k_meta_rows(meta_row, K_HALF),
+        row_mask, BITS, DH, K_HALF,
+    )  # fmt: skip
+    _quantize_store(
+        v_lo, v_hi, v_page_ptr, v_meta_ptr, vd_lo, vd_hi, page_row, meta_row, row_mask, BITS, DH,
+        False,
     )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sawkv.kernels.cache_write import _quantize, _quantize_store, _store_meta
+from sawkv.kernels.cache_write import _dest_offsets, _quantize, _quantize_store, _store_meta
 from sawkv.kernels.rotation import load_rotated_rows
 from sawkv.kernels.tiles import _k_meta_rows
 
@@ -100,16 +100,17 @@ def _cache_write_groups_kernel(
         full = r < 16
         meta_row = blk * stride_meta_b + h * stride_meta_h + (off + r) * stride_meta_t
         run = blk * stride_page_b + h * stride_page_h + off * stride_page_t
+        # both heads' rows are loaded before the first store (stores serialize later loads)
         k_lo, k_hi = load_rotated_rows(k_ptr, rows, stride_kt, h, stride_kh, full, mean_ptr,
                                        stride_mean_h, norm, 16, HAS_MEAN, HAD > 0, HAD, DH,
+                                       PREC)  # fmt: skip
+        v_lo, v_hi = load_rotated_rows(v_ptr, rows, stride_vt, h, stride_vh, full, mean_ptr,
+                                       stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
                                        PREC)  # fmt: skip
         c_lo, c_hi, s_lo, m_lo, s_hi, m_hi = _quantize(k_lo, k_hi, BITS, K_HALF)
         _store_group(c_lo, c_hi, k_page_ptr + run, BITS, DH, True)
         _store_meta(k_meta_ptr, _k_meta_rows(meta_row, K_HALF), s_lo, m_lo, s_hi, m_hi, None,
                     K_HALF)  # fmt: skip
-        v_lo, v_hi = load_rotated_rows(v_ptr, rows, stride_vt, h, stride_vh, full, mean_ptr,
-                                       stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
-                                       PREC)  # fmt: skip
         c_lo, c_hi, s_lo, m_lo, s_hi, m_hi = _quantize(v_lo, v_hi, BITS, False)
         _store_group(c_lo, c_hi, v_page_ptr + run, BITS, DH, False)
         _store_meta(v_meta_ptr, meta_row, s_lo, m_lo, s_hi, m_hi, None, False)
@@ -128,10 +129,12 @@ def _cache_write_groups_kernel(
         k_lo, k_hi = load_rotated_rows(k_ptr, tok, stride_kt, h, stride_kh, row_mask, mean_ptr,
                                        stride_mean_h, norm, 16, HAS_MEAN, HAD > 0, HAD, DH,
                                        PREC)  # fmt: skip
-        _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, k_perm_ptr, page_row, in_group,
-                        _k_meta_rows(meta_row, K_HALF), row_mask, BITS, DH, K_HALF)  # fmt: skip
         v_lo, v_hi = load_rotated_rows(v_ptr, tok, stride_vt, h, stride_vh, row_mask, mean_ptr,
                                        stride_mean_h, norm, 16, False, ROT_V, HAD, DH,
                                        PREC)  # fmt: skip
-        _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, v_perm_ptr, page_row, in_group,
-                        meta_row, row_mask, BITS, DH, False)  # fmt: skip
+        kd_lo, kd_hi = _dest_offsets(k_perm_ptr, in_group, row_mask, BITS, DH)
+        vd_lo, vd_hi = _dest_offsets(v_perm_ptr, in_group, row_mask, BITS, DH)
+        _quantize_store(k_lo, k_hi, k_page_ptr, k_meta_ptr, kd_lo, kd_hi, page_row,
+                        _k_meta_rows(meta_row, K_HALF), row_mask, BITS, DH, K_HALF)  # fmt: skip
+        _quantize_store(v_lo, v_hi, v_page_ptr, v_meta_ptr, vd_lo, vd_hi, page_row, meta_row,
+                        row_mask, BITS, DH, False)  # fmt: skip
