@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 
 from sawkv.kernels.cache_write import _cache_write_kernel
 from sawkv.kernels.decode import _decode_kernel, _decode_reduce_kernel
-from sawkv.kernels.dequant import _dequant_kernel
+from sawkv.kernels.dequant import _dequant_kernel, _rotate_cast_kernel
 from sawkv.kernels.extend import _extend_kernel
 from sawkv.kernels.launch import DECODE_CONFIG, DECODE_CONFIG_D256, EXTEND_CONFIG, _dot_code
 from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel
@@ -92,6 +92,13 @@ def jobs() -> list[tuple[str, object, dict, dict, int]]:
                       TRANS_QK=False, K_HALF=k_half)  # fmt: skip
         out.append((f"extend bits={bits} d={d} k_half={k_half}", _extend_kernel, ptrs, consts,
                      EXTEND_CONFIG.num_warps))  # fmt: skip
+    # the SDPA extend path's query rotation (bf16 q -> fp16) and output rotation (fp16 -> bf16)
+    for x, o, d, had in (("*bf16", "*fp16", 128, 128), ("*fp16", "*bf16", 128, 64),
+                         ("*bf16", "*fp16", 256, 0), ("*fp32", "*fp32", 64, 64)):  # fmt: skip
+        prec = "ieee" if x == "*fp32" else "exact16"
+        consts = dict(D=d, HAD=had, PREC=prec, CLAMP16=o == "*fp16", BLOCK_ROWS=16)
+        out.append((f"rotate_cast {x}->{o} d={d} had={had}", _rotate_cast_kernel,
+                    {"x_ptr": x, "out_ptr": o, "norm": "fp32"}, consts, 4))  # fmt: skip
     return out
 
 
