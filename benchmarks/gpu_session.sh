@@ -6,7 +6,8 @@
 #                                             #   (isolated and back to back), small-batch
 #                                             #   latency, ncu of the decode kernel (NO_NCU=1:
 #                                             #   none, ~6 min)
-#   bash benchmarks/gpu_session.sh w8         # ~5 min: checks + decode at 8 warps per CTA
+#   bash benchmarks/gpu_session.sh w8         # ~5.5 min: checks + decode at 8 warps per CTA,
+#                                             #   extend (the SDPA path's timings)
 #   bash benchmarks/gpu_session.sh write      # ~3 min: kernel checks + write timings
 #   bash benchmarks/gpu_session.sh engine     # ~6 min: GPU engine tests (CUDA decode on and
 #                                             #   off), decode-step device time per kernel (c=1)
@@ -59,8 +60,9 @@ case "$part" in
     ncu_decode int4-bdr128 1 32768
     ;;
   w8)  # the CUDA decode at 8 warps per CTA: checks (every d=128 case also at 8 warps) and the
-        # decode table at 8 warps, to set beside `kernels` run just before on the same machine
-    timeout 420 python benchmarks/bench_kernels.py --only check,decode --cta-warps 8 \
+        # decode table at 8 warps, to set beside `kernels` run just before on the same machine;
+        # then the extend timings (the 8 warps do not touch them)
+    timeout 420 python benchmarks/bench_kernels.py --only check,decode,extend --cta-warps 8 \
       --name kernels_w8 --out "$work" > "$work/bench_w8_log.txt" 2>&1
     grep -E "w8_rel|failed|Error|error" "$work/bench_w8_log.txt" | tail -5
     tail -52 "$work/bench_w8_log.txt"
