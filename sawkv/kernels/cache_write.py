@@ -26,8 +26,8 @@ import triton.language as tl
 from sawkv.kernels.checks import check_write_inputs
 from sawkv.kernels.launch import _perm_args
 from sawkv.kernels.page_format import KVPages, PageFormat
-from sawkv.kernels.rotation import load_rotated_rows
-from sawkv.kernels.tiles import _k_meta_rows, _rotate_rows_kernel
+from sawkv.kernels.rotation import load_rotated_rows, rotate_cast
+from sawkv.kernels.tiles import _k_meta_rows
 
 FP16_MAX = 65504.0
 # Rotation of bf16/fp16 rows by default: "exact16" (16-bit tensor cores, rotation.py). The GPU
@@ -325,12 +325,9 @@ def rotated_mean(k_mean: torch.Tensor, had_block: int) -> torch.Tensor:
     hit = _ROTATED_MEANS.get(key)
     if hit is not None and hit[0] is k_mean and hit[1] == version:
         return hit[2]
-    num_rows, head_dim = k_mean.shape
     mu = k_mean.float().contiguous()
     out = torch.empty_like(mu)
-    _rotate_rows_kernel[(triton.cdiv(num_rows, 16),)](
-        mu, out, num_rows, 1.0 / math.sqrt(had_block), D=head_dim, HAD=had_block, BLOCK_ROWS=16
-    )
+    rotate_cast(mu[:, None], had_block, out[:, None])
     if len(_ROTATED_MEANS) >= 1024:  # bounded: drop the oldest entries
         for old in list(_ROTATED_MEANS)[:256]:
             del _ROTATED_MEANS[old]

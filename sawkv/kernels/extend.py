@@ -19,8 +19,9 @@ from sawkv.kernels.launch import (
 )
 from sawkv.kernels.page_format import KVPages, PageFormat
 from sawkv.kernels.plan import ExtendPlan, plan_extend
+from sawkv.kernels.rotation import rotate_cast
 from sawkv.kernels.sinks import SinkKV
-from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _rotate_rows_kernel, _store_out
+from sawkv.kernels.tiles import LOG2E, _attend_tile, _load_query, _store_out
 
 __all__ = ["paged_attention_extend", "EXTEND_CONFIG"]
 
@@ -123,7 +124,7 @@ def _extend_kernel(
                 BLOCK_SIZE, BLOCK_N, BITS, DH, DOT, True, not INTERPRET, TRANS_QK, K_HALF,
             )  # fmt: skip
     o_rows = (q_start + i).to(tl.int64) * stride_ot + (h * G + g) * stride_oh
-    # the output rotation (ROT_V) runs in _rotate_rows_kernel: here it would cost occupancy
+    # the output rotation (ROT_V) runs in rotation.rotate_cast: here it would cost occupancy
     _store_out(out_ptr, o_rows, row_mask, acc_lo, acc_hi, l_i, norm, DH, BLOCK_R, HAD, False)
 
 
@@ -229,8 +230,4 @@ def _launch_triton(q, pages, block_tables, seq_lens, qsl, fmt, scale, sliding_wi
         num_stages=config.num_stages,
     )  # fmt: skip
     if plan.rotated is not None:
-        rows = num_tokens * num_q_heads
-        _rotate_rows_kernel[(triton.cdiv(rows, 64),)](
-            dest, out, rows, 1.0 / math.sqrt(had_block), D=head_dim, HAD=had_block,
-            BLOCK_ROWS=64, num_warps=4,
-        )  # fmt: skip
+        rotate_cast(dest, had_block, out)

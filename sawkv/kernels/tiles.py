@@ -372,26 +372,3 @@ def _store_out(
     ty = out_ptr.dtype.element_ty
     tl.store(ptr, o_lo.to(ty), mask=row_mask[:, None])
     tl.store(ptr + DH, o_hi.to(ty), mask=row_mask[:, None])
-
-
-@triton.jit
-def _rotate_rows_kernel(
-    x_ptr,  # [num_rows, D] fp32 un-rotated attention output
-    out_ptr,  # [num_rows, D] output dtype
-    num_rows,
-    norm,
-    D: tl.constexpr,
-    HAD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-):
-    """out = R x for rows of head vectors: the once-per-output rotation back with -kv."""
-    DH: tl.constexpr = D // 2
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    mask = (rows < num_rows)[:, None]
-    off = rows.to(tl.int64)[:, None] * D + tl.arange(0, DH)[None, :]
-    lo = tl.load(x_ptr + off, mask=mask, other=0.0)
-    hi = tl.load(x_ptr + off + DH, mask=mask, other=0.0)
-    lo, hi = rotate_halves(lo, hi, norm, BLOCK_ROWS, DH, HAD, ROT_PREC)
-    ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + off, lo.to(ty), mask=mask)
-    tl.store(out_ptr + off + DH, hi.to(ty), mask=mask)

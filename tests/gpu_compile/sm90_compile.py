@@ -16,9 +16,10 @@ from triton.compiler import ASTSource
 
 from sawkv.kernels.cache_write import _cache_write_kernel
 from sawkv.kernels.decode import _decode_kernel, _decode_reduce_kernel
-from sawkv.kernels.dequant import _dequant_kernel, _rotate_cast_kernel
+from sawkv.kernels.dequant import _dequant_kernel
 from sawkv.kernels.extend import _extend_kernel
 from sawkv.kernels.launch import DECODE_CONFIG, DECODE_CONFIG_D256, EXTEND_CONFIG, _dot_code
+from sawkv.kernels.rotation import _rotate_cast_kernel
 from sawkv.kernels.write_groups import _NONE, _cache_write_groups_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)

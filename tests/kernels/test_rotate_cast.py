@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sawkv.kernels.dequant import _rotate, rotate_cast
+from sawkv.kernels.dequant import _rotate
+from sawkv.kernels.rotation import rotate_cast
 from sawkv.quant.hadamard import rotate
 
 
