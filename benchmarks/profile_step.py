@@ -36,6 +36,7 @@ from sawkv.engine.sampling_params import SamplingParams
 FAMILIES = [
     ("decode_attention", r"paged_decode|decode_kernel|_decode|flash_fwd_splitkv|flash_decod"),
     ("dequant", r"dequant"),
+    ("rotate", r"rotate_cast"),  # the SDPA path's query (and rotated-V output) rotation
     ("prefill_attention", r"flash_fwd|fmha|_extend_kernel|attention"),
     ("split_reduce", r"reduce|combine"),
     ("cache_write", r"cache_write|write_kv|index_copy|scatter|reshape_and_cache|_write"),
