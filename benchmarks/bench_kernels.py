@@ -757,8 +757,13 @@ def run_write() -> list[dict]:
         )
         k_mean = k.float().mean(0)
         formats = dict(WRITE_FORMATS)
-        if layout == "prefill":  # the per-token scatter on the same slots, for comparison
-            formats["int4-bdr128-token-path"] = (4, 128, False, False)
+        # the per-token path on the same slots: for prefill a comparison; for decode the path
+        # the engine takes (group_path=False), also at 1 and 2 warps (fewer warps, fewer
+        # cross-warp barriers in a write that is one latency chain)
+        formats["int4-bdr128-token-path"] = (4, 128, False, False)
+        if layout == "scatter":
+            formats["int4-bdr128-token-path-w2"] = (4, 128, False, False)
+            formats["int4-bdr128-token-path-w1"] = (4, 128, False, False)
         # both rotations of 16-bit rows (cache_write.DEFAULT_ROTATION_16 picks the default)
         formats["int4-bdr128-kv-kc-tf32x3"] = (4, 128, True, True)
         formats["int4-bdr128-kv-kc-exact16"] = (4, 128, True, True)
@@ -767,11 +772,14 @@ def run_write() -> list[dict]:
             pages = make_pages(nb, bits)
             fmt = page_format(bits, had, rot_v)
             km = k_mean if mean else None
-            groups = not name.endswith("token-path")
+            groups = "token-path" not in name
             rot = name.rsplit("-", 1)[-1] if name.endswith(("tf32x3", "exact16")) else None
+            warps = int(name[-1]) if name.endswith(("-w1", "-w2")) else None
 
-            def fn(k=k, v=v, pages=pages, slots=slots, km=km, fmt=fmt, groups=groups, rot=rot):
-                cache_write(k, v, pages, slots, fmt, km, group_path=groups, rotation=rot)
+            def fn(k=k, v=v, pages=pages, slots=slots, km=km, fmt=fmt, groups=groups, rot=rot,
+                   warps=warps):  # fmt: skip
+                cache_write(k, v, pages, slots, fmt, km, group_path=groups, rotation=rot,
+                            num_warps=warps)  # fmt: skip
 
             us = bench_graphs([fn])
             per_vec = HEAD_DIM * 2 if bits == 16 else HEAD_DIM * bits // 8 + 4
