@@ -15,6 +15,8 @@
 #   bash benchmarks/gpu_session.sh alt .alt/paged_decode.cuh
 #                                             # ~4 min: the alternative's checks + decode only
 #   bash benchmarks/gpu_session.sh c1async [C]  # ~5 min: concurrency C (1) offline, sync vs async
+#   bash benchmarks/gpu_session.sh c1w8 [C]   # ~5 min: concurrency C (1) offline: bf16, int4-bdr128
+#                                             #   at 4 and at 8 warps per CTA (the env knob)
 #   bash benchmarks/gpu_session.sh ttft       # ~7 min: engine time to first tokens, per kernel
 #   bash benchmarks/gpu_session.sh c1         # ~5 min: c=1 decode-step kernels and idle gaps, ncu
 #   bash benchmarks/gpu_session.sh flush      # ~2 min: decode timed with do_bench's dirty flush
@@ -107,6 +109,19 @@ case "$part" in
           --json "$work/c${c}_${m}${a}.json" > "$work/c${c}_${m}${a}.txt" 2>&1
         grep -E "decode|offline" "$work/c${c}_${m}${a}.txt" | tail -2
       done
+    done
+    ;;
+  c1w8)  # D(256,1024) through the engine at concurrency ${2:-1}: bf16, then int4-bdr128 with the
+          # CUDA decode at 4 and at 8 warps per CTA (SAWKV_DECODE_CTA_WARPS, plan.py)
+    c=${2:-1}
+    for run in "bf16 4" "int4-bdr128 4" "int4-bdr128 8"; do
+      set -- $run
+      SAWKV_DECODE_CTA_WARPS=$2 timeout 150 python3 -c "from sawkv.cli import main; main()" \
+        bench throughput --model qwen3-8b --load-format dummy --kv-cache-dtype "$1" \
+        --input-len 256 --output-len 1024 --concurrency "$c" --num-requests $((c > 1 ? c : 2)) \
+        --max-model-len 17920 --max-num-seqs $((c > 16 ? c : 16)) --method "$1-w$2" \
+        --json "$work/c${c}_$1_w$2.json" > "$work/c${c}_$1_w$2.txt" 2>&1
+      grep -E "decode|offline" "$work/c${c}_$1_w$2.txt" | tail -2
     done
     ;;
   ttft)  # what a first token costs in the engine, bf16 vs int4-bdr128: short prompts alone

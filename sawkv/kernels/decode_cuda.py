@@ -7,6 +7,8 @@ is. It is built with ``torch.utils.cpp_extension`` for the current GPU's archite
 ``$SAWKV_EXT_DIR`` (default ``~/.cache/sawkv/torch_extensions``), keyed by a hash of the
 sources, the way FlashInfer JIT-compiles its kernels. ``SAWKV_CUDA_DECODE=0`` turns it off; if
 the build fails, :func:`available` says why and callers fall back to the Triton kernel.
+``SAWKV_DECODE_CTA_WARPS=8`` runs it at 8 warps per CTA where that variant exists (head_dim
+128; ``plan.py``), for a whole engine or server.
 """
 
 from __future__ import annotations

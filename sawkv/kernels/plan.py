@@ -16,6 +16,8 @@ the graph (the caller keeps the plan).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,6 +132,25 @@ def _cuda_splits(num_seqs, num_kv_heads, max_tokens, head_dim, sms) -> int:
     return best
 
 
+CTA_WARPS_ENV = "SAWKV_DECODE_CTA_WARPS"
+
+
+def _with_env_cta_warps(config: KernelConfig, fmt: PageFormat) -> KernelConfig:
+    """``$SAWKV_DECODE_CTA_WARPS`` (4 or 8) as the CUDA decode's warps per CTA where the config
+    leaves them at the default (0) and the kernel has that variant (8: head_dim 128, one group
+    per warp step); elsewhere the config as given. Lets a whole engine or server run try the
+    8-warp kernel (e.g. at c=1) without a code change."""
+    raw = os.environ.get(CTA_WARPS_ENV, "").strip()
+    if not raw or config.cta_warps:
+        return config
+    if raw not in ("0", "4", "8"):
+        raise ValueError(f"${CTA_WARPS_ENV} must be 0, 4 or 8, got {raw!r}")
+    warps = int(raw)
+    if warps == 8 and (fmt.head_dim != 128 or config.groups_per_step not in (0, 1)):
+        return config
+    return dataclasses.replace(config, cta_warps=warps)
+
+
 def _use_cuda(q, fmt: PageFormat, num_q_heads: int, impl: str) -> bool:
     if q.device.type != "cuda" or _interpreting():
         if impl == "cuda":
@@ -189,6 +210,7 @@ def plan_decode(
     impl = "triton"
     if config.impl != "triton" and num_seqs and _use_cuda(q, fmt, num_q_heads, config.impl):
         impl = "cuda"
+        config = _with_env_cta_warps(config, fmt)
     max_tokens = block_tables.shape[1] * fmt.block_size
     splits = pick_num_splits(impl, config, num_seqs, fmt, max_tokens, _sm_count(q.device))
     part_o = part_ml = None

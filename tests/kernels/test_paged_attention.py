@@ -287,3 +287,24 @@ def test_cuda_split_count(num_seqs, tokens, want):
     fmt = PageFormat(bits=4, head_dim=128, num_kv_heads=8, block_size=16)
     assert pick_num_splits("cuda", KernelConfig(), num_seqs, fmt, tokens, 132) == want
     assert pick_num_splits("cuda", KernelConfig(num_splits=5), num_seqs, fmt, tokens, 132) == 5
+
+
+def test_env_cta_warps_applies_only_where_the_cuda_kernel_has_the_variant(monkeypatch):
+    from sawkv.kernels.plan import CTA_WARPS_ENV, _with_env_cta_warps
+
+    fmt128 = PageFormat(bits=4, head_dim=128, num_kv_heads=2, block_size=16, had_block=128)
+    fmt64 = PageFormat(bits=4, head_dim=64, num_kv_heads=2, block_size=16, had_block=64)
+    base = KernelConfig()
+    monkeypatch.delenv(CTA_WARPS_ENV, raising=False)
+    assert _with_env_cta_warps(base, fmt128) is base
+    monkeypatch.setenv(CTA_WARPS_ENV, "8")
+    assert _with_env_cta_warps(base, fmt128).cta_warps == 8
+    # no 8-warp variant at d=64 or two groups per warp step: the default stays
+    assert _with_env_cta_warps(base, fmt64).cta_warps == 0
+    two = KernelConfig(groups_per_step=2)
+    assert _with_env_cta_warps(two, fmt128).cta_warps == 0
+    # an explicit config wins over the environment
+    assert _with_env_cta_warps(KernelConfig(cta_warps=4), fmt128).cta_warps == 4
+    monkeypatch.setenv(CTA_WARPS_ENV, "6")
+    with pytest.raises(ValueError, match=CTA_WARPS_ENV):
+        _with_env_cta_warps(base, fmt128)
