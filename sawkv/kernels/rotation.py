@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sawkv.kernels.page_format import check_had_block
+
 
 @triton.jit
 def _hadamard_pm1(B: tl.constexpr):
@@ -174,9 +176,10 @@ def _rotate_cast_kernel(
 
 def rotate_cast(x: torch.Tensor, had_block: int, out: torch.Tensor) -> torch.Tensor:
     """``out = R x`` (block-diagonal Hadamard of block ``had_block``; 0: ``out = x``) in one
-    pass, rounded once to ``out``'s dtype and clamped to +-65504 when that is fp16: what
-    :func:`_rotate` computes with five torch ops and an fp32 copy of ``x`` (on an 8K-token
-    prefill chunk of 32 heads, ~0.8 GB of traffic per layer against ~0.13 GB here).
+    pass, rounded once to ``out``'s dtype and clamped to +-65504 when that is fp16. The SDPA
+    extend path did this with five torch ops over an fp32 copy of the queries
+    (``dequant._rotate``): on an 8K-token chunk of 32 query heads ~0.9 GB of memory traffic
+    per layer, against ~0.13 GB here.
 
     Args:
         x: ``[T, H, d]`` bf16/fp16/fp32, last dim contiguous (e.g. the step's queries, or the
@@ -187,15 +190,27 @@ def rotate_cast(x: torch.Tensor, had_block: int, out: torch.Tensor) -> torch.Ten
         ``out``. 16-bit ``x`` is rotated on 16-bit tensor cores (exact products summed in fp32,
         ``rotation.py``'s "exact16"); fp32 ``x`` in fp32 FMAs.
     """
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if x.shape != out.shape or x.dim() != 3:
         raise ValueError(f"x and out must be [T, H, d] of one shape, got {x.shape}, {out.shape}")
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    if x.dtype not in floats or out.dtype not in floats:
+        raise ValueError(f"x and out must be bf16, fp16 or fp32, got {x.dtype}, {out.dtype}")
+    if x.device != out.device or (x.device.type != "cuda" and not interpreting):
+        raise ValueError(
+            f"x and out must be on one CUDA device (or TRITON_INTERPRET=1), got {x.device}, "
+            f"{out.device}"
+        )
     if x.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("x and out must be contiguous in their last dim")
     num_tokens, num_heads, head_dim = x.shape
+    if head_dim < 32 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 32, got {head_dim}")
+    check_had_block(had_block, head_dim)
     if num_tokens == 0:
         return out
     prec = "exact16" if x.dtype in (torch.bfloat16, torch.float16) else "ieee"
-    if prec == "exact16" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if prec == "exact16" and interpreting:
         prec = "exact16_emulated"  # rotation.py: the interpreter's 16-bit dots are wrong
     rows = num_tokens * num_heads
     _rotate_cast_kernel[(triton.cdiv(rows, 16),)](

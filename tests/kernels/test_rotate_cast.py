@@ -79,9 +79,22 @@ def test_rotate_cast_clamps_to_fp16_keeps_nan_and_writes_only_out_rows():
     assert _ulps(out[finite], want[finite], floor).max() <= 1.0
 
 
-def test_rotate_cast_rejects_mismatched_shapes_and_strides():
+def test_rotate_cast_rejects_bad_arguments_by_name():
     x = torch.randn(4, 2, 64)
     with pytest.raises(ValueError, match="one shape"):
         rotate_cast(x, 64, torch.empty(4, 2, 32))
     with pytest.raises(ValueError, match="contiguous"):
         rotate_cast(x.transpose(1, 2).contiguous().transpose(1, 2), 64, torch.empty(4, 2, 64))
+    with pytest.raises(ValueError, match="bf16, fp16 or fp32"):
+        rotate_cast(x, 64, torch.empty(4, 2, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="had_block"):
+        rotate_cast(x, 48, torch.empty_like(x))
+    with pytest.raises(ValueError, match="power of two"):
+        rotate_cast(torch.randn(4, 2, 80), 16, torch.empty(4, 2, 80))
+
+
+def test_rotate_cast_needs_cuda_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(4, 2, 64)
+    with pytest.raises(ValueError, match="CUDA"):
+        rotate_cast(x, 64, torch.empty_like(x))
