@@ -177,7 +177,8 @@ class SdpaPlan:
 
     ``starts`` ``[num_seqs + 1]`` first K/V row of each sequence (host list; ``row_starts`` its
     device copy); ``query_start_host`` the host ``query_start_loc``; ``kbuf, vbuf
-    [starts[-1], num_kv_heads, head_dim]`` the dequantized K/V rows (overwritten by each layer).
+    [starts[-1], num_kv_heads, head_dim]`` the dequantized K/V rows and ``qbuf [T, Hq, d]`` the
+    rotated (or cast) queries, None where q is used as it is (all overwritten by each layer).
     """
 
     starts: list[int]
@@ -191,6 +192,7 @@ class SdpaPlan:
     # in the step's flattened ``[S * num_sink]`` sinks
     sink_dst: torch.Tensor | None = None
     sink_src: torch.Tensor | None = None
+    qbuf: torch.Tensor | None = None
 
 
 def plan_sdpa(
@@ -215,6 +217,8 @@ def plan_sdpa(
     max_q = max((b - a for a, b in zip(query_start_host, query_start_host[1:])), default=0)
     plan = SdpaPlan(starts, list(query_start_host), max(seq_lens_host, default=0), max_q,
                     row_starts, kbuf, torch.empty_like(kbuf))  # fmt: skip
+    if fmt.had_block or work != q.dtype:
+        plan.qbuf = torch.empty(q.shape, dtype=work, device=q.device)
     if num_sink:
         pairs = [(starts[s] + j, s * num_sink + j)
                  for s, n in enumerate(seq_lens_host) for j in range(min(n, num_sink))]  # fmt: skip
@@ -254,7 +258,7 @@ def extend_via_sdpa(
 
     num_seqs = len(plan.starts) - 1
     starts, query_start_host = plan.starts, plan.query_start_host
-    kbuf, vbuf, row_starts, work = plan.kbuf, plan.vbuf, plan.row_starts, plan.kbuf.dtype
+    kbuf, vbuf, row_starts = plan.kbuf, plan.vbuf, plan.row_starts
     had_block = fmt.had_block
     k_cache, v_cache, k_meta, v_meta = pages
     common = dict(max_seq_len=plan.max_seq_len)
@@ -266,8 +270,11 @@ def extend_via_sdpa(
         if plan.sink_dst is None:
             raise ValueError("the SDPA plan was made without attention sinks (num_sink=0)")
         _overwrite_sinks(kbuf, vbuf, sinks, fmt, plan)
-    if had_block or work != q.dtype:  # rotated in fp32, rounded once to the working dtype
-        qr = rotate_cast(q, had_block, torch.empty(q.shape, dtype=work, device=q.device))
+    if plan.qbuf is not None:  # rotated in fp32, rounded once to the working dtype
+        if plan.qbuf.shape != q.shape:
+            planned = tuple(plan.qbuf.shape)
+            raise ValueError(f"the SDPA plan was made for q {planned}, not {tuple(q.shape)}")
+        qr = rotate_cast(q, had_block, plan.qbuf)
     else:
         qr = q
     o = None

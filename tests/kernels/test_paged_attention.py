@@ -308,3 +308,28 @@ def test_env_cta_warps_applies_only_where_the_cuda_kernel_has_the_variant(monkey
     monkeypatch.setenv(CTA_WARPS_ENV, "6")
     with pytest.raises(ValueError, match=CTA_WARPS_ENV):
         _with_env_cta_warps(base, fmt128)
+
+
+def test_sdpa_plan_holds_the_query_workspace_and_refuses_another_query_shape():
+    """The SDPA extend path rotates the queries into a workspace planned once per step (no
+    per-layer allocation); a query of another head count under that plan is refused."""
+    from sawkv.kernels import plan_extend
+
+    pages, tables, seq_lens, fmt = paged_case(
+        [40, 17], head_dim=64, num_kv_heads=2, block_size=16, bits=4, had_block=64, rotate_v=False
+    )
+    qsl = torch.tensor([0, 8, 13], dtype=torch.int32)
+    q = torch.randn(13, 4, 64).bfloat16()
+    plan = plan_extend(q, tables, seq_lens, qsl, fmt, impl="sdpa")
+    assert plan.sdpa.qbuf.shape == q.shape and plan.sdpa.qbuf.dtype == torch.float16
+    got = paged_attention_extend(q, pages, tables, seq_lens, qsl, fmt, scale=0.125, plan=plan)
+    want = paged_attention_extend(q, pages, tables, seq_lens, qsl, fmt, scale=0.125, impl="sdpa")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="SDPA plan"):
+        paged_attention_extend(torch.randn(13, 2, 64).bfloat16(), pages, tables, seq_lens, qsl,
+                               fmt, scale=0.125, plan=plan)  # fmt: skip
+    # bf16 pages with a bf16 query: q is used as it is, no workspace
+    *_, bf16 = paged_case([40, 17], head_dim=64, num_kv_heads=2, block_size=16,
+                          bits=16, had_block=0, rotate_v=False,
+                          dtype=torch.bfloat16)  # fmt: skip
+    assert plan_extend(q, tables, seq_lens, qsl, bf16, impl="sdpa").sdpa.qbuf is None
