@@ -144,33 +144,6 @@ def dequant_pages(
     return out
 
 
-_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _hadamard(b: int, device: torch.device) -> torch.Tensor:
-    """Normalized Sylvester Hadamard ``[b, b]`` fp32 (symmetric, orthogonal), built once per
-    (size, device). Kernels are leaves, so this does not import ``sawkv.quant.hadamard``."""
-    key = (b, str(device))
-    if key not in _HADAMARD:
-        h = torch.ones(1, 1)
-        while h.shape[0] < b:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _HADAMARD[key] = (h / b**0.5).to(device)
-    return _HADAMARD[key]
-
-
-def _rotate(x: torch.Tensor, had_block: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x [..., d]`` times the block-diagonal Hadamard in fp32, rounded once to ``dtype``
-    (default x's; fp16 results are clamped to its range, as the pages are)."""
-    shape = x.shape
-    y = x.float().reshape(*shape[:-1], shape[-1] // had_block, had_block)
-    y = (y @ _hadamard(had_block, x.device)).reshape(shape)
-    dtype = dtype or x.dtype
-    if dtype == torch.float16:
-        y = y.clamp_(-65504.0, 65504.0)
-    return y.to(dtype)
-
-
 @dataclass
 class SdpaPlan:
     """Host copies and workspaces of the SDPA extend path, shared by a step's layers.
@@ -313,20 +286,17 @@ def extend_via_sdpa(
 
 def _overwrite_sinks(kbuf, vbuf, sinks: SinkKV, fmt: PageFormat, plan: SdpaPlan) -> None:
     """Write the exact sinks over their dequantized rows, as the pages would store them:
-    ``R (k - mu)``, and ``R v`` with rotated values."""
-    num_kv_heads, head_dim = fmt.num_kv_heads, fmt.head_dim
-    k = sinks.k.float()
+    ``R (k - mu)``, and ``R v`` with rotated values (fp16 rows clamped to its range)."""
+    shape = (-1, fmt.num_kv_heads, fmt.head_dim)
+    k = sinks.k.reshape(shape).index_select(0, plan.sink_src)
     if sinks.k_mean is not None:
-        k = k - sinks.k_mean.float()
-    v = sinks.v
-    if fmt.had_block:
-        k = _rotate(k, fmt.had_block, kbuf.dtype)
-        v = _rotate(v, fmt.had_block, vbuf.dtype) if fmt.rotate_v else v
-    for buf, x in ((kbuf, k), (vbuf, v)):
-        x = x.reshape(-1, num_kv_heads, head_dim).index_select(0, plan.sink_src)
-        if buf.dtype == torch.float16:
-            x = x.float().clamp(-65504.0, 65504.0)
-        buf.index_copy_(0, plan.sink_dst, x.to(buf.dtype))
+        k = k.float() - sinks.k_mean.float()
+    v = sinks.v.reshape(shape).index_select(0, plan.sink_src)
+    v_had = fmt.had_block if fmt.rotate_v else 0
+    for buf, x, had in ((kbuf, k, fmt.had_block), (vbuf, v, v_had)):
+        if had or x.dtype != buf.dtype:
+            x = rotate_cast(x, had, torch.empty(x.shape, dtype=buf.dtype, device=buf.device))
+        buf.index_copy_(0, plan.sink_dst, x)
 
 
 # None until the first call decides whether aten's varlen FlashAttention runs on this build.

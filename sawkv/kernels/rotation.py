@@ -27,17 +27,16 @@ Two precisions (``PREC``):
 
 :func:`rotate_cast` is the one host-side launcher here: whole ``[T, H, d]`` tensors rotated
 (or only cast) in one pass, for the SDPA extend path's query and output, the fused extend
-kernel's output with rotated values, and a key mean's ``R mu``.
+kernel's output with rotated values, the exact attention sinks, and a key mean's ``R mu``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from sawkv.kernels.launch import _interpreting
 from sawkv.kernels.page_format import check_had_block
 
 
@@ -177,9 +176,8 @@ def _rotate_cast_kernel(
 def rotate_cast(x: torch.Tensor, had_block: int, out: torch.Tensor) -> torch.Tensor:
     """``out = R x`` (block-diagonal Hadamard of block ``had_block``; 0: ``out = x``) in one
     pass, rounded once to ``out``'s dtype and clamped to +-65504 when that is fp16. The SDPA
-    extend path did this with five torch ops over an fp32 copy of the queries
-    (``dequant._rotate``): on an 8K-token chunk of 32 query heads ~0.9 GB of memory traffic
-    per layer, against ~0.13 GB here.
+    extend path did this with five torch ops over an fp32 copy of the queries: on an 8K-token
+    chunk of 32 query heads ~0.9 GB of memory traffic per layer, against ~0.13 GB here.
 
     Args:
         x: ``[T, H, d]`` bf16/fp16/fp32, last dim contiguous (e.g. the step's queries, or the
@@ -190,7 +188,7 @@ def rotate_cast(x: torch.Tensor, had_block: int, out: torch.Tensor) -> torch.Ten
         ``out``. 16-bit ``x`` is rotated on 16-bit tensor cores (exact products summed in fp32,
         ``rotation.py``'s "exact16"); fp32 ``x`` in fp32 FMAs.
     """
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreting = _interpreting()
     if x.shape != out.shape or x.dim() != 3:
         raise ValueError(f"x and out must be [T, H, d] of one shape, got {x.shape}, {out.shape}")
     floats = (torch.bfloat16, torch.float16, torch.float32)

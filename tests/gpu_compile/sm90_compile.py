@@ -93,9 +93,11 @@ def jobs() -> list[tuple[str, object, dict, dict, int]]:
                       TRANS_QK=False, K_HALF=k_half)  # fmt: skip
         out.append((f"extend bits={bits} d={d} k_half={k_half}", _extend_kernel, ptrs, consts,
                      EXTEND_CONFIG.num_warps))  # fmt: skip
-    # the SDPA extend path's query rotation (bf16 q -> fp16) and output rotation (fp16 -> bf16)
+    # the SDPA extend path's query rotation (bf16 q -> fp16), output rotation (fp16 -> bf16),
+    # cast only, a key mean, centered sink keys (fp32 -> fp16)
     for x, o, d, had in (("*bf16", "*fp16", 128, 128), ("*fp16", "*bf16", 128, 64),
-                         ("*bf16", "*fp16", 256, 0), ("*fp32", "*fp32", 64, 64)):  # fmt: skip
+                         ("*bf16", "*fp16", 256, 0), ("*fp32", "*fp32", 64, 64),
+                         ("*fp32", "*fp16", 128, 128)):  # fmt: skip
         prec = "ieee" if x == "*fp32" else "exact16"
         consts = dict(D=d, HAD=had, PREC=prec, CLAMP16=o == "*fp16", BLOCK_ROWS=16)
         out.append((f"rotate_cast {x}->{o} d={d} had={had}", _rotate_cast_kernel,
